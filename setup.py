@@ -1,0 +1,57 @@
+"""Packaging for megatron-zero.
+
+Extras:
+  cpu  - everything the CPU demo and the test suite need, pinned to what CI runs
+         (torch 2.13.0 CPU build, megatron-core 0.16.1, the newest for Python 3.11).
+  gpu  - the cluster stack: SGLang rollout engines, Transformer Engine (FP8), wandb.
+         NVIDIA apex is not on PyPI (the `apex` package there is unrelated); the
+         container in containers/ builds it from source.
+"""
+
+from setuptools import find_packages, setup
+
+BASE_REQUIREMENTS = [
+    # torch is deliberately unpinned here: the `cpu` extra pins the CPU build and
+    # cluster images bring their own CUDA build.
+    "torch>=2.6",
+    "megatron-core>=0.16.1",
+    "transformers>=4.51",
+    "safetensors>=0.4",
+    "omegaconf>=2.3",
+    "ray[default]>=2.40",
+    "math-verify>=0.7",
+    "datasets>=3.0",
+    "pyarrow>=15",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "jinja2>=3.1",
+    "psutil>=5.9",  # dist_checkpointing's async/spawned workers import it
+]
+
+EXTRAS = {
+    "cpu": [
+        "torch==2.13.0",
+        "megatron-core==0.16.1",
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+    ],
+    "gpu": [
+        "sglang==0.5.10.post1",
+        "transformer-engine[pytorch]>=2.4",
+        "wandb>=0.18",
+    ],
+}
+
+setup(
+    name="megatron-zero",
+    version="0.1.0",
+    description="Zero-RL training of base LLMs: megatron-core actor, SGLang rollouts, Ray orchestration",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_zero", "megatron_zero.*"]),
+    install_requires=BASE_REQUIREMENTS,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["megatron-zero=megatron_zero.cli:main"]},
+)
