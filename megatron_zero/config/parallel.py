@@ -1,0 +1,46 @@
+"""Parallel layout of the Megatron actor: how many ways each dimension is split.
+
+Validated on construction; whether the sizes fit the model (heads, layers) and the cluster
+(world size) is checked where those are known (``ParallelConfig.check_world_size`` and the
+model bridge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    # Collectives that do not finish in this time raise instead of hanging the job.
+    timeout_s: float = 600.0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size", "expert_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"parallel.{name}={value!r} must be an integer >= 1")
+        if self.timeout_s <= 0:
+            raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0 seconds")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        self.check_world_size(world_size)
+        return world_size // self.model_parallel_size
+
+    def check_world_size(self, world_size: int) -> None:
+        if world_size % self.model_parallel_size != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_parallel_size x pipeline_parallel_size x "
+                f"context_parallel_size = {self.tensor_parallel_size} x {self.pipeline_parallel_size} x "
+                f"{self.context_parallel_size} = {self.model_parallel_size}; choose sizes whose product divides "
+                f"the number of processes"
+            )

@@ -1,0 +1,267 @@
+"""Megatron distributed checkpoints (torch_dist) of HF-family models: write, read and load.
+
+Layout of a megatron-zero model checkpoint directory::
+
+    DIR/                    megatron.core.dist_checkpointing files (*.distcp, metadata): loads at any TP/PP
+    DIR/megatron_zero.json  model_type, vocabulary sizes, dtype: what is needed to rebuild the model
+    DIR/hf_config/          the source config.json, tokenizer and generation files, to go back to HF
+
+Conversion streams so that a 32B model (64 GB in bf16) converts on a 24 GB machine:
+
+* HF -> Megatron reads one HF tensor group at a time, writes each converted tensor to a staging
+  file, memory-maps all staged tensors back and hands them to ``dist_checkpointing.save``. Mapped
+  pages are file-backed, so the kernel can drop them under memory pressure; the anonymous memory
+  in use stays around one tensor group.
+* Megatron -> HF loads the checkpoint one layer at a time (``dist_checkpointing.load`` of a partial
+  sharded state dict) and writes size-bounded safetensors shards as it goes.
+
+The model whose sharded state dict drives both directions is built on the meta device at TP=1,
+PP=1, so the checkpoint keys are exactly what megatron-core reads back at any layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron_zero.config.model import ModelConfig
+from megatron_zero.models.common.architecture import DecoderArchitecture, read_hf_config
+from megatron_zero.models.common.bridge import ModelBridge
+from megatron_zero.models.hf_io import HFCheckpointReader, HFCheckpointWriter, copy_non_weight_files
+from megatron_zero.models.registry import get_bridge
+
+logger = logging.getLogger(__name__)
+
+METADATA_NAME = "megatron_zero.json"
+HF_CONFIG_DIR = "hf_config"
+FORMAT_VERSION = 1
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class McoreCheckpointInfo:
+    """What a megatron-zero checkpoint says about its model."""
+
+    path: Path
+    hf_config: dict[str, Any]
+    bridge: ModelBridge
+    arch: DecoderArchitecture
+    vocab_pad_multiple: int
+
+    @property
+    def hf_config_dir(self) -> Path:
+        return self.path / HF_CONFIG_DIR
+
+
+def read_checkpoint_info(mcore_dir: str | Path) -> McoreCheckpointInfo:
+    path = Path(mcore_dir)
+    meta_path = path / METADATA_NAME
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not a megatron-zero checkpoint: {METADATA_NAME} is missing "
+                                "(convert an HF model with `tools/convert_checkpoint.py hf-to-mcore`)")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path} has format_version={meta.get('format_version')}, expected {FORMAT_VERSION}")
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} has no dist_checkpointing metadata.json: the checkpoint is incomplete")
+    hf_config = read_hf_config(path / HF_CONFIG_DIR)
+    bridge = get_bridge(hf_config)
+    return McoreCheckpointInfo(path=path, hf_config=hf_config, bridge=bridge, arch=bridge.parse(hf_config),
+                               vocab_pad_multiple=int(meta["vocab_pad_multiple"]))
+
+
+def conversion_model_config(arch: DecoderArchitecture, vocab_pad_multiple: int) -> ModelConfig:
+    # The checkpoint keeps the HF checkpoint's dtype; the local spec gives the canonical key names.
+    return ModelConfig(transformer_impl="local", params_dtype=_DTYPE_NAMES[arch.dtype],
+                       vocab_pad_multiple=vocab_pad_multiple)
+
+
+def _meta_sharded_state_dict(bridge: ModelBridge, arch: DecoderArchitecture, vocab_pad_multiple: int) -> dict[str, Any]:
+    """Sharded state dict of a TP=1/PP=1 model on the meta device: keys and shapes, no memory."""
+    with torch.device("meta"):
+        model = bridge.build_model(arch, conversion_model_config(arch, vocab_pad_multiple), pre_process=True,
+                                   post_process=True, use_cpu_initialization=True, perform_initialization=False)
+    return model.sharded_state_dict()
+
+
+def _tensor_entries(sharded_sd: dict[str, Any], bridge: ModelBridge, arch: DecoderArchitecture) -> dict[str, Any]:
+    """The sharded entries that carry weights, checked one-to-one against the bridge's mappings."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    entries = {name: value for name, value in sharded_sd.items() if not isinstance(value, ShardedObject)}
+    mapped = set(bridge.mapping_by_mcore_name(arch))
+    unmapped = sorted(set(entries) - mapped)
+    if unmapped:
+        raise KeyError(f"Megatron tensors without an HF mapping for model_type={arch.model_type!r}: {unmapped}")
+    missing = sorted(mapped - set(entries))
+    if missing:
+        raise KeyError(f"mapped tensors that the Megatron model does not have: {missing}")
+    return entries
+
+
+def _with_data(entry: Any, data: torch.Tensor) -> Any:
+    return dataclasses.replace(entry, data=data)
+
+
+def _expected_shape(entry: Any) -> tuple[int, ...]:
+    return tuple(entry.data.shape)
+
+
+def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, vocab_pad_multiple: int = 128) -> None:
+    """Run inside a 1-process distributed job (TP=1, PP=1); see ``tools/convert_checkpoint.py``."""
+    from megatron.core import dist_checkpointing
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_config = read_hf_config(hf_dir)
+    bridge = get_bridge(hf_config)
+    arch = bridge.parse(hf_config)
+    reader = HFCheckpointReader(hf_dir)
+    expected_hf = {name for m in bridge.weight_mappings(arch) for name in m.hf}
+    unexpected = sorted(set(reader.names()) - expected_hf - _IGNORED_HF_TENSORS(arch))
+    if unexpected:
+        raise KeyError(f"HF tensors in {hf_dir} that no mapping consumes (model_type={arch.model_type!r}): "
+                       f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    missing = sorted(expected_hf - set(reader.names()))
+    if missing:
+        raise KeyError(f"HF checkpoint {hf_dir} lacks tensors the model needs: {missing[:10]}")
+
+    entries = _tensor_entries(_meta_sharded_state_dict(bridge, arch, vocab_pad_multiple), bridge, arch)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output directory {out_dir} is not empty; choose a new one")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Beside, not inside, the output: dist_checkpointing expects to own its directory.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        sharded: dict[str, Any] = {}
+        padded = arch.padded_vocab_size(vocab_pad_multiple)
+        for index, (name, tensor) in enumerate(bridge.hf_to_mcore(arch, reader.get, padded)):
+            tensor = tensor.to(arch.dtype).contiguous()
+            if tuple(tensor.shape) != _expected_shape(entries[name]):
+                raise ValueError(f"{name}: converted shape {tuple(tensor.shape)} != Megatron shape "
+                                 f"{_expected_shape(entries[name])}; config.json does not match the weights")
+            path = staging / f"{index:06d}.pt"
+            torch.save(tensor, path)
+            del tensor
+            sharded[name] = _with_data(entries[name], torch.load(path, mmap=True, weights_only=True))
+        reader.close()
+        dist_checkpointing.save(sharded, str(out_dir))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    copy_non_weight_files(hf_dir, out_dir / HF_CONFIG_DIR)
+    with open(out_dir / METADATA_NAME, "w", encoding="utf-8") as f:
+        json.dump({"format_version": FORMAT_VERSION, "model_type": arch.model_type, "vocab_size": arch.vocab_size,
+                   "vocab_pad_multiple": vocab_pad_multiple, "padded_vocab_size": padded,
+                   "dtype": _DTYPE_NAMES[arch.dtype]}, f, indent=2)
+    logger.info("wrote Megatron checkpoint %s (%d tensors)", out_dir, len(sharded))
+
+
+def _IGNORED_HF_TENSORS(arch: DecoderArchitecture) -> set[str]:
+    # Tied checkpoints sometimes still store lm_head.weight (a copy of the embedding).
+    return {"lm_head.weight"} if arch.tie_word_embeddings else set()
+
+
+def _layer_groups(names: list[str]) -> list[list[str]]:
+    """Group canonical names by decoder layer (globals form their own group) to bound memory."""
+    groups: dict[Optional[int], list[str]] = defaultdict(list)
+    for name in names:
+        match = _LAYER_RE.match(name)
+        groups[int(match.group(1)) if match else None].append(name)
+    ordered = [groups.pop(None)] if None in groups else []
+    return ordered + [groups[layer] for layer in sorted(groups)]
+
+
+class _SliceLoadPlanner:
+    """Builds a torch.distributed.checkpoint load planner that reads chosen slices of stored tensors.
+
+    megatron-core stacks decoder layers into one stored tensor per parameter (a leading layer axis),
+    and its own loader can only read whole stacks on a single process; reading layer by layer
+    through DCP's resharding reads (``create_read_items_for_chunk_list``) keeps memory at one layer.
+    """
+
+    @staticmethod
+    def make(requests: dict[str, tuple[torch.Tensor, tuple[int, ...]]]):
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        class Planner(DefaultLoadPlanner):
+            def create_local_plan(self) -> LoadPlan:
+                items = []
+                for fqn, (dest, offsets) in requests.items():
+                    stored = self.metadata.state_dict_metadata.get(fqn)
+                    if stored is None:
+                        raise KeyError(f"tensor {fqn!r} is not in the checkpoint")
+                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+                    items.extend(create_read_items_for_chunk_list(fqn, stored, [chunk]))
+                return LoadPlan(items)
+
+            def lookup_tensor(self, index):
+                return requests[index.fqn][0]
+
+        return Planner(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+
+def read_canonical_tensors(info: McoreCheckpointInfo, names: list[str],
+                           entries: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Read canonical (full, per-layer) Megatron tensors from a torch_dist checkpoint, nothing else."""
+    import torch.distributed.checkpoint as dcp
+
+    requests: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        shape = _expected_shape(entries[name])
+        layer = _LAYER_RE.match(name)
+        # Stacked keys carry the global layer index as a leading axis.
+        stacked = layer is not None
+        dest = torch.empty((1, *shape) if stacked else shape, dtype=info.arch.dtype)
+        offsets = (int(layer.group(1)), *([0] * len(shape))) if stacked else tuple([0] * len(shape))
+        key = entries[name].key
+        if key in requests:
+            raise AssertionError(f"two requests for checkpoint key {key} in one read")
+        requests[key] = (dest, offsets)
+        out[name] = dest[0] if stacked else dest
+    dcp.load({}, storage_reader=dcp.FileSystemReader(str(info.path)), planner=_SliceLoadPlanner.make(requests),
+             no_dist=True)
+    return out
+
+
+def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """Run inside a 1-process distributed job (TP=1, PP=1); see ``tools/convert_checkpoint.py``."""
+    info = read_checkpoint_info(mcore_dir)
+    bridge, arch = info.bridge, info.arch
+    entries = _tensor_entries(_meta_sharded_state_dict(bridge, arch, info.vocab_pad_multiple), bridge, arch)
+    mappings = bridge.mapping_by_mcore_name(arch)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output directory {out_dir} is not empty; choose a new one")
+    writer = HFCheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes)
+    for group in _layer_groups(list(entries)):
+        loaded = read_canonical_tensors(info, group, entries)
+        for name in group:
+            for hf_name, tensor in bridge.mcore_to_hf(arch, name, loaded[name], mappings):
+                writer.add(hf_name, tensor)
+    writer.finish()
+    copy_non_weight_files(info.hf_config_dir, out_dir)
+    logger.info("wrote HF checkpoint %s", out_dir)
+
+
+def load_mcore_weights(model: torch.nn.Module, mcore_dir: str | Path) -> None:
+    """Load a megatron-zero checkpoint into a GPTModel built at any TP/PP (dist_checkpointing reshards)."""
+    from megatron.core import dist_checkpointing
+
+    info = read_checkpoint_info(mcore_dir)
+    sharded = model.sharded_state_dict()
+    loaded = dist_checkpointing.load(sharded, str(info.path))
+    model.load_state_dict(loaded, strict=True)
