@@ -136,14 +136,17 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, vocab_pad_multi
     if missing:
         raise KeyError(f"HF checkpoint {hf_dir} lacks tensors the model needs: {missing[:10]}")
 
-    entries = _tensor_entries(_meta_sharded_state_dict(bridge, arch, vocab_pad_multiple), bridge, arch)
+    meta_sharded = _meta_sharded_state_dict(bridge, arch, vocab_pad_multiple)
+    entries = _tensor_entries(meta_sharded, bridge, arch)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"output directory {out_dir} is not empty; choose a new one")
     out_dir.mkdir(parents=True, exist_ok=True)
     # Beside, not inside, the output: dist_checkpointing expects to own its directory.
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
-        sharded: dict[str, Any] = {}
+        # Non-tensor module state (the layers' _extra_state objects) is saved as the model has it, so
+        # that megatron-core's strict loading at any layout finds every key.
+        sharded: dict[str, Any] = {name: value for name, value in meta_sharded.items() if name not in entries}
         padded = arch.padded_vocab_size(vocab_pad_multiple)
         for index, (name, tensor) in enumerate(bridge.hf_to_mcore(arch, reader.get, padded)):
             tensor = tensor.to(arch.dtype).contiguous()
@@ -163,7 +166,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, vocab_pad_multi
         json.dump({"format_version": FORMAT_VERSION, "model_type": arch.model_type, "vocab_size": arch.vocab_size,
                    "vocab_pad_multiple": vocab_pad_multiple, "padded_vocab_size": padded,
                    "dtype": _DTYPE_NAMES[arch.dtype]}, f, indent=2)
-    logger.info("wrote Megatron checkpoint %s (%d tensors)", out_dir, len(sharded))
+    logger.info("wrote Megatron checkpoint %s (%d tensors)", out_dir, len(entries))
 
 
 def _IGNORED_HF_TENSORS(arch: DecoderArchitecture) -> set[str]:

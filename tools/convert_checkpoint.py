@@ -1,0 +1,112 @@
+"""Convert HF checkpoints to Megatron distributed checkpoints and back, and prove the conversion by logits.
+
+    python tools/convert_checkpoint.py hf-to-mcore --hf HF_DIR --out MCORE_DIR
+    python tools/convert_checkpoint.py mcore-to-hf --mcore MCORE_DIR --out HF_DIR [--max-shard-size 5GB]
+    python tools/convert_checkpoint.py verify --hf HF_DIR --mcore MCORE_DIR --tp 2 --pp 2
+
+Supported: Qwen2 / Qwen2.5 / Qwen2.5-Math, Llama-3 / 3.1 (and Llama-shaped DeepSeek-Math), Mistral.
+The Megatron checkpoint (torch_dist) loads at any TP/PP whose sizes divide the heads, query groups,
+layers and padded vocabulary. Conversion streams tensor by tensor; see docs/conversion.md for memory
+and time on real models. ``verify`` prints the max |logit difference| as its last line and exits 1
+when it is above the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.models.common.architecture import read_hf_config
+from megatron_zero.models.hf_io import HFCheckpointReader
+from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore, convert_mcore_to_hf, read_checkpoint_info
+from megatron_zero.models.registry import get_bridge
+from megatron_zero.models.verify import verify_conversion
+from megatron_zero.parallel.local_launch import WorkerFailed, run_local_workers
+
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not like 5GB, 500MB or 1048576B")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _check_empty_output(path: str) -> None:
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"error: output directory {out} is not empty; choose a new one")
+
+
+def hf_to_mcore(args: argparse.Namespace) -> None:
+    # Validate in this process first: a bad config fails in a second, before any worker starts.
+    hf_config = read_hf_config(args.hf)
+    get_bridge(hf_config).parse(hf_config)
+    HFCheckpointReader(args.hf)
+    _check_empty_output(args.out)
+    run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(args.hf, args.out, args.vocab_pad_multiple))
+    print(f"wrote Megatron checkpoint {args.out}")
+
+
+def mcore_to_hf(args: argparse.Namespace) -> None:
+    read_checkpoint_info(args.mcore)
+    _check_empty_output(args.out)
+    run_local_workers(convert_mcore_to_hf, ParallelConfig(), args=(args.mcore, args.out, args.max_shard_size))
+    print(f"wrote HF checkpoint {args.out}")
+
+
+def verify(args: argparse.Namespace) -> int:
+    result = verify_conversion(args.hf, args.mcore, args.tp, args.pp, batch_size=args.batch_size,
+                               seq_length=args.seq_length, seed=args.seed, tolerance=args.tolerance)
+    verdict = "OK" if result.ok else "FAILED"
+    print(f"{verdict}: TP={args.tp} PP={args.pp} tolerance={result.tolerance:g}")
+    print(f"max |logit diff| = {result.max_abs_diff:.3e}")
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("hf-to-mcore", help="HF safetensors -> Megatron torch_dist checkpoint")
+    p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="new directory for the Megatron checkpoint")
+    p.add_argument("--vocab-pad-multiple", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this (every TP size used later must divide it)")
+    p.set_defaults(run=hf_to_mcore)
+
+    p = commands.add_parser("mcore-to-hf", help="Megatron torch_dist checkpoint -> HF safetensors")
+    p.add_argument("--mcore", required=True, help="Megatron checkpoint directory written by hf-to-mcore or training")
+    p.add_argument("--out", required=True, help="new directory for the HF model")
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="e.g. 5GB, 500MB")
+    p.set_defaults(run=mcore_to_hf)
+
+    p = commands.add_parser("verify", help="compare HF and Megatron logits at a TP/PP layout")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--mcore", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-length", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| allowed (default: 1e-4 in float32)")
+    p.set_defaults(run=verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, WorkerFailed) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
