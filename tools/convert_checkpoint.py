@@ -40,7 +40,7 @@ def parse_size(text: str) -> int:
 def _check_empty_output(path: str) -> None:
     out = Path(path)
     if out.exists() and any(out.iterdir()):
-        sys.exit(f"error: output directory {out} is not empty; choose a new one")
+        raise FileExistsError(f"output directory {out} is not empty; choose a new one")
 
 
 def hf_to_mcore(args: argparse.Namespace) -> None:

@@ -1,0 +1,379 @@
+"""The Megatron actor: log-probs, one policy-gradient optimizer step, and offload/onload for colocation.
+
+Why: the RL loop needs three things from the trained model, on any TP x PP layout: the log-probs of sampled
+response tokens (for the old policy and, from a frozen copy, the reference), an optimizer step on the policy
+loss, and, when SGLang shares the GPUs, a way to free the GPU memory between steps.
+
+How (inside a process that called ``megatron_zero.parallel.initialize_parallel``)::
+
+    actor = MegatronActor(ActorConfig(lr=1e-6), PolicyLossConfig(), ModelConfig(), "ckpt/mcore")
+    logp, entropy = actor.compute_logprobs(batch)              # [B, S], on every pipeline rank
+    reference = load_reference_model("ckpt/mcore", ModelConfig())
+    ref_logp, _ = compute_logprobs(reference, batch, temperature=1.0, max_tokens_per_microbatch=8192,
+                                   vocab_size=actor.vocab_size)
+    metrics = actor.train_step(dataclasses.replace(batch, old_logp=logp, advantages=adv, ref_logp=ref_logp))
+    actor.offload(); ...rollout...; actor.onload()
+
+Design choices:
+* Right-padded rows, no attention mask: with padding only on the right, every real token's causal window holds
+  only real tokens, so megatron's built-in causal (or sliding-window) mask is exact for them and the fast
+  causal kernels stay usable; outputs at padding positions are computed and dropped. Packing several
+  sequences per row would need per-sequence RoPE positions, which GPTModel only honours through THD
+  ``PackedSeqParams`` (GPU kernels), so it is not done here.
+* Microbatches by token budget (``batching.split_by_token_budget``), each padded to its own longest row. The
+  pipeline schedule then sends activations of different shapes between stages, so models are built with
+  ``variable_seq_lengths=True``: megatron's p2p layer exchanges each tensor's shape before the tensor.
+* Loss normalisation: each microbatch's loss is ``sum / global normaliser`` (``losses.py``), the normaliser
+  summed over all microbatches and data-parallel ranks, so microbatching and DP do not change the loss. The
+  schedule divides every microbatch loss by the number of microbatches and DDP averages gradients over DP,
+  so the loss handed to the schedule is multiplied by both to cancel them.
+* Offload frees the storages of weights, gradient buffers and optimizer state in place (``resize_(0)``) after
+  copying them to host memory, and restores them on onload. Resizing the storage, not re-pointing tensors,
+  keeps every view valid (params are views into DDP's contiguous buffers, optimizer shards views of those).
+  On a CPU-only machine the host copy is in the same memory, so nothing is freed, but the same code runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_zero.actor.batching import ActorBatch, split_by_token_budget
+from megatron_zero.actor.logprobs import vocab_parallel_logprobs_entropy
+from megatron_zero.actor.losses import aggregation_normaliser, compute_policy_loss
+from megatron_zero.config.actor import ActorConfig
+from megatron_zero.config.algorithm import PolicyLossConfig
+from megatron_zero.config.model import ModelConfig
+from megatron_zero.parallel.cpu_adapter import cpu_adapter_enabled
+from megatron_zero.parallel.pipeline import broadcast_from_last_stage, forward_backward
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Metrics of compute_policy_loss that are aggregated like the loss (sum over microbatches and DP ranks) and
+# those that are means over a microbatch's tokens (averaged weighted by num_tokens).
+_SUMMED_METRICS = ("loss", "pg_loss", "kl_ref", "entropy")
+_TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "dual_clip_fraction", "tis_weight_mean")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_model(mcore_dir: str | Path, model_config: ModelConfig) -> tuple[torch.nn.Module, Any]:
+    """This rank's pipeline stage of a megatron-zero checkpoint; returns (GPTModel, checkpoint info)."""
+    from megatron_zero.models.mcore_checkpoint import load_mcore_weights, read_checkpoint_info
+
+    info = read_checkpoint_info(mcore_dir)
+    if model_config.vocab_pad_multiple != info.vocab_pad_multiple:
+        raise ValueError(f"model.vocab_pad_multiple={model_config.vocab_pad_multiple} differs from the checkpoint's "
+                         f"{info.vocab_pad_multiple} ({mcore_dir}); set it to {info.vocab_pad_multiple}")
+    # variable_seq_lengths: microbatches differ in shape (module docstring). megatron-core rejects it with its
+    # default MoE dispatcher "allgather" even for dense models, where the dispatcher is never built.
+    model = info.bridge.build_model(info.arch, model_config, variable_seq_lengths=True,
+                                    moe_token_dispatcher_type="alltoall")
+    load_mcore_weights(model, mcore_dir)
+    return model, info
+
+
+def load_reference_model(mcore_dir: str | Path, model_config: ModelConfig) -> torch.nn.Module:
+    """The frozen reference policy (the initial checkpoint) for ``compute_logprobs``."""
+    model, _ = load_model(mcore_dir, model_config)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------- forward passes
+
+
+def _call_model(model: torch.nn.Module, microbatch: dict[str, torch.Tensor]) -> torch.Tensor:
+    tokens = microbatch["tokens"]
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    # attention_mask=None: megatron's causal mask is exact for right-padded rows (module docstring).
+    return model(input_ids=tokens, position_ids=position_ids, attention_mask=None)
+
+
+def _token_logprobs(logits: torch.Tensor, microbatch: dict[str, torch.Tensor], temperature: float,
+                    vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy [b, s - 1] of tokens 1..s-1 from the logits at 0..s-2, vocab-parallel over TP."""
+    from megatron.core import parallel_state
+
+    return vocab_parallel_logprobs_entropy(
+        logits[:, :-1], microbatch["tokens"][:, 1:], parallel_state.get_tensor_model_parallel_group(),
+        temperature=temperature, vocab_size=vocab_size,
+    )
+
+
+def _run_microbatches(model: torch.nn.Module, microbatches: list[dict[str, torch.Tensor]],
+                      output_fn: Callable, forward_only: bool) -> list[dict[str, Any]]:
+    return forward_backward(
+        model, microbatches,
+        seq_length=max(mb["tokens"].shape[1] for mb in microbatches),
+        micro_batch_size=max(mb["tokens"].shape[0] for mb in microbatches),
+        call_model=_call_model, output_fn=output_fn, forward_only=forward_only,
+    )
+
+
+def compute_logprobs(model: torch.nn.Module, batch: ActorBatch, *, temperature: float,
+                     max_tokens_per_microbatch: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy [B, S] (float32) of each response token, aligned with ``batch.tokens``.
+
+    Entry [i, t] is log p(tokens[i, t] | tokens[i, :t]) under softmax(logits / temperature) over the true
+    vocabulary (``vocab_size``); 0 where ``batch.response_mask`` is False. Returned on every pipeline rank.
+    """
+    groups = split_by_token_budget(batch.lengths, max_tokens_per_microbatch)
+    microbatches = [batch.microbatch(group) for group in groups]
+
+    def output_fn(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
+        logp, entropy = _token_logprobs(logits, microbatch, temperature, vocab_size)
+        return logits.new_zeros(()), {"logp": logp.float(), "entropy": entropy.float()}
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = _run_microbatches(model, microbatches, output_fn, forward_only=True)
+    model.train(was_training)
+
+    result = None
+    if outputs:  # the last pipeline stage
+        logp = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+        entropy = torch.zeros(batch.tokens.shape, dtype=torch.float32)
+        for group, out in zip(groups, outputs):
+            index = torch.as_tensor(group, dtype=torch.long)
+            width = out["logp"].shape[1]
+            logp[index, 1 : width + 1] = out["logp"].cpu()
+            entropy[index, 1 : width + 1] = out["entropy"].cpu()
+        mask = batch.response_mask.bool()
+        result = (logp.masked_fill(~mask, 0.0), entropy.masked_fill(~mask, 0.0))
+    return broadcast_from_last_stage(result)
+
+
+# --------------------------------------------------------------------------- memory phases
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryMove:
+    """What one offload or onload moved: bytes per kind ("weights", "grads", "optimizer")."""
+
+    direction: str
+    bytes_by_kind: dict[str, int]
+    num_storages: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_kind.values())
+
+
+# --------------------------------------------------------------------------- the actor
+
+
+class MegatronActor:
+    """Policy model wrapped in megatron-core DDP, with the distributed optimizer and an LR schedule."""
+
+    def __init__(self, config: ActorConfig, policy_loss: PolicyLossConfig, model_config: ModelConfig,
+                 mcore_dir: str | Path) -> None:
+        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                               finalize_model_grads)
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.config = config
+        self.policy_loss = policy_loss
+        module, info = load_model(mcore_dir, model_config)
+        self.vocab_size = info.arch.vocab_size
+        # The distributed optimizer shards Adam state over DP ranks. It type-checks parameters against
+        # 'torch.cuda.*Tensor' names, which the CPU adapter does not fake, so CPU runs (DP=1 in practice) use
+        # megatron's non-sharded optimizer: the same Adam update, gradient clipping and loss scaling.
+        use_distributed_optimizer = not cpu_adapter_enabled()
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=use_distributed_optimizer)
+        self.model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
+        params_dtype = _TORCH_DTYPES[model_config.params_dtype]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay,
+                            adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_eps=config.adam_eps,
+                            clip_grad=config.clip_grad, use_distributed_optimizer=use_distributed_optimizer,
+                            bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+                            params_dtype=params_dtype),
+            [self.model],
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if config.lr_warmup_steps else config.lr, max_lr=config.lr,
+            min_lr=config.min_lr, lr_warmup_steps=config.lr_warmup_steps,
+            # megatron requires decay steps > warmup steps even for the constant schedule, which ignores them.
+            lr_decay_steps=config.lr_decay_steps or config.lr_warmup_steps + 1, lr_decay_style=config.lr_schedule,
+            start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+        )
+        # What megatron's training loop wires up: DP / tied-embedding gradient reduction after the last
+        # microbatch and the optimizer's loss scale (1 without fp16).
+        self.model.config.finalize_model_grads_func = finalize_model_grads
+        self.model.config.grad_scale_func = self.optimizer.scale_loss
+        self.num_steps = 0
+        # (kind, device storage, host copy) of everything offload() freed; None while on the device.
+        self._offloaded: Optional[list[tuple[str, torch.UntypedStorage, torch.Tensor]]] = None
+
+    # ---- log-probs -------------------------------------------------------------------------------
+
+    def compute_logprobs(self, batch: ActorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_on_device("compute_logprobs")
+        return compute_logprobs(self.model, batch, temperature=self.config.temperature,
+                                max_tokens_per_microbatch=self.config.max_tokens_per_microbatch,
+                                vocab_size=self.vocab_size)
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def _check_train_batch(self, batch: ActorBatch) -> None:
+        required = {"old_logp": True, "advantages": True, "ref_logp": self.policy_loss.kl_coef > 0,
+                    "rollout_logp": self.policy_loss.tis_cap is not None}
+        missing = [name for name, needed in required.items() if needed and getattr(batch, name) is None]
+        if missing:
+            raise ValueError(f"train_step batch lacks {missing}: the policy loss config (kl_coef="
+                             f"{self.policy_loss.kl_coef}, tis_cap={self.policy_loss.tis_cap}) needs them")
+
+    def train_step(self, batch: ActorBatch, max_response_length: Optional[int] = None) -> dict[str, float]:
+        """One optimizer step on the policy loss over ``batch`` (this DP rank's share); returns metrics.
+
+        ``max_response_length`` is the constant of the "seq-mean-token-sum-norm" aggregation. Metrics: loss,
+        pg_loss, kl_ref, entropy (as aggregated in the loss), clip_fraction, approx_kl (token means),
+        grad_norm, lr, num_tokens, num_microbatches; identical on every rank.
+        """
+        from megatron.core import parallel_state
+
+        self._check_on_device("train_step")
+        self._check_train_batch(batch)
+        groups = split_by_token_budget(batch.lengths, self.config.max_tokens_per_microbatch)
+        microbatches = [batch.microbatch(group) for group in groups]
+        dp_group = parallel_state.get_data_parallel_group()
+        dp_size = dist.get_world_size(dp_group)
+        normaliser = sum(aggregation_normaliser(mb["response_mask"][:, 1:], self.policy_loss.aggregation,
+                                                max_response_length) for mb in microbatches)
+        normaliser = torch.as_tensor(normaliser, dtype=torch.float64)
+        dist.all_reduce(normaliser, group=dp_group)
+        # Cancels the schedule's division by the number of microbatches and DDP's average over DP (docstring).
+        schedule_scale = len(microbatches) * dp_size
+
+        def output_fn(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
+            logp, entropy = _token_logprobs(logits, microbatch, self.config.temperature, self.vocab_size)
+            shifted = {name: microbatch[name][:, 1:] for name in ("ref_logp", "rollout_logp") if name in microbatch}
+            loss, metrics = compute_policy_loss(
+                logp, microbatch["old_logp"][:, 1:], microbatch["advantages"][:, 1:],
+                microbatch["response_mask"][:, 1:], self.policy_loss,
+                ref_logp_NT=shifted.get("ref_logp"), entropy_NT=entropy, rollout_logp_NT=shifted.get("rollout_logp"),
+                normaliser=normaliser, max_response_length=max_response_length,
+            )
+            metrics["loss"] = loss.detach()
+            return loss * schedule_scale, metrics
+
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = _run_microbatches(self.model, microbatches, output_fn, forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if not update_successful:
+            raise FloatingPointError(f"optimizer step {self.num_steps} skipped: non-finite gradients (grad_norm="
+                                     f"{grad_norm})")
+        self.scheduler.step(increment=1)
+        self.num_steps += 1
+
+        metrics = broadcast_from_last_stage(self._reduce_metrics(outputs, dp_group) if outputs else None)
+        metrics.update(grad_norm=float(grad_norm), lr=float(lr), num_microbatches=float(len(microbatches)))
+        return metrics
+
+    @staticmethod
+    def _reduce_metrics(outputs: list[dict[str, torch.Tensor]], dp_group: dist.ProcessGroup) -> dict[str, float]:
+        """Sum the loss-like metrics and token-weight the per-token means over microbatches and DP ranks."""
+        names = [name for name in (*_SUMMED_METRICS, *_TOKEN_MEAN_METRICS) if name in outputs[0]]
+        totals = torch.zeros(len(names) + 1, dtype=torch.float64)
+        for out in outputs:
+            num_tokens = float(out["num_tokens"])
+            for i, name in enumerate(names):
+                weight = num_tokens if name in _TOKEN_MEAN_METRICS else 1.0
+                totals[i] += float(out[name]) * weight
+            totals[-1] += num_tokens
+        dist.all_reduce(totals, group=dp_group)
+        num_tokens = float(totals[-1])
+        metrics = {name: float(totals[i]) / (max(num_tokens, 1.0) if name in _TOKEN_MEAN_METRICS else 1.0)
+                   for i, name in enumerate(names)}
+        metrics["num_tokens"] = num_tokens
+        return metrics
+
+    # ---- memory phases ---------------------------------------------------------------------------
+
+    @property
+    def offloaded(self) -> bool:
+        return self._offloaded is not None
+
+    def _check_on_device(self, what: str) -> None:
+        if self.offloaded:
+            raise RuntimeError(f"{what}: the actor is offloaded; call onload() first")
+
+    def _storages_by_kind(self) -> dict[str, list[torch.UntypedStorage]]:
+        """Unique storages of weights, gradient buffers and optimizer state (views share them; each counted once)."""
+        seen: set[int] = set()
+        kinds: dict[str, list[torch.UntypedStorage]] = {"weights": [], "grads": [], "optimizer": []}
+
+        def add(kind: str, tensor: Optional[torch.Tensor]) -> None:
+            if tensor is None or not isinstance(tensor, torch.Tensor):
+                return
+            storage = tensor.untyped_storage()
+            if storage.nbytes() == 0 or storage.data_ptr() in seen:
+                return
+            seen.add(storage.data_ptr())
+            kinds[kind].append(storage)
+
+        for param in self.model.parameters():
+            add("weights", param.data)
+        for buffer in [*self.model.buffers, *self.model.expert_parallel_buffers]:
+            add("weights", buffer.param_data)
+            add("grads", buffer.grad_data)
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = optimizer.optimizer
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    add("optimizer", param.data)
+            for state in inner.state.values():
+                for value in state.values():
+                    add("optimizer", value)
+        return kinds
+
+    def offload(self) -> MemoryMove:
+        """Copy weights, grads and optimizer state to host memory and free their device storage."""
+        if self.offloaded:
+            raise RuntimeError("offload(): the actor is already offloaded; call onload() first")
+        saved: list[tuple[str, torch.UntypedStorage, torch.Tensor]] = []
+        bytes_by_kind: dict[str, int] = {}
+        for kind, storages in self._storages_by_kind().items():
+            bytes_by_kind[kind] = 0
+            for storage in storages:
+                host = torch.empty(storage.nbytes(), dtype=torch.uint8, device="cpu",
+                                   pin_memory=torch.cuda.is_available())
+                host.untyped_storage().copy_(storage)
+                bytes_by_kind[kind] += storage.nbytes()
+                storage.resize_(0)
+                saved.append((kind, storage, host))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._offloaded = saved
+        move = MemoryMove(direction="offload", bytes_by_kind=bytes_by_kind, num_storages=len(saved))
+        logger.info("actor offload: %d storages, %.1f MiB %s", len(saved), move.total_bytes / 2**20, bytes_by_kind)
+        return move
+
+    def onload(self) -> MemoryMove:
+        """Reallocate the device storages freed by ``offload`` and copy their contents back."""
+        if not self.offloaded:
+            raise RuntimeError("onload(): the actor is not offloaded; call offload() first")
+        bytes_by_kind: dict[str, int] = {}
+        for kind, storage, host in self._offloaded:
+            storage.resize_(host.numel())
+            storage.copy_(host.untyped_storage())
+            bytes_by_kind[kind] = bytes_by_kind.get(kind, 0) + host.numel()
+        move = MemoryMove(direction="onload", bytes_by_kind=bytes_by_kind, num_storages=len(self._offloaded))
+        self._offloaded = None
+        logger.info("actor onload: %d storages, %.1f MiB", move.num_storages, move.total_bytes / 2**20)
+        return move

@@ -1,0 +1,108 @@
+"""The actor's input batch and its split into microbatches by a token budget.
+
+Why: responses of zero-RL runs range from a few tokens to the length limit, so a fixed number of sequences
+per microbatch either wastes memory on short batches or runs out of it on long ones. Microbatches are instead
+filled up to ``max_tokens_per_microbatch`` tokens, counted as the padded size (sequences x longest sequence),
+which is what the attention and MLP activations cost.
+
+How: ``ActorBatch(tokens=..., lengths=..., response_mask=..., ...)`` holds right-padded prompt+response rows;
+``split_by_token_budget(lengths, max_tokens)`` returns the row indices of each microbatch and
+``batch.microbatch(indices)`` the tensors of one microbatch, trimmed to its own longest row. Every per-token
+tensor is aligned with ``tokens``: entry [i, t] belongs to token t of row i (its log-prob is predicted from the
+logits at t - 1), so position 0 never counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+
+# Per-token float fields that travel with a training batch (all [B, S], aligned with tokens).
+PER_TOKEN_FIELDS = ("old_logp", "advantages", "ref_logp", "rollout_logp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorBatch:
+    """Right-padded prompt+response rows and what the loss needs per token.
+
+    tokens: [B, S] int64 token ids; entries at or after ``lengths[i]`` are padding (any valid id).
+    lengths: [B] number of real tokens of each row (prompt + response).
+    response_mask: [B, S] bool, True where token t is a response token that counts in the loss.
+    old_logp, advantages, ref_logp, rollout_logp: [B, S] float, needed by ``train_step`` as the loss config says.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    response_mask: torch.Tensor
+    old_logp: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
+    rollout_logp: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.ndim != 2 or self.tokens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"batch.tokens must be an integer [B, S] tensor, got {self.tokens.dtype} "
+                             f"{tuple(self.tokens.shape)}")
+        num_rows, seq_length = self.tokens.shape
+        if tuple(self.lengths.shape) != (num_rows,):
+            raise ValueError(f"batch.lengths.shape={tuple(self.lengths.shape)} must be ({num_rows},)")
+        if num_rows == 0:
+            raise ValueError("batch has no rows")
+        if int(self.lengths.min()) < 1 or int(self.lengths.max()) > seq_length:
+            raise ValueError(f"batch.lengths must be in [1, {seq_length}], got min {int(self.lengths.min())} "
+                             f"max {int(self.lengths.max())}")
+        for name in ("response_mask", *PER_TOKEN_FIELDS):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (num_rows, seq_length):
+                raise ValueError(f"batch.{name}.shape={tuple(value.shape)} must equal tokens.shape="
+                                 f"{(num_rows, seq_length)}")
+        positions = torch.arange(seq_length).unsqueeze(0)
+        invalid = self.response_mask.bool() & ((positions == 0) | (positions >= self.lengths.unsqueeze(1)))
+        if invalid.any():
+            row = int(invalid.any(dim=1).nonzero()[0])
+            raise ValueError(f"batch.response_mask row {row} marks position 0 or padding (length "
+                             f"{int(self.lengths[row])}); only tokens 1..length-1 have a log-prob")
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def microbatch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` trimmed to their longest row: tokens, response_mask and the per-token fields set."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        max_length = int(self.lengths[index].max())
+        out = {"tokens": self.tokens[index, :max_length].long(),
+               "response_mask": self.response_mask[index, :max_length].bool()}
+        for name in PER_TOKEN_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value[index, :max_length].float()
+        return out
+
+
+def split_by_token_budget(lengths: Sequence[int] | torch.Tensor, max_tokens: int) -> list[list[int]]:
+    """Group row indices so that each group's (rows x longest row) <= ``max_tokens``.
+
+    Rows are taken longest first, so each group holds rows of similar length (little padding) and the number
+    of groups is minimal for this greedy order. Raises before any work if one row alone exceeds the budget.
+    """
+    lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+    if not lengths:
+        raise ValueError("cannot split an empty batch into microbatches")
+    longest = max(lengths)
+    if longest > max_tokens:
+        raise ValueError(
+            f"actor.max_tokens_per_microbatch={max_tokens} is smaller than one sequence of {longest} tokens "
+            f"(row {lengths.index(longest)}); raise it to at least max prompt + max response length"
+        )
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for index in order:
+        # Rows arrive longest first, so the group's padded length is its first row's length.
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups

@@ -1,0 +1,102 @@
+"""Configs of the prompt data: where problems come from, how prompts are built and sampled, difficulty control.
+
+Why: the data layer (megatron_zero/data/) reads a dataset with configurable field names, applies one of the
+recipe's prompt templates, checks prompt lengths, and samples shuffled prompt batches that resume exactly.
+Defaults are the SimpleRL-Zoo recipe (shared/reference/RECIPE.md): qwen-boxed template, max prompt 1024 tokens,
+256 prompts per rollout batch (the script default; the paper used 1024).
+
+How: ``DataConfig(train=DatasetConfig(path="data/hard.jsonl"))`` or ``OmegaConf.structured(DataConfig)``
+(then set ``train.path``).
+"""
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class DatasetConfig:
+    # A .jsonl / .json / .parquet file, a folder written by datasets' save_to_disk, or a Hugging Face hub name.
+    path: str = ""
+    # The split of a hub dataset or save_to_disk folder (a single file is one split).
+    split: str = "train"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    # Stable problem ids (pass-rate tables are keyed by them); None means "<file stem>-<row>".
+    uid_field: Optional[str] = None
+    # Optional fields copied into Problem.metadata as "level" / "source".
+    level_field: Optional[str] = None
+    source_field: Optional[str] = None
+    # A name in megatron_zero.data.templates ("qwen-boxed", "simple" = "abel", "chat") or a string with {input}.
+    template: str = "qwen-boxed"
+    # Checked when a tokenizer is given; None disables the check.
+    max_prompt_tokens: Optional[int] = 1024
+    # Over-long prompts are an error unless this is set; then they are dropped and reported.
+    filter_overlong: bool = False
+    # Where datasets caches its Arrow files; None is its default (~/.cache/huggingface/datasets).
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        from megatron_zero.data.templates import check_template
+
+        try:
+            check_template(self.template)
+        except ValueError as error:
+            raise ValueError(f"data.template: {error}") from None
+        for name in ("question_field", "answer_field", "split"):
+            if not getattr(self, name):
+                raise ValueError(f"data.{name}='' must not be empty")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"data.max_prompt_tokens={self.max_prompt_tokens} must be >= 1, or None to skip the check")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class SamplerConfig:
+    # Prompts per rollout batch.
+    batch_size: int = 256
+    seed: int = 0
+    # Off: every epoch walks the problems in file order.
+    shuffle: bool = True
+    # Stop after this many passes over the problems; None means sample forever (the trainer counts steps).
+    num_epochs: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"sampler.batch_size={self.batch_size} must be >= 1 (recipe: 256 or 1024)")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"sampler.num_epochs={self.num_epochs} must be >= 1, or None for no limit")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class PassRateFilterConfig:
+    # JSONL table written by megatron_zero.data.difficulty.save_pass_rates; None disables the filter.
+    pass_rate_file: Optional[str] = None
+    # Keep problems whose estimated pass rate is in [min_pass_rate, max_pass_rate].
+    min_pass_rate: float = 0.0
+    max_pass_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_pass_rate <= self.max_pass_rate <= 1:
+            raise ValueError(
+                f"pass_rate_filter band [{self.min_pass_rate}, {self.max_pass_rate}] must satisfy "
+                "0 <= min_pass_rate <= max_pass_rate <= 1"
+            )
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class DynamicSamplingConfig:
+    # DAPO-style: drop prompt groups whose rewards are all equal (zero advantage) and refill the batch.
+    enabled: bool = False
+    # Generation rounds after the first one before giving up on a full batch.
+    max_refill_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        if self.max_refill_rounds < 0:
+            raise ValueError(f"dynamic_sampling.max_refill_rounds={self.max_refill_rounds} must be >= 0")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    train: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    pass_rate_filter: PassRateFilterConfig = dataclasses.field(default_factory=PassRateFilterConfig)
+    dynamic_sampling: DynamicSamplingConfig = dataclasses.field(default_factory=DynamicSamplingConfig)

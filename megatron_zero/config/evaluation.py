@@ -1,0 +1,74 @@
+"""Evaluation settings: which benchmarks, where their files are, and how to decode.
+
+The defaults are the paper's RL-model setting on all six benchmarks (temperature 1.0, top-p 0.95,
+16000 new tokens, one sample). Greedy baselines use ``temperature=0.0, top_p=1.0, n_samples=1``;
+AIME24 as avg@32 uses ``n_samples=32``. Validated on construction; benchmark names are checked
+against the registry in ``megatron_zero.evaluation.benchmarks`` before any generation starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+DEFAULT_BENCHMARKS = ("gsm8k", "math500", "minerva_math", "olympiadbench", "aime24", "amc23")
+
+
+@dataclass(kw_only=True, frozen=True)
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCHMARKS))
+    # Holds one folder per benchmark, Qwen2.5-Math layout: {data_dir}/{name}/test.{jsonl,parquet,json}.
+    data_dir: str = "data/eval"
+    # Name of the prompt template (resolved by the caller, who passes the formatter to `evaluate`).
+    template: str = "qwen-boxed"
+    n_samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 16000
+    # k values for pass@k and avg@k; empty means 1, 2, 4, ... up to n_samples, plus n_samples itself.
+    pass_k: list[int] = field(default_factory=list)
+    seed: int = 0
+    # Evaluate only the first `max_problems` problems of each benchmark (smoke runs); None means all.
+    max_problems: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not self.benchmarks:
+            raise ValueError(f"eval.benchmarks={self.benchmarks!r} is empty; name at least one, e.g. ['math500']")
+        duplicates = sorted({name for name in self.benchmarks if self.benchmarks.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"eval.benchmarks={self.benchmarks!r} lists {duplicates} more than once; list each once")
+        if not self.template:
+            raise ValueError("eval.template='' must name a prompt template, e.g. 'qwen-boxed'")
+        if not isinstance(self.n_samples, int) or self.n_samples < 1:
+            raise ValueError(f"eval.n_samples={self.n_samples!r} must be an integer >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"eval.temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if self.temperature == 0 and self.n_samples != 1:
+            raise ValueError(
+                f"eval.temperature=0 (greedy) with eval.n_samples={self.n_samples} would repeat one sample; "
+                "set n_samples=1 or temperature > 0"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"eval.top_p={self.top_p} must be in (0, 1]")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"eval.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        for k in self.pass_k:
+            if not isinstance(k, int) or not 1 <= k <= self.n_samples:
+                raise ValueError(
+                    f"eval.pass_k={self.pass_k!r} contains {k!r}; each k must be an integer in "
+                    f"[1, n_samples={self.n_samples}]"
+                )
+        if self.max_problems is not None and (not isinstance(self.max_problems, int) or self.max_problems < 1):
+            raise ValueError(f"eval.max_problems={self.max_problems!r} must be None (all) or an integer >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def k_values(self) -> list[int]:
+        """The k of pass@k / avg@k: `pass_k` if given, else 1, 2, 4, ... <= n_samples, plus n_samples."""
+        if self.pass_k:
+            return sorted(set(self.pass_k))
+        ks = [1 << i for i in range(self.n_samples.bit_length()) if (1 << i) <= self.n_samples]
+        return sorted(set(ks) | {self.n_samples})

@@ -1,0 +1,121 @@
+"""The paper's Easy / Medium / Hard training sets, built from MATH and GSM8K rows in their public formats.
+
+Why: SimpleRL-Zoo matches data difficulty to the base model (shared/reference/RECIPE.md): Easy = GSM8K + MATH
+level 1, Medium = MATH levels 1-4, Hard = MATH levels 3-5, about 8k problems each.
+
+Public formats read here:
+  MATH   problem | solution (final answer = last \\boxed{...}) | level "Level 3" (a few rows say "Level ?") | type
+  GSM8K  question | answer "... #### 1,250" (final answer after "####", thousands separators removed)
+
+How: ``rows = build_difficulty_split("hard", math_rows, gsm8k_rows)`` gives uniform rows (uid, question, answer,
+level, source); ``write_jsonl(rows, "hard.jsonl")`` and train with ``DatasetConfig(path="hard.jsonl",
+uid_field="uid", level_field="level", source_field="source")``.
+"""
+
+import dataclasses
+import json
+import logging
+import random
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_zero.rewards.extraction import last_boxed
+
+logger = logging.getLogger(__name__)
+
+_MATH_LEVEL = re.compile(r"Level (\d)")
+
+
+def _require(row: Mapping[str, Any], fields: tuple[str, ...], where: str) -> None:
+    for field in fields:
+        if row.get(field) is None:
+            raise ValueError(f"{where}: field {field!r} is missing or null; the row has keys {sorted(row)}")
+
+
+def read_math_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Uniform rows from MATH rows; level is an int 1-5, or None for the few "Level ?" rows."""
+    out = []
+    for index, row in enumerate(rows):
+        where = f"MATH row {index}"
+        _require(row, ("problem", "solution", "level"), where)
+        answer = last_boxed(str(row["solution"]))
+        if answer is None or not answer.strip():
+            raise ValueError(f"{where}: 'solution' has no complete \\boxed{{...}} answer")
+        level = _MATH_LEVEL.fullmatch(str(row["level"]).strip())
+        out.append(
+            {
+                "uid": f"math-{index}",
+                "question": str(row["problem"]).strip(),
+                "answer": answer.strip(),
+                "level": int(level.group(1)) if level else None,
+                "source": "math",
+            }
+        )
+    return out
+
+
+def read_gsm8k_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Uniform rows from GSM8K rows; the answer is the number after "####" without thousands separators."""
+    out = []
+    for index, row in enumerate(rows):
+        where = f"GSM8K row {index}"
+        _require(row, ("question", "answer"), where)
+        text = str(row["answer"])
+        if "####" not in text:
+            raise ValueError(f"{where}: 'answer' has no '####' final-answer marker: {text[-80:]!r}")
+        answer = text.rsplit("####", 1)[1].strip().replace(",", "")
+        if not answer:
+            raise ValueError(f"{where}: nothing after '####' in 'answer'")
+        question = str(row["question"]).strip()
+        out.append({"uid": f"gsm8k-{index}", "question": question, "answer": answer, "level": None, "source": "gsm8k"})
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DifficultySplit:
+    include_gsm8k: bool
+    math_levels: tuple[int, ...]
+
+
+DIFFICULTY_SPLITS: dict[str, DifficultySplit] = {
+    "easy": DifficultySplit(include_gsm8k=True, math_levels=(1,)),
+    "medium": DifficultySplit(include_gsm8k=False, math_levels=(1, 2, 3, 4)),
+    "hard": DifficultySplit(include_gsm8k=False, math_levels=(3, 4, 5)),
+}
+
+
+def build_difficulty_split(
+    name: str,
+    math_rows: Iterable[Mapping[str, Any]],
+    gsm8k_rows: Iterable[Mapping[str, Any]] = (),
+    max_problems: Optional[int] = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Rows of split `name` from public-format MATH and GSM8K rows; `max_problems` subsamples (the paper: ~8k)."""
+    if name not in DIFFICULTY_SPLITS:
+        raise ValueError(f"difficulty split {name!r} is unknown; use one of {sorted(DIFFICULTY_SPLITS)}")
+    split = DIFFICULTY_SPLITS[name]
+    math = read_math_rows(math_rows)
+    unknown_level = sum(row["level"] is None for row in math)
+    if unknown_level:
+        logger.warning("MATH: %d rows without a numeric level (e.g. 'Level ?') are in no split", unknown_level)
+    rows = [row for row in math if row["level"] in split.math_levels]
+    if split.include_gsm8k:
+        gsm8k = read_gsm8k_rows(gsm8k_rows)
+        if not gsm8k:
+            raise ValueError(f"difficulty split {name!r} includes GSM8K, but no GSM8K rows were given")
+        rows += gsm8k
+    if not rows:
+        raise ValueError(f"difficulty split {name!r} is empty: no MATH rows of levels {list(split.math_levels)}")
+    if max_problems is not None and len(rows) > max_problems:
+        rows = random.Random(seed).sample(rows, max_problems)
+    logger.info("difficulty split %r: %d problems", name, len(rows))
+    return rows
+
+
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> None:
+    with Path(path).open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")

@@ -1,0 +1,48 @@
+"""What evaluation needs from a generation engine and from a grader, as plain callables.
+
+Evaluation does not own an engine: the SGLang rollout engine (or a tiny CPU model in tests) is
+wrapped in a `Generator`, and the rule-based reward's batch grader is passed as a `Grader`. Both are
+structural types, so any function with the right signature works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from megatron_zero.analysis.records import FINISH_REASONS
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    """One sampled continuation: its text, its length in tokens and why generation stopped."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop": an end token was produced; "length": cut at max_new_tokens
+
+    def __post_init__(self) -> None:
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason={self.finish_reason!r} must be one of {list(FINISH_REASONS)}")
+        if self.num_tokens < 0:
+            raise ValueError(f"num_tokens={self.num_tokens} must be >= 0")
+
+
+class Generator(Protocol):
+    def __call__(
+        self,
+        prompts: list[str],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+    ) -> list[list[GeneratedText]]:
+        """For each prompt, `n` continuations (temperature 0 means greedy)."""
+        ...
+
+
+# grade(responses, ground_truths) -> one score per response; 1.0 means correct.
+Grader = Callable[[list[str], list[str]], list[float]]

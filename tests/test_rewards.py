@@ -1,0 +1,301 @@
+"""Tests of megatron_zero.rewards: answer extraction, math-verify equivalence, score schemes, the reward
+registry, and the grader pool under hostile output (timeouts killed and counted, pool usable afterwards).
+
+Expected grades are hand-labelled mathematical facts (1/2 == 0.5, {1,2} == {2,1}, ...). One pool is shared by
+the module (its start-up is the main cost); tests that need another reward function start a one-worker pool.
+"""
+
+from __future__ import annotations
+
+import random
+import textwrap
+import threading
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from megatron_zero.config.reward import RewardConfig
+from megatron_zero.rewards import (
+    REWARD_FUNCTIONS,
+    GraderPool,
+    GradeStatus,
+    cut_at_stop_tokens,
+    extract_answer,
+    get_reward_fn,
+    grade_batch,
+    grade_math,
+    last_boxed,
+    math_reward,
+    math_reward_batch,
+    register_reward,
+)
+
+# Short, so that hostile items cost little test time; real runs use 10 s.
+TIMEOUT_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with GraderPool(RewardConfig(timeout_s=TIMEOUT_S, num_workers=2)) as shared_pool:
+        yield shared_pool
+
+
+def boxed(answer: str) -> str:
+    return f"Let me work through it step by step. First ... so the result is \\boxed{{{answer}}}."
+
+
+# (ground truth, answer the model boxes, equal?)
+EQUIVALENCE_CASES = [
+    ("0.5", "1/2", True),
+    ("0.5", "\\frac{1}{2}", True),
+    ("\\frac{1}{2}", "\\dfrac12", True),
+    ("\\frac{\\sqrt{2}}{2}", "\\sqrt2/2", True),
+    ("\\frac{\\sqrt2}{2}", "\\frac{1}{\\sqrt{2}}", True),
+    ("1000", "1,000", True),
+    ("1,000,000", "1000000", True),
+    ("50", "50\\%", True),
+    ("50\\%", "50", True),
+    ("[1,2)", "[1, 2)", True),
+    ("(-\\infty, 2]", "(-\\infty,2]", True),
+    ("\\{1,2\\}", "\\{2,1\\}", True),
+    ("1,2", "2, 1", True),
+    ("\\text{(B)}", "B", True),
+    ("B", "\\textbf{(B)}", True),
+    ("x^2+2x+1", "(x+1)^2", True),
+    ("10", "10\\text{ cm}", True),
+    ("2", "2.0", True),
+    ("-3", "-3", True),
+    # wrong answers
+    ("0.5", "\\frac{1}{3}", False),
+    ("[1,2)", "(1,2)", False),
+    ("\\{1,2\\}", "\\{1,2,3\\}", False),
+    ("\\text{(B)}", "C", False),
+    ("1000", "100", False),
+    ("\\sqrt{2}", "2", False),
+    ("\\pi", "3.14", False),
+]
+
+
+@pytest.mark.parametrize("ground_truth,answer,equal", EQUIVALENCE_CASES)
+def test_equivalent_forms_graded_in_process(ground_truth, answer, equal):
+    result = grade_math(boxed(answer), ground_truth, RewardConfig())
+    assert result.status == GradeStatus.OK
+    assert result.correct is equal
+    assert result.score == (1.0 if equal else 0.0)
+    assert result.extracted == answer and result.source == "boxed"
+
+
+def test_pool_grades_like_in_process(pool):
+    responses = [boxed(answer) for _, answer, _ in EQUIVALENCE_CASES]
+    truths = [truth for truth, _, _ in EQUIVALENCE_CASES]
+    grades = pool.grade_batch(responses, truths)
+    assert grades.scores == [1.0 if equal else 0.0 for _, _, equal in EQUIVALENCE_CASES]
+    assert grades.counts == {"ok": len(EQUIVALENCE_CASES), "no_answer": 0, "unparsed": 0, "timeout": 0, "error": 0}
+    assert grades.failure_rate == 0.0
+    assert math_reward_batch(responses, truths, pool=pool) == grades.scores
+
+
+def test_last_box_wins_and_nested_braces():
+    response = "First guess \\boxed{3}. Wait, recheck: \\boxed{\\frac{\\sqrt{2}}{\\{4\\}}} no... \\fbox{4}"
+    assert last_boxed(response) == "4"
+    assert math_reward(response, "4") == 1.0
+    assert math_reward(response, "3") == 0.0
+    assert last_boxed("x \\boxed{\\frac{\\sqrt{2}}{2}} y") == "\\frac{\\sqrt{2}}{2}"
+    assert last_boxed("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"
+    assert last_boxed("\\boxed 7$") == "7"
+    # Cut inside the box (truncated response): no boxed answer.
+    assert last_boxed("\\boxed{3} then \\boxed{\\frac{1}{") is None
+
+
+@pytest.mark.parametrize("stop", ["<|endoftext|>", "<|im_end|>", "</s>"])
+def test_answer_after_end_token_does_not_count(stop):
+    response = f"I think \\boxed{{3}}{stop}\n<|im_start|>user\nthe answer is \\boxed{{4}}"
+    assert cut_at_stop_tokens(response, RewardConfig().stop_tokens) == "I think \\boxed{3}"
+    assert math_reward(response, "4") == 0.0
+    assert math_reward(response, "3") == 1.0
+    # Without stop tokens the later box is the answer.
+    assert math_reward(response, "4", RewardConfig(stop_tokens=[])) == 1.0
+
+
+def test_fallbacks_and_strict_mode():
+    stops = RewardConfig().stop_tokens
+    answer_is = "Adding them up, the answer is $\\frac{3}{4}$.\nDone, 7 steps."
+    assert extract_answer(answer_is, stops).source == "answer_is"
+    assert math_reward(answer_is, "0.75") == 1.0
+    last_number = "We get 12 apples, then 1,250 more."
+    assert extract_answer(last_number, stops).text == "1250"
+    assert math_reward(last_number, "1250") == 1.0
+    strict = RewardConfig(strict_boxed=True)
+    for response in (answer_is, last_number):
+        result = grade_math(response, "0.75", strict)
+        assert (result.status, result.score, result.extracted) == (GradeStatus.NO_ANSWER, 0.0, None)
+    assert grade_math("no digits here", "1", RewardConfig()).status == GradeStatus.NO_ANSWER
+    # Bare LaTeX or a letter after "the answer is" (no $), the Minerva format, a sentence after the answer.
+    for response, truth in (
+        ("so the answer is \\sqrt{8}", "2\\sqrt2"),
+        ("The answer is B.", "\\text{(B)}"),
+        ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "0.5"),
+        ("Hence the answer is 42. Check: 3 > 2, fine.", "42"),
+    ):
+        result = grade_math(response, truth, RewardConfig())
+        assert (result.status, result.score, result.source) == (GradeStatus.OK, 1.0, "answer_is")
+    # Strict mode still reads boxes.
+    assert math_reward(boxed("0.75"), "3/4", strict) == 1.0
+
+
+def test_score_schemes():
+    responses = {"correct": boxed("2"), "wrong": boxed("3"), "no_answer": "I cannot solve this."}
+    expected = {
+        "binary": {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0},
+        "format": {"correct": 1.0, "wrong": -0.5, "no_answer": -1.0},
+    }
+    for scheme, values in expected.items():
+        config = RewardConfig(score_scheme=scheme, strict_boxed=True)
+        assert {k: math_reward(r, "2", config) for k, r in responses.items()} == values
+    custom = {"correct": 2.0, "wrong": -0.25, "no_answer": -3.0}
+    config = RewardConfig(score_scheme="custom", score_values=custom, strict_boxed=True)
+    assert {k: math_reward(r, "2", config) for k, r in responses.items()} == custom
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"score_scheme='fmt'.*binary.*custom.*format"):
+        RewardConfig(score_scheme="fmt")
+    with pytest.raises(ValueError, match=r"score_values.*correct.*wrong.*no_answer"):
+        RewardConfig(score_scheme="custom", score_values={"correct": 1.0})
+    with pytest.raises(ValueError, match="score_scheme='custom' to use"):
+        RewardConfig(score_values={"correct": 1.0, "wrong": 0.0, "no_answer": 0.0})
+    with pytest.raises(ValueError, match=r"reward_fn='mth'.*\['math'"):
+        RewardConfig(reward_fn="mth")
+    with pytest.raises(ValueError, match="timeout_s=0"):
+        RewardConfig(timeout_s=0)
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), {"strict_boxed": True}))
+    assert config == RewardConfig(strict_boxed=True)
+
+
+USER_REWARD_MODULE = '''
+import os
+from megatron_zero.rewards import GradeResult, GradeStatus
+
+def length_reward(response, ground_truth, config):
+    return float(len(response) == int(ground_truth))
+
+def explode(response, ground_truth, config):
+    if response == "crash":
+        os._exit(3)
+    if response == "raise":
+        raise ZeroDivisionError("user bug")
+    if response == "alloc":
+        bytearray(8 * 2**30)  # over the worker's address-space cap
+    return GradeResult(score=0.5, status=GradeStatus.OK, correct=False)
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent(USER_REWARD_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards"
+
+
+def test_registry_by_import_path_and_name(user_module):
+    fn = get_reward_fn(f"{user_module}:length_reward")
+    assert fn("abc", "3", RewardConfig()) == 1.0
+    with pytest.raises(ValueError, match="has no 'nope'"):
+        get_reward_fn(f"{user_module}:nope")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
+        get_reward_fn("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match=r"unknown; use one of \['math'"):
+        get_reward_fn("nope")
+    try:
+        register_reward("length_test")(fn)
+        assert get_reward_fn("length_test") is fn
+        assert RewardConfig(reward_fn="length_test").reward_fn == "length_test"
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward("length_test")(fn)
+    finally:
+        REWARD_FUNCTIONS.pop("length_test", None)
+
+
+def test_user_reward_in_pool_with_errors_and_crash_counted(user_module):
+    config = RewardConfig(reward_fn=f"{user_module}:explode", num_workers=1, timeout_s=5.0, max_worker_memory_mb=2048)
+    with GraderPool(config) as user_pool:
+        grades = user_pool.grade_batch(["fine", "raise", "crash", "alloc", "fine"], ["1"] * 5)
+    ok, error = GradeStatus.OK, GradeStatus.ERROR
+    assert [r.status for r in grades.results] == [ok, error, error, error, ok]
+    assert grades.scores == [0.5, 0.0, 0.0, 0.0, 0.5]
+    assert "ZeroDivisionError: user bug" in grades.results[1].detail
+    assert "exit code 3" in grades.results[2].detail
+    assert "MemoryError" in grades.results[3].detail
+    assert grades.counts["error"] == 3 and grades.failure_rate == 0.6
+    with pytest.raises(RuntimeError, match="failure rate 0.600 > reward.max_failure_rate=0.05"):
+        grades.check_failure_rate(0.05)
+
+
+def test_pool_rejects_functions_workers_cannot_import():
+    try:
+        register_reward("lambda_test")(lambda response, truth, config: 1.0)
+        with pytest.raises(ValueError, match="not __main__, not a lambda"):
+            GraderPool(RewardConfig(reward_fn="lambda_test", num_workers=1))
+    finally:
+        REWARD_FUNCTIONS.pop("lambda_test", None)
+
+
+def test_hostile_output_is_killed_counted_and_pool_survives(pool):
+    rng = random.Random(0)
+    garbage = "".join(rng.choice("{}\\^_$()0123456789abcxyz ") for _ in range(100_000))
+    hostile = [
+        "\\boxed{9^{9^{9^{9}}}}",  # sympy tries to evaluate the tower
+        "\\boxed{" + "{" * 3000 + "1" + "}" * 3000 + "}",  # the LaTeX parser crawls through the nesting
+        garbage,
+        "\\boxed{\\frac{1}{2}",  # cut inside the box: not read as 1/2 (the last-number fallback gives 2)
+        boxed("\\frac{"),  # malformed LaTeX inside a complete box
+        boxed("7"),
+    ]
+    started = time.monotonic()
+    grades = pool.grade_batch(hostile, ["3", "1", "5", "0.5", "2", "7"])
+    elapsed = time.monotonic() - started
+    # Two workers, each item at most TIMEOUT_S (+ replacement start-up): bounded, nowhere near sympy's minutes.
+    assert elapsed < 3 * TIMEOUT_S + 5, elapsed
+    statuses = [result.status for result in grades.results]
+    assert statuses[0] == GradeStatus.TIMEOUT and statuses[1] == GradeStatus.TIMEOUT
+    assert grades.scores[:5] == [0.0] * 5 and grades.scores[5] == 1.0
+    assert grades.counts["timeout"] == statuses.count(GradeStatus.TIMEOUT) >= 2
+    assert sum(grades.counts.values()) == len(hostile)
+    assert grades.num_failures == grades.counts["timeout"] + grades.counts["error"]
+    # The killed workers were replaced: the same pool still grades, from another thread too.
+    out = []
+    thread = threading.Thread(target=lambda: out.append(pool.grade_batch([boxed("1/2")] * 8, ["0.5"] * 8)))
+    thread.start()
+    thread.join(timeout=30)
+    assert out and out[0].scores == [1.0] * 8
+    assert all(worker.process.is_alive() for worker in pool._workers)
+
+
+def test_concurrent_batches_from_threads(pool):
+    results = {}
+
+    def grade(index):
+        results[index] = pool.grade_batch([boxed(str(index)), boxed("0")], [str(index), str(index)]).scores
+
+    threads = [threading.Thread(target=grade, args=(i,)) for i in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == {i: [1.0, 0.0] for i in range(1, 5)}
+
+
+def test_pool_close_and_batch_errors():
+    config = RewardConfig(num_workers=1)
+    grades = grade_batch([boxed("2")], ["2"], config)  # a pool for one call
+    assert grades.scores == [1.0]
+    closed = GraderPool(config)
+    processes = [worker.process for worker in closed._workers]
+    closed.close()
+    closed.close()
+    assert not any(process.is_alive() for process in processes)
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.grade_batch([boxed("2")], ["2"])
+    with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
+        grade_batch(["a", "b"], ["1"], pool=closed)

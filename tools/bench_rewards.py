@@ -1,0 +1,126 @@
+"""Measure grading throughput of the math reward's `GraderPool` on a synthetic, paper-like mix of responses.
+
+Each prompt gets --samples-per-prompt responses of 300-2000 characters of step-by-step LaTeX reasoning ending in:
+a correct boxed answer in an equivalent form (~45%), a wrong boxed answer (~30%), "the answer is ..." without a
+box (~10%), no final answer (~10%), or a truncated box (~5%). Ground truths mix integers, fractions, radicals,
+decimals, intervals, sets and multiple-choice letters, with random values so caches do not make it trivial.
+--hostile-fraction replaces that share of endings with a power tower that runs into the timeout.
+Prints one table row per worker count, with the projected time for the 8k responses of a 32B step.
+
+    python tools/bench_rewards.py --num-responses 4000 --workers 1 2
+    python tools/bench_rewards.py --num-responses 1000 --hostile-fraction 0.01 --timeout-s 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+from megatron_zero.config.reward import RewardConfig
+from megatron_zero.rewards import GraderPool
+
+_FILLER = [
+    "Let's think step by step.",
+    "First, we rewrite the expression as $\\frac{{{a}}}{{{b}}} + {c}x = {d}$.",
+    "Multiplying both sides by ${b}$ gives ${a} + {e}x = {f}$.",
+    "Wait, let me recheck this step: $({a}+{c})^2 = {g}$.",
+    "We know that $\\sqrt{{{h}}} \\approx {i}.{c}$, so the bound holds.",
+    "Substituting $x = {c}$ into $x^2 - {a}x + {b} = 0$ we get a contradiction, so try again.",
+    "Therefore the sum of the roots is $\\dfrac{{{d}}}{{{b}}}$ by Vieta's formulas.",
+    "Alternatively, consider the interval $[{a}, {d})$ and count the integers in it.",
+]
+
+
+def _ground_truth_and_variants(rng: random.Random) -> tuple[str, list[str], list[str]]:
+    """A ground truth, equivalent forms of it, and wrong answers."""
+    a, b = rng.randint(2, 99), rng.randint(2, 9)
+    kind = rng.choice(["int", "int", "fraction", "radical", "decimal", "interval", "set", "choice"])
+    if kind == "int":
+        n = rng.randint(10, 99999)
+        return str(n), [str(n), f"{n:,}", f"{n}.0"], [str(n + 1), str(-n)]
+    if kind == "fraction":
+        denominator = a * b + 1
+        right = [f"{a}/{denominator}", f"\\dfrac{{{a}}}{{{denominator}}}"]
+        return f"\\frac{{{a}}}{{{denominator}}}", right, [f"\\frac{{{a + 1}}}{{{denominator}}}"]
+    if kind == "radical":
+        return f"{a}\\sqrt{{{b}}}", [f"{a}\\sqrt{b}", f"\\sqrt{{{a * a * b}}}"], [f"{a}\\sqrt{{{b + 1}}}", f"{a * b}"]
+    if kind == "decimal":
+        return f"{a}.{b}", [f"{a}.{b}0", f"\\frac{{{a * 10 + b}}}{{10}}"], [f"{a}.{b + 1}"]
+    if kind == "interval":
+        return f"[{a}, {a + b})", [f"[{a},{a + b})"], [f"({a}, {a + b})", f"[{a}, {a + b}]"]
+    if kind == "set":
+        return f"\\{{{a}, {a + b}\\}}", [f"\\{{{a + b},{a}\\}}"], [f"\\{{{a}\\}}"]
+    letter = rng.choice("ABCDE")
+    return f"\\text{{({letter})}}", [letter, f"({letter})"], [rng.choice([x for x in "ABCDE" if x != letter])]
+
+
+def _reasoning(rng: random.Random) -> str:
+    target = rng.randint(300, 2000)
+    parts = []
+    while sum(len(part) for part in parts) < target:
+        values = {k: rng.randint(1, 999) for k in "abcdefghi"}
+        parts.append(rng.choice(_FILLER).format(**values))
+    return "\n".join(parts)[:target]
+
+
+def make_batch(
+    num_responses: int, samples_per_prompt: int, seed: int, hostile_fraction: float = 0.0
+) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    responses, truths = [], []
+    while len(responses) < num_responses:
+        truth, right, wrong = _ground_truth_and_variants(rng)
+        for _ in range(samples_per_prompt):
+            body = _reasoning(rng)
+            roll = rng.random()
+            if roll < 0.45:
+                ending = f"\n\nThus the final answer is $\\boxed{{{rng.choice(right)}}}$."
+            elif roll < 0.75:
+                ending = f"\n\nSo the answer is $\\boxed{{{rng.choice(wrong)}}}$."
+            elif roll < 0.85:
+                ending = f"\n\nThe answer is {rng.choice(right + wrong)}."
+            elif roll < 0.95:
+                ending = ""
+            else:
+                ending = "\n\nHence \\boxed{\\frac{" + str(rng.randint(1, 9))
+            if rng.random() < hostile_fraction:  # sympy would work on this for minutes: costs one full timeout
+                ending = "\n\nSo the answer is $\\boxed{9^{9^{9^{9}}}}$."
+            responses.append(body + ending + rng.choice(["<|endoftext|>", "", "<|im_end|>junk \\boxed{0}"]))
+            truths.append(truth)
+    return responses[:num_responses], truths[:num_responses]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-responses", type=int, default=4000)
+    parser.add_argument("--samples-per-prompt", type=int, default=8)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0], help="worker counts to compare; 0 = CPUs")
+    parser.add_argument("--timeout-s", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hostile-fraction", type=float, default=0.0, help="share of power-tower answers")
+    args = parser.parse_args()
+
+    responses, truths = make_batch(args.num_responses, args.samples_per_prompt, args.seed, args.hostile_fraction)
+    mean_chars = sum(map(len, responses)) / len(responses)
+    print(
+        f"{len(responses)} responses, mean {mean_chars:.0f} chars, {args.samples_per_prompt} per prompt; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on the machine slows this down)"
+    )
+    print(f"{'workers':>7} {'start s':>8} {'grade s':>8} {'resp/s':>8} {'8k est s':>9} {'accuracy':>8}  counts")
+    for num_workers in args.workers:
+        started = time.perf_counter()
+        with GraderPool(RewardConfig(num_workers=num_workers, timeout_s=args.timeout_s)) as pool:
+            startup_s = time.perf_counter() - started
+            grades = pool.grade_batch(responses, truths)
+        rate = len(responses) / grades.seconds
+        accuracy = sum(score == 1.0 for score in grades.scores) / len(responses)
+        print(
+            f"{pool.num_workers:>7} {startup_s:>8.2f} {grades.seconds:>8.2f} {rate:>8.1f} {8192 / rate:>9.1f} "
+            f"{accuracy:>8.3f}  {grades.counts}"
+        )
+
+
+if __name__ == "__main__":
+    main()
