@@ -49,7 +49,6 @@ from megatron_zero.actor.losses import aggregation_normaliser, compute_policy_lo
 from megatron_zero.config.actor import ActorConfig
 from megatron_zero.config.algorithm import PolicyLossConfig
 from megatron_zero.config.model import ModelConfig
-from megatron_zero.parallel.cpu_adapter import cpu_adapter_enabled
 from megatron_zero.parallel.pipeline import broadcast_from_last_stage, forward_backward
 
 logger = logging.getLogger(__name__)
@@ -186,18 +185,15 @@ class MegatronActor:
         self.policy_loss = policy_loss
         module, info = load_model(mcore_dir, model_config)
         self.vocab_size = info.arch.vocab_size
-        # The distributed optimizer shards Adam state over DP ranks. It type-checks parameters against
-        # 'torch.cuda.*Tensor' names, which the CPU adapter does not fake, so CPU runs (DP=1 in practice) use
-        # megatron's non-sharded optimizer: the same Adam update, gradient clipping and loss scaling.
-        use_distributed_optimizer = not cpu_adapter_enabled()
+        # The distributed optimizer shards Adam state over DP ranks (on CPU too, through the CPU adapter).
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=use_distributed_optimizer)
+                                                   use_distributed_optimizer=True)
         self.model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
         params_dtype = _TORCH_DTYPES[model_config.params_dtype]
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay,
                             adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_eps=config.adam_eps,
-                            clip_grad=config.clip_grad, use_distributed_optimizer=use_distributed_optimizer,
+                            clip_grad=config.clip_grad, use_distributed_optimizer=True,
                             bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
                             params_dtype=params_dtype),
             [self.model],

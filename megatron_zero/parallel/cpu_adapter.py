@@ -13,6 +13,8 @@ same tensor-parallel layers and the same pipeline schedules run over gloo:
   generator that dropout and initialisation draw from. The tracker's fork/restore semantics
   (a separate stream per model-parallel rank) are kept.
 * ``torch.cuda.synchronize`` and stream/event helpers become no-ops: CPU ops are synchronous.
+* ``Tensor.type()`` (no arguments) reports floating tensors as ``torch.cuda.*Tensor``: gradient
+  clipping and the distributed optimizer group parameters by those names and assert on them.
 
 It is switched on only when CUDA is absent (``enable_cpu_adapter`` refuses otherwise), once per
 process, by ``megatron_zero.parallel.initialize_parallel``; nothing happens at import time.
@@ -49,6 +51,10 @@ def _is_cuda_like(device: Any) -> bool:
     return False
 
 
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA placement in torch calls to the CPU."""
 
@@ -56,6 +62,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[args[0].dtype]
         if "device" in kwargs and _is_cuda_like(kwargs["device"]):
             kwargs["device"] = _CPU
         if kwargs.get("pin_memory"):
