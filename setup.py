@@ -51,6 +51,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_zero", "megatron_zero.*"]),
+    include_package_data=True,
+    package_data={"megatron_zero.demo": ["assets/*", "assets/*/*"]},
     install_requires=BASE_REQUIREMENTS,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["megatron-zero=megatron_zero.cli:main"]},

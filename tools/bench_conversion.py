@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import shutil
 import threading
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.parallel.local_launch import run_local_workers
 
 
 def _status_kib(field: str) -> int:
@@ -65,14 +67,10 @@ def write_random_checkpoint(out: Path, layers: int, hidden: int, ffn: int, vocab
     return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
-def _measured(fn_name: str, args: tuple, queue) -> None:
-    from megatron_zero.config.parallel import ParallelConfig
+def measured_conversion(fn_name: str, args: tuple) -> dict:
+    """Worker body (a fresh 1-process job): run one conversion while sampling this process's memory."""
     from megatron_zero.models import mcore_checkpoint
-    from megatron_zero.parallel.init import destroy_parallel, initialize_parallel
-    from megatron_zero.parallel.local_launch import find_free_port
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()))
-    initialize_parallel(ParallelConfig())
     baseline = _status_kib("RssAnon")
     peak = [baseline]
     done = threading.Event()
@@ -89,22 +87,16 @@ def _measured(fn_name: str, args: tuple, queue) -> None:
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    destroy_parallel()
-    queue.put(dict(seconds=seconds, rss_anon_peak_mib=peak[0] / 1024, rss_anon_baseline_mib=baseline / 1024,
-                   vm_hwm_mib=_status_kib("VmHWM") / 1024))
+    return dict(seconds=seconds, rss_anon_peak_mib=peak[0] / 1024, rss_anon_baseline_mib=baseline / 1024,
+                vm_hwm_mib=_status_kib("VmHWM") / 1024)
 
 
 def run_measured(fn_name: str, *args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measured, args=(fn_name, args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return run_local_workers(measured_conversion, ParallelConfig(), args=(fn_name, args), timeout_s=3600)[0]
 
 
 def main() -> None:
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # as tools/convert_checkpoint.py sets it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -112,6 +104,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--shard-size-mib", type=int, default=256, help="HF shard size of mcore-to-hf (its write buffer)")
     parser.add_argument("--workdir", default="/tmp/megatron-zero-bench-conversion")
     args = parser.parse_args()
 
@@ -119,10 +112,16 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     size = write_random_checkpoint(work / "hf", args.layers, args.hidden, args.ffn, args.vocab, args.heads, args.kv_heads)
     to_mcore = run_measured("convert_hf_to_mcore", str(work / "hf"), str(work / "mcore"))
-    to_hf = run_measured("convert_mcore_to_hf", str(work / "mcore"), str(work / "hf_back"), 512 * 1024**2)
+    to_hf = run_measured("convert_mcore_to_hf", str(work / "mcore"), str(work / "hf_back"), args.shard_size_mib * 1024**2)
+    from megatron_zero.models.hf_io import HFCheckpointReader
+
+    original, restored = HFCheckpointReader(work / "hf"), HFCheckpointReader(work / "hf_back")
+    exact = sorted(original.names()) == sorted(restored.names()) and all(
+        torch.equal(original.get(n), restored.get(n)) for n in original.names())
     largest_tensor = 2 * max(args.vocab * args.hidden, 2 * args.ffn * args.hidden)
     print(f"checkpoint: {size / 1024**2:.0f} MiB bf16 ({args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, "
-          f"vocab {args.vocab}); largest Megatron tensor {largest_tensor / 1024**2:.0f} MiB")
+          f"vocab {args.vocab}); largest Megatron tensor {largest_tensor / 1024**2:.0f} MiB; "
+          f"round trip bit-exact: {exact}")
     print("| direction | seconds | peak RssAnon above baseline (MiB) | peak / checkpoint | VmHWM (MiB) |")
     print("|---|---|---|---|---|")
     for name, r in (("hf-to-mcore", to_mcore), ("mcore-to-hf", to_hf)):

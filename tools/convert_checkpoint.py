@@ -14,6 +14,7 @@ when it is above the tolerance.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore, convert_m
 from megatron_zero.models.registry import get_bridge
 from megatron_zero.models.verify import verify_conversion
 from megatron_zero.parallel.local_launch import WorkerFailed, run_local_workers
+from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
 
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -100,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_cpu_fallback_warnings()
+    # glibc otherwise raises its mmap threshold after the first large free and keeps freed tensor
+    # memory in the heap: measured, that made the conversion workers' memory grow with model size.
+    # The spawned workers read it at start-up.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0

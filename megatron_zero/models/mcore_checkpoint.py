@@ -8,10 +8,9 @@ Layout of a megatron-zero model checkpoint directory::
 
 Conversion streams so that a 32B model (64 GB in bf16) converts on a 24 GB machine:
 
-* HF -> Megatron reads one HF tensor group at a time, writes each converted tensor to a staging
-  file, memory-maps all staged tensors back and hands them to ``dist_checkpointing.save``. Mapped
-  pages are file-backed, so the kernel can drop them under memory pressure; the anonymous memory
-  in use stays around one tensor group.
+* HF -> Megatron reads one HF tensor group at a time, writes each converted tensor to a raw
+  staging file, maps it back (shared) and hands the mapped tensors to ``dist_checkpointing.save``. Mapped pages are file-backed, so the kernel can drop them under
+  memory pressure; the anonymous memory in use stays around one tensor group.
 * Megatron -> HF loads the checkpoint one layer at a time (``dist_checkpointing.load`` of a partial
   sharded state dict) and writes size-bounded safetensors shards as it goes.
 
@@ -29,7 +28,7 @@ import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -148,17 +147,11 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, vocab_pad_multi
         # that megatron-core's strict loading at any layout finds every key.
         sharded: dict[str, Any] = {name: value for name, value in meta_sharded.items() if name not in entries}
         padded = arch.padded_vocab_size(vocab_pad_multiple)
-        for index, (name, tensor) in enumerate(bridge.hf_to_mcore(arch, reader.get, padded)):
-            tensor = tensor.to(arch.dtype).contiguous()
-            if tuple(tensor.shape) != _expected_shape(entries[name]):
-                raise ValueError(f"{name}: converted shape {tuple(tensor.shape)} != Megatron shape "
-                                 f"{_expected_shape(entries[name])}; config.json does not match the weights")
-            path = staging / f"{index:06d}.pt"
-            torch.save(tensor, path)
-            del tensor
-            sharded[name] = _with_data(entries[name], torch.load(path, mmap=True, weights_only=True))
+        staged = _stage(bridge.hf_to_mcore(arch, reader.get, padded), entries, staging)
         reader.close()
+        sharded.update({name: _with_data(entries[name], tensor) for name, tensor in staged.items()})
         dist_checkpointing.save(sharded, str(out_dir))
+        del sharded, staged
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     copy_non_weight_files(hf_dir, out_dir / HF_CONFIG_DIR)
@@ -167,6 +160,28 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, vocab_pad_multi
                    "vocab_pad_multiple": vocab_pad_multiple, "padded_vocab_size": padded,
                    "dtype": _DTYPE_NAMES[arch.dtype]}, f, indent=2)
     logger.info("wrote Megatron checkpoint %s (%d tensors)", out_dir, len(entries))
+
+
+def _stage(tensors: Iterator[tuple[str, torch.Tensor]], entries: dict[str, Any], staging: Path) -> dict[str, torch.Tensor]:
+    """Write each converted tensor to its own raw file and map it back shared: page cache, not RAM.
+
+    Measured (tools/bench_conversion.py): torch.load(mmap=True) maps privately and its pages count
+    as anonymous memory; views into one big mapping make torch's checkpoint writer clone every
+    tensor (storage larger than the tensor). One MAP_SHARED file per tensor avoids both.
+    """
+    staged = {}
+    for index, (name, tensor) in enumerate(tensors):
+        # The dtype megatron-core gives this parameter (norms may stay float32 in a bf16 model).
+        tensor = tensor.to(entries[name].data.dtype).contiguous()
+        if tuple(tensor.shape) != _expected_shape(entries[name]):
+            raise ValueError(f"{name}: converted shape {tuple(tensor.shape)} != Megatron shape "
+                             f"{_expected_shape(entries[name])}; config.json does not match the weights")
+        path = staging / f"{index:06d}.bin"
+        with open(path, "wb") as f:
+            f.write(tensor.view(torch.uint8).numpy().tobytes())
+        staged[name] = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+        del tensor
+    return staged
 
 
 def _IGNORED_HF_TENSORS(arch: DecoderArchitecture) -> set[str]:

@@ -37,6 +37,9 @@ def find_free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, config: ParallelConfig, fn: Callable, args: tuple,
             results: "mp.Queue", num_threads: int) -> None:
+    from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
+
+    silence_cpu_fallback_warnings()
     import torch
 
     from megatron_zero.parallel.init import destroy_parallel, initialize_parallel

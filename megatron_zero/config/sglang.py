@@ -1,0 +1,93 @@
+"""Config of one SGLang rollout server: how it is launched and how the trainer talks to it over HTTP.
+
+Why: ``megatron_zero.rollout.sglang_engine.SGLangEngine`` drives one ``sglang.launch_server`` process
+(tensor-parallel over ``tp_size`` GPUs starting at ``base_gpu_id``); everything it needs is here, validated
+at construction so a bad value fails before a GPU is touched. The pinned server is sglang==0.5.10.post1
+(see docs/sglang.md); the flag names used by ``launch_server_command`` were checked against its
+``sglang/srt/server_args.py``.
+
+How: ``SGLangConfig(model_path="/ckpt/Qwen2.5-Math-7B", tp_size=2, port=30000)`` or
+``OmegaConf.structured(SGLangConfig)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+# The --dtype choices of sglang 0.5.10.post1 (sglang/srt/server_args.py).
+SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class SGLangConfig:
+    # HF checkpoint directory the server loads; weight syncs must name exactly the tensors it holds.
+    model_path: str = ""
+    host: str = "127.0.0.1"
+    port: int = 30000
+    # Tensor-parallel size of this one server (its GPUs are base_gpu_id .. base_gpu_id + tp_size - 1).
+    tp_size: int = 1
+    base_gpu_id: int = 0
+    # Share of each GPU's memory for weights + KV cache. Colocated with the actor, the actor's memory is
+    # released during rollout, so this is the share while the actor is offloaded.
+    mem_fraction_static: float = 0.7
+    dtype: str = "bfloat16"
+    # Colocated: weights arrive as CUDA IPC handles (/update_weights_from_tensor) and GPU memory is released
+    # during training (needs --enable-memory-saver). Disaggregated: weights arrive by NCCL broadcast
+    # (/update_weights_from_distributed) and memory is never released.
+    colocated: bool = True
+    # Prefix caching across requests; prompts repeat n times per step, so keep it on unless debugging.
+    disable_radix_cache: bool = False
+    # SGLang honours a per-request sampling seed only in deterministic mode (sampling backend becomes
+    # "pytorch", slower); SamplingParams.seed is refused when this is off rather than silently ignored.
+    enable_deterministic_inference: bool = False
+    random_seed: Optional[int] = None
+    context_length: Optional[int] = None
+    trust_remote_code: bool = False
+    # Colocated buckets are flattened into one uint8 buffer per request; this caps that copy (MiB).
+    weight_bucket_mb: int = 512
+    # HTTP timeouts (seconds). A /generate call holds a whole rollout batch, so it gets the long one.
+    generate_timeout_s: float = 3600.0
+    control_timeout_s: float = 600.0
+    # Longer than the server's own SGLANG_HEALTH_CHECK_TIMEOUT (20 s), so the server answers 503 first.
+    health_timeout_s: float = 30.0
+    startup_timeout_s: float = 900.0
+    # Connection failures and 503 answers are retried this many times, with linear back-off.
+    max_retries: int = 3
+    retry_backoff_s: float = 2.0
+    # Passed verbatim to `python -m sglang.launch_server` after our flags, e.g. ["--chunked-prefill-size", "8192"].
+    extra_server_args: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise ValueError("sglang.model_path is empty; set it to the HF checkpoint directory the server loads")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"sglang.port={self.port} must be in 1..65535")
+        if self.tp_size < 1:
+            raise ValueError(f"sglang.tp_size={self.tp_size} must be >= 1")
+        if self.base_gpu_id < 0:
+            raise ValueError(f"sglang.base_gpu_id={self.base_gpu_id} must be >= 0")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"sglang.mem_fraction_static={self.mem_fraction_static} must be in (0, 1)")
+        if self.dtype not in SGLANG_DTYPES:
+            raise ValueError(f"sglang.dtype={self.dtype!r} is not an SGLang dtype; use one of {list(SGLANG_DTYPES)}")
+        if self.weight_bucket_mb < 1:
+            raise ValueError(f"sglang.weight_bucket_mb={self.weight_bucket_mb} must be >= 1")
+        for name in ("generate_timeout_s", "control_timeout_s", "health_timeout_s", "startup_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"sglang.{name}={getattr(self, name)} must be > 0 seconds")
+        if self.max_retries < 0:
+            raise ValueError(f"sglang.max_retries={self.max_retries} must be >= 0 (0 = no retry)")
+        if self.retry_backoff_s < 0:
+            raise ValueError(f"sglang.retry_backoff_s={self.retry_backoff_s} must be >= 0")
+        if self.context_length is not None and self.context_length < 1:
+            raise ValueError(f"sglang.context_length={self.context_length} must be >= 1 or None (model default)")
+        reserved = {"--model-path", "--host", "--port", "--tp-size", "--tensor-parallel-size", "--base-gpu-id",
+                    "--mem-fraction-static", "--dtype", "--enable-memory-saver"}
+        clashes = sorted(reserved & {arg.split("=", 1)[0] for arg in self.extra_server_args})
+        if clashes:
+            raise ValueError(f"sglang.extra_server_args sets {clashes}, which are SGLangConfig fields; set the fields")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"

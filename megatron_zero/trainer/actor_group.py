@@ -1,0 +1,229 @@
+"""One Ray actor per Megatron rank: start them on the placement, join torch.distributed, call them with deadlines.
+
+Why: the RL loop calls "every rank, this method" (log-probs, a train step, offload) and must never hang: a rank
+that dies or stops answering fails the step with an error that says which rank, on which node, with which pid,
+and what it logged last. Placement and rank bookkeeping live here, out of the loop (STYLE.md).
+
+How::
+
+    connect_ray(cluster)
+    placement = create_placement(cluster)
+    with RayActorGroup(cluster, placement, log_dir="runs/exp/logs") as group:
+        group.initialize_parallel(parallel_config)          # RANK, WORLD_SIZE, MASTER_* + megatron groups
+        group.setup("megatron_zero.actor.actor:MegatronActor", actor_config, loss_config, model_config, ckpt)
+        logps = group.run("compute_logprobs", batch)         # one result per rank, in rank order
+        group.run_rank0("some_rank0_only_method")
+
+Workers: ``worker.RankWorker`` hosts whatever the ``"module:function"`` factory builds, so this module never
+imports the actor. Each logs to ``<log_dir>/rank_<r>.log``.
+
+Rendezvous: MASTER_ADDR is rank 0's node IP and MASTER_PORT a port found free on rank 0's own worker (a port
+free on the driver's machine says nothing about rank 0's node).
+
+GPUs: each worker asks Ray for GPUs on its bundle, so Ray sets its CUDA_VISIBLE_DEVICES to exactly its bundle's
+GPU; the worker then sees one device, cuda:0, and LOCAL_RANK is 0. With ``cluster.colocate`` a worker takes only
+``COLOCATED_GPU_SHARE`` of its bundle's GPU (and CPUs), leaving the rest for a rollout engine actor scheduled on
+the same bundle index with a share <= 1 - COLOCATED_GPU_SHARE; Ray gives both the same CUDA_VISIBLE_DEVICES.
+The share is a scheduling reservation only: memory is handed over by offload/onload, not enforced by Ray.
+
+Deadlines: every call on the group is gathered with ``ray.wait`` against a deadline (``cluster.ray_call_timeout_s``
+or ``timeout_s=``); collectives inside it time out after ``parallel.timeout_s``. After a failure the group
+refuses further calls (its ranks may be stuck in a collective); shut it down and build a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from megatron_zero.config.cluster import ClusterConfig
+from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.trainer.placement import ClusterPlacement
+from megatron_zero.trainer.worker import (
+    RankWorker, WorkerInfo, parse_factory_path, read_log_tail, read_log_tail_remote,
+)
+
+logger = logging.getLogger(__name__)
+
+# Fraction of its bundle a colocated worker reserves; the engine on the same bundle takes at most the rest.
+COLOCATED_GPU_SHARE = 0.4
+LOG_TAIL_LINES = 20
+# In a timeout report, log tails of this many stuck ranks (all stuck ranks are named).
+_MAX_TAILS_IN_REPORT = 4
+# Deadline of reading a log tail on another node when reporting a failure.
+_LOG_READ_TIMEOUT_S = 10.0
+
+
+class RayWorkerError(RuntimeError):
+    """A rank died, raised, or missed its deadline; the message names rank, node IP, pid and its last log lines."""
+
+
+class RayWorkerTimeout(RayWorkerError, TimeoutError):
+    """A rank did not return within the call's deadline."""
+
+
+class RayActorGroup:
+    """The ranks of one Megatron job, one Ray actor each; see the module docstring."""
+
+    def __init__(self, cluster: ClusterConfig, placement: ClusterPlacement, log_dir: str | Path) -> None:
+        if len(placement.bundles) != cluster.num_workers:
+            raise ValueError(f"placement has {len(placement.bundles)} bundles but the cluster config needs "
+                             f"{cluster.num_workers} ({cluster.describe()}); create the placement from this config")
+        self._cluster = cluster
+        self._placement = placement
+        self._failure: Optional[str] = None
+        log_dir = Path(log_dir).resolve()
+        share = COLOCATED_GPU_SHARE if cluster.colocate else 1.0
+        remote_worker = ray.remote(RankWorker)
+        self._workers = [
+            remote_worker.options(
+                num_cpus=cluster.cpus_per_worker * share,
+                num_gpus=share if cluster.use_gpus else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement.placement_group, placement_group_bundle_index=bundle.index
+                ),
+            ).remote(rank, str(log_dir / f"rank_{rank}.log"))
+            for rank, bundle in enumerate(placement.bundles)
+        ]
+        # What is known before a worker reports in, for errors during startup.
+        self._infos = [
+            WorkerInfo(rank=rank, node_ip=bundle.node_ip, node_id=bundle.node_id, pid=-1, gpu_ids=(),
+                       log_path=str(log_dir / f"rank_{rank}.log"))
+            for rank, bundle in enumerate(placement.bundles)
+        ]
+        try:
+            self._infos = self._gather([worker.info.remote() for worker in self._workers], "startup",
+                                       cluster.startup_timeout_s)
+        except RayWorkerError:
+            self.shutdown()  # the ranks that did start would otherwise hold their bundles
+            raise
+        logger.info("started %d workers: %s", len(self._workers),
+                    ", ".join(f"rank {i.rank} {i.node_ip} pid {i.pid} gpus {list(i.gpu_ids)}" for i in self._infos))
+
+    @property
+    def world_size(self) -> int:
+        return len(self._workers)
+
+    @property
+    def infos(self) -> list[WorkerInfo]:
+        return list(self._infos)
+
+    def __enter__(self) -> "RayActorGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # ----------------------------------------------------------------------- setup
+
+    def initialize_parallel(self, parallel: ParallelConfig) -> tuple[str, int]:
+        """Set the torchrun variables on every rank, start torch.distributed + megatron parallel state.
+
+        Returns the rendezvous (MASTER_ADDR, MASTER_PORT).
+        """
+        self._cluster.check_layout(parallel)
+        self._check_usable()
+        master_addr = self._infos[0].node_ip
+        master_port = self._gather([self._workers[0].free_port.remote()], "free_port",
+                                   self._cluster.startup_timeout_s)[0]
+        refs = [
+            worker.init_distributed.remote(
+                rank, self.world_size,
+                # GPU: Ray narrowed CUDA_VISIBLE_DEVICES to this rank's GPU, which is then cuda:0.
+                0 if self._cluster.use_gpus else self._placement.local_index(rank),
+                master_addr, master_port, parallel,
+            )
+            for rank, worker in enumerate(self._workers)
+        ]
+        self._gather(refs, "init_distributed", self._cluster.startup_timeout_s)
+        return master_addr, master_port
+
+    def setup(self, factory_path: str, *args: Any, timeout_s: Optional[float] = None, **kwargs: Any) -> None:
+        """Build each rank's hosted object: ``factory(*args, **kwargs)`` from ``"package.module:function"``."""
+        parse_factory_path(factory_path)
+        self._check_usable()
+        args, kwargs = _put_once(args, kwargs)
+        self._gather([worker.setup.remote(factory_path, *args, **kwargs) for worker in self._workers],
+                     f"setup({factory_path})", self._call_timeout(timeout_s))
+
+    # ----------------------------------------------------------------------- calls
+
+    def run(self, method: str, *args: Any, timeout_s: Optional[float] = None, **kwargs: Any) -> list[Any]:
+        """Call ``method`` of every rank's hosted object with the same arguments; results in rank order."""
+        self._check_usable()
+        args, kwargs = _put_once(args, kwargs)
+        return self._gather([worker.call.remote(method, *args, **kwargs) for worker in self._workers], method,
+                            self._call_timeout(timeout_s))
+
+    def run_rank0(self, method: str, *args: Any, timeout_s: Optional[float] = None, **kwargs: Any) -> Any:
+        """Call ``method`` on rank 0 only; it must not enter a collective (the other ranks are not in it)."""
+        self._check_usable()
+        return self._gather([self._workers[0].call.remote(method, *args, **kwargs)], method,
+                            self._call_timeout(timeout_s))[0]
+
+    def shutdown(self) -> None:
+        for worker in self._workers:
+            ray.kill(worker, no_restart=True)
+        self._workers = []
+        self._failure = self._failure or "the group was shut down"
+
+    # ----------------------------------------------------------------------- failures
+
+    def _call_timeout(self, timeout_s: Optional[float]) -> float:
+        return self._cluster.ray_call_timeout_s if timeout_s is None else timeout_s
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"this actor group is unusable: {self._failure}; shut it down and create a new one")
+
+    def _gather(self, refs: list[ray.ObjectRef], what: str, timeout_s: float) -> list[Any]:
+        """Results of one ref per rank (rank order), or RayWorkerError for the first rank that fails or is late."""
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        deadline = time.monotonic() + timeout_s
+        while rank_of:
+            ready, _ = ray.wait(list(rank_of), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = sorted(rank_of.values())
+                self._failure = f"rank(s) {late} did not finish {what} within {timeout_s:.1f} s"
+                raise RayWorkerTimeout(self._failure + ":\n" + self._describe(late[:_MAX_TAILS_IN_REPORT]))
+            rank = rank_of.pop(ready[0])
+            try:
+                results[rank] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as err:
+                self._failure = f"rank {rank} died during {what}"
+                raise RayWorkerError(f"{self._failure} ({err.__class__.__name__}):\n{self._describe([rank])}") from err
+            except ray.exceptions.RayError as err:
+                self._failure = f"rank {rank} failed in {what}"
+                raise RayWorkerError(f"{self._failure}:\n{err}\n{self._describe([rank])}") from err
+        return results
+
+    def _describe(self, ranks: list[int]) -> str:
+        return "\n".join(
+            f"rank {info.rank} (node {info.node_ip}, pid {info.pid if info.pid > 0 else 'not started'}), "
+            f"last lines of {info.log_path}:\n"
+            f"{self._log_tail(info)}"
+            for info in (self._infos[rank] for rank in ranks)
+        )
+
+    def _log_tail(self, info: WorkerInfo) -> str:
+        if info.node_id == ray.get_runtime_context().get_node_id():
+            return read_log_tail(info.log_path, LOG_TAIL_LINES)
+        # The log is on the worker's node: read it there (the worker itself may be dead).
+        ref = read_log_tail_remote.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(info.node_id, soft=False)
+        ).remote(info.log_path, LOG_TAIL_LINES)
+        try:
+            return ray.get(ref, timeout=_LOG_READ_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            return f"(log unreadable: node {info.node_ip} did not answer: {err.__class__.__name__})"
+
+
+def _put_once(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    # One object-store copy shared by all ranks, instead of Ray serialising the arguments once per rank.
+    return tuple(ray.put(arg) for arg in args), {key: ray.put(value) for key, value in kwargs.items()}
