@@ -4,8 +4,7 @@ One spawned TP=2 x PP=2 job does everything that needs the distributed model (sp
 imports per process): it streams a freshly loaded untied Llama (rotary scaling, GQA) and a tied Qwen2
 actor, trains the actor one step and streams it again. The checks here compare against independent
 references: the HF checkpoint's own tensors (bit for bit) and HF transformers' log-probs after loading
-the streamed tensors into a plain HF model (the torch rollout engine did not exist yet when this was
-written; any engine loads the same buckets).
+the streamed tensors into the torch rollout engine (an HF transformers model).
 
     python -m pytest tests/test_reshard.py -q
 """
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_zero.actor.batching import ActorBatch
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.parallel.local_launch import run_local_workers
 
@@ -28,9 +28,7 @@ TEMPERATURE = 0.7
 PROMPT_LENGTH = 4
 
 
-def make_batch() -> "ActorBatch":
-    from megatron_zero.actor.batching import ActorBatch
-
+def make_batch() -> ActorBatch:
     tokens = torch.randint(0, 251, (3, 12), generator=torch.Generator().manual_seed(0))
     lengths = torch.full((3,), 12)
     response_mask = (torch.arange(12) >= PROMPT_LENGTH).unsqueeze(0).expand(3, 12).clone()
@@ -38,8 +36,8 @@ def make_batch() -> "ActorBatch":
 
 
 def _materialise(stream) -> list[list[tuple[str, np.ndarray]]]:
-    # Copies (bucket tensors may alias live parameters that the optimizer moves), as numpy arrays: a
-    # worker's tensors reach the parent through shared memory that dies with the worker.
+    # Copies (bucket tensors may alias live parameters that the optimizer moves), as numpy arrays: torch
+    # tensors returned by a worker travel through shared memory that can die with the worker first.
     return [[(name, tensor.numpy().copy()) for name, tensor in bucket] for bucket in stream]
 
 
@@ -72,7 +70,7 @@ def _reshard_job(llama_mcore: str, qwen_mcore: str) -> dict:
     actor.train_step(dataclasses.replace(batch, old_logp=logp, advantages=advantages))
     result["qwen2_trained"] = _materialise(stream)
     result["stats"] = stream.stats
-    result["actor_logp"] = actor.compute_logprobs(batch)[0]
+    result["actor_logp"] = actor.compute_logprobs(batch)[0].numpy()
     return result
 
 
@@ -102,6 +100,8 @@ def streamed(checkpoints):
     for key in ("llama", "qwen2_fresh", "qwen2_trained"):
         for result in per_rank:
             result[key] = _tensors(result[key])
+    for result in per_rank:
+        result["actor_logp"] = torch.from_numpy(result["actor_logp"])
     for other in per_rank[1:]:  # only the sender gets buckets; every rank drove the collectives
         assert other["llama"] == [] and other["qwen2_fresh"] == [] and other["qwen2_trained"] == []
         assert torch.equal(other["actor_logp"], per_rank[0]["actor_logp"])
@@ -135,31 +135,25 @@ def test_stream_equals_hf_checkpoint_bit_for_bit(checkpoints, streamed, model, k
         assert [len(b) for b in buckets if b[0][0] == "model.embed_tokens.weight"] == [1]
 
 
-def _hf_logprobs(model, batch) -> torch.Tensor:
-    """log softmax(logits / T) of each token given its prefix, float32, zero outside the response (engine rule)."""
-    with torch.no_grad():
-        logits = model(input_ids=batch.tokens).logits.float()
-    log_probs = torch.log_softmax(logits[:, :-1] / TEMPERATURE, dim=-1)
-    logp = log_probs.gather(-1, batch.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return torch.cat([torch.zeros(batch.tokens.shape[0], 1), logp], dim=1) * batch.response_mask
-
-
 def test_sync_after_training_step_matches_actor_logprobs(checkpoints, streamed):
-    from transformers import AutoModelForCausalLM
+    from megatron_zero.config.rollout import TorchEngineConfig
+    from megatron_zero.rollout.torch_engine import TorchEngine
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoints["qwen2"][0]), dtype=torch.float32).eval()
+    engine = TorchEngine.from_pretrained(str(checkpoints["qwen2"][0]), TorchEngineConfig(dtype="float32"))
     batch = make_batch()
-    actor_logp = streamed["actor_logp"]
-    # Negative control: the step moved the policy away from the checkpoint the HF model holds.
-    assert (_hf_logprobs(model, batch) - actor_logp).abs().max() > 1e-2
+    prompts = batch.tokens[:, :PROMPT_LENGTH].tolist()
+    responses = batch.tokens[:, PROMPT_LENGTH:].tolist()
+    actor_logp = streamed["actor_logp"][:, PROMPT_LENGTH:]
 
-    loaded: dict[str, torch.Tensor] = {}
-    for bucket in streamed["qwen2_trained"]:
-        loaded.update(bucket)
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
-    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied: synced too
-    assert (_hf_logprobs(model, batch) - actor_logp).abs().max() < 1e-5
+    def engine_logp() -> torch.Tensor:
+        return torch.tensor(engine.compute_logprobs(prompts, responses, TEMPERATURE))
+
+    # Negative control: the step moved the policy away from the checkpoint the engine starts from.
+    assert (engine_logp() - actor_logp).abs().max() > 1e-2
+    # The engine refuses a sync that misses or repeats a tensor, so this also checks "exactly once".
+    stats = engine.sync_weights(streamed["qwen2_trained"], version=1)
+    assert stats.num_buckets == len(streamed["qwen2_trained"])
+    assert (engine_logp() - actor_logp).abs().max() < 1e-5
 
 
 def test_stats(streamed):

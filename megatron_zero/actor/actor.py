@@ -301,6 +301,39 @@ class MegatronActor:
 
     # ---- memory phases ---------------------------------------------------------------------------
 
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self, checkpoint_dir: Path) -> None:
+        """Weights, distributed-optimizer state, LR schedule and step as one torch_dist checkpoint.
+
+        Every rank calls it (dist_checkpointing is collective); like the model weights, the optimizer
+        state is stored by global shard, so the checkpoint resumes at another TP/PP layout.
+        """
+        from megatron.core import dist_checkpointing
+
+        self._check_on_device("save_checkpoint")
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(self._sharded_state_dict(is_loading=False), str(checkpoint_dir))
+
+    def load_checkpoint(self, checkpoint_dir: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        self._check_on_device("load_checkpoint")
+        state = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), str(checkpoint_dir))
+        self.model.module.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.num_steps = int(state["num_steps"])
+
+    def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
+        model_state = self.model.module.sharded_state_dict()
+        return {
+            "model": model_state,
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+            "scheduler": self.scheduler.state_dict(),
+            "num_steps": self.num_steps,
+        }
+
     @property
     def offloaded(self) -> bool:
         return self._offloaded is not None

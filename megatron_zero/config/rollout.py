@@ -32,11 +32,11 @@ class TorchEngineConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_batch_size, int) and self.max_batch_size >= 1):
-            raise ValueError(f"torch_engine.max_batch_size={self.max_batch_size!r} must be an integer >= 1")
+            raise ValueError(f"rollout.torch.max_batch_size={self.max_batch_size!r} must be an integer >= 1")
         if self.dtype not in TORCH_ENGINE_DTYPES:
-            raise ValueError(f"torch_engine.dtype={self.dtype!r} is unknown; use one of {list(TORCH_ENGINE_DTYPES)}")
+            raise ValueError(f"rollout.torch.dtype={self.dtype!r} is unknown; use one of {list(TORCH_ENGINE_DTYPES)}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ValueError(f"torch_engine.device={self.device!r} must be 'cpu', 'cuda' or 'cuda:<index>'")
+            raise ValueError(f"rollout.torch.device={self.device!r} must be 'cpu', 'cuda' or 'cuda:<index>'")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

@@ -71,7 +71,7 @@ class TorchEngine(RolloutEngine):
         dtype = getattr(torch, config.dtype)
         model_dtype = next(model.parameters()).dtype
         if model_dtype != dtype:
-            raise ValueError(f"the model's weights are {model_dtype} but torch_engine.dtype={config.dtype!r}; "
+            raise ValueError(f"the model's weights are {model_dtype} but rollout.torch.dtype={config.dtype!r}; "
                              "load the model in that dtype or change the config")
         self._config = config
         self._device = torch.device(config.device)
@@ -86,6 +86,7 @@ class TorchEngine(RolloutEngine):
         self._released_shapes: Optional[dict[str, torch.Size]] = None
         # Why the engine cannot serve (weights missing or half-updated); None when it can.
         self._unservable: Optional[str] = None
+        # Version of the last completed weight sync; 0: the weights the engine was built with.
         self.weight_version = 0
 
     @classmethod
@@ -350,14 +351,17 @@ def _sample(logits: torch.Tensor, params: SamplingParams,
 
 def _sample_truncated(probs: torch.Tensor, top_p: float, top_k: int, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling with one uniform per row from the top-p / top-k truncated distribution."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    if top_p < 1:
-        # Keep tokens whose preceding mass is below top_p: the smallest prefix reaching top_p.
-        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs > top_p, 0.0)
-    if top_k > 0:
-        sorted_probs[:, top_k:] = 0.0
-    cdf = sorted_probs.double().cumsum(-1)
-    picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
-    # Kept tokens are a prefix of the sorted order; rounding at u -> 1 must not step past it.
-    picks = torch.minimum(picks, (sorted_probs > 0).sum(-1) - 1)
-    return order.gather(-1, picks[:, None])[:, 0]
+    order = None
+    if top_p < 1 or top_k > 0:
+        # Sorting is the costliest step on small models, so it is done only when something is truncated.
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        if top_p < 1:
+            # Keep tokens whose preceding mass is below top_p: the smallest prefix reaching top_p.
+            probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
+        if top_k > 0:
+            probs[:, top_k:] = 0.0
+    cdf = probs.double().cumsum(-1)
+    # u < 1 puts the target below the total mass, so the first cdf entry above it is a token of positive
+    # probability; the clamp only guards against rounding of the product.
+    picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
+    return picks if order is None else order.gather(-1, picks[:, None])[:, 0]

@@ -1,0 +1,181 @@
+"""The experiment config: one YAML file maps onto ``TrainConfig``; ``key.sub=value`` overrides on the CLI.
+
+Each component gets its own sub-config (defined beside the component's other configs in this
+package); ``TrainConfig.__post_init__`` adds the checks that need several of them together, and
+``check_inputs`` the checks that need files (run before any worker starts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_zero.config.actor import ActorConfig
+from megatron_zero.config.algorithm import AdvantageConfig, PolicyLossConfig
+from megatron_zero.config.cluster import ClusterConfig
+from megatron_zero.config.data import DataConfig
+from megatron_zero.config.model import ModelConfig
+from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.config.reward import RewardConfig
+from megatron_zero.config.rollout import RolloutConfig
+
+
+@dataclass(kw_only=True, frozen=True)
+class HealthConfig:
+    """Bounds whose violation stops the run with a clear error (where RL trainers go silently wrong)."""
+
+    # Engine vs actor per-token log-probs of the sampled responses (same weights, same temperature):
+    # above this the weight sync is stale or broken.
+    max_logprob_gap_mean: float = 1e-3
+    max_logprob_gap_max: float = 5e-2
+    # Policy vs reference KL at step 0 (both start from the same checkpoint).
+    max_initial_kl: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("max_logprob_gap_mean", "max_logprob_gap_max", "max_initial_kl"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"health.{name}={getattr(self, name)} must be > 0")
+
+
+@dataclass(kw_only=True, frozen=True)
+class RunConfig:
+    output_dir: str = "outputs/run"
+    num_steps: int = 100
+    # PPO mini-batches per rollout batch (one optimizer step each); the recipe does 1 epoch.
+    num_minibatches: int = 1
+    # Save every N steps (0: only at the end and on SIGTERM).
+    save_every: int = 0
+    eval_every: int = 0
+    weight_sync_bucket_mb: int = 512
+    seed: int = 0
+    # wandb runs offline when WANDB_API_KEY is not set; None disables it.
+    wandb_project: Optional[str] = None
+    tensorboard: bool = False
+    # Resume from the latest complete checkpoint in output_dir when there is one.
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"run.num_steps={self.num_steps} must be >= 1")
+        if self.num_minibatches < 1:
+            raise ValueError(f"run.num_minibatches={self.num_minibatches} must be >= 1")
+        for name in ("save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"run.{name}={getattr(self, name)} must be >= 0 (0 = off)")
+        if self.weight_sync_bucket_mb < 1:
+            raise ValueError(f"run.weight_sync_bucket_mb={self.weight_sync_bucket_mb} must be >= 1")
+
+
+@dataclass(kw_only=True, frozen=True)
+class EvalSetConfig:
+    """A held-out set scored with greedy decoding before and after training (and every eval_every steps)."""
+
+    path: Optional[str] = None
+    max_problems: Optional[int] = None
+    max_new_tokens: int = 256
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    # HF model directory: the base model (tokenizer and config come from here).
+    model_path: str = ""
+    # Its Megatron conversion; None converts model_path into output_dir/base_mcore first.
+    mcore_path: Optional[str] = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(gpus_per_node=0, cpu_workers_per_node=1))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    eval: EvalSetConfig = field(default_factory=EvalSetConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise ValueError("model_path is empty; set it to the base model's HF directory (model_path=/models/X)")
+        self.cluster.check_layout(self.parallel)
+        num_samples = self.data.sampler.batch_size * self.rollout.num_samples_per_prompt
+        if num_samples % self.run.num_minibatches:
+            raise ValueError(
+                f"run.num_minibatches={self.run.num_minibatches} must divide data.sampler.batch_size x "
+                f"rollout.num_samples_per_prompt = {self.data.sampler.batch_size} x "
+                f"{self.rollout.num_samples_per_prompt} = {num_samples}; use one of "
+                f"{[d for d in range(1, num_samples + 1) if num_samples % d == 0][:12]}")
+        if self.actor.temperature != self.rollout.temperature:
+            raise ValueError(f"actor.temperature={self.actor.temperature} must equal rollout.temperature="
+                             f"{self.rollout.temperature}: the loss's log-probs must use the sampling distribution")
+        if self.rollout.max_new_tokens * 1 > self.actor.max_tokens_per_microbatch:
+            raise ValueError(f"actor.max_tokens_per_microbatch={self.actor.max_tokens_per_microbatch} is smaller than "
+                             f"one response of rollout.max_new_tokens={self.rollout.max_new_tokens}; raise it")
+
+    def check_inputs(self) -> None:
+        """File checks, run before any worker starts; raise naming the field and the path."""
+        from megatron_zero.models.common.architecture import read_hf_config
+        from megatron_zero.models.registry import get_bridge
+
+        if not Path(self.model_path, "config.json").is_file():
+            raise FileNotFoundError(f"model_path={self.model_path!r}: no config.json there")
+        hf_config = read_hf_config(self.model_path)
+        arch = get_bridge(hf_config).parse(hf_config)
+        arch.check_parallel_sizes(self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size,
+                                  self.model.vocab_pad_multiple)
+        if self.mcore_path is not None and not Path(self.mcore_path, "megatron_zero.json").is_file():
+            raise FileNotFoundError(f"mcore_path={self.mcore_path!r} is not a converted checkpoint "
+                                    "(no megatron_zero.json); omit it to convert model_path automatically")
+        if not self.data.train.path:
+            raise ValueError("data.train.path is empty; set it to a JSONL/Parquet file or dataset directory")
+        if not Path(self.data.train.path).exists():
+            raise FileNotFoundError(f"data.train.path={self.data.train.path!r} does not exist")
+        if self.eval.path is not None and not Path(self.eval.path).exists():
+            raise FileNotFoundError(f"eval.path={self.eval.path!r} does not exist")
+
+
+def load_config(path: Optional[str], overrides: list[str], base: Optional[dict[str, Any]] = None) -> TrainConfig:
+    """YAML file (optional) + ``a.b=value`` overrides -> validated ``TrainConfig``; errors name the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    # The schema gives types and defaults; validation runs once, on the final values (_build).
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = OmegaConf.merge(schema, base or {})
+        if path is not None:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        plain = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as error:
+        raise ValueError(f"config error: {error}") from None
+    return _build(TrainConfig, plain)
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        sub = _dataclass_type(hints[f.name])
+        kwargs[f.name] = _build(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_type(annotation: Any) -> Optional[type]:
+    import typing
+
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None

@@ -1,0 +1,70 @@
+"""What each Megatron rank hosts in its Ray worker: the policy, the frozen reference, the weight stream.
+
+Built by ``RayActorGroup.setup("megatron_zero.trainer.actor_worker:ActorWorker", ...)`` after the
+group has initialised torch.distributed and megatron's parallel state. Every method is called on
+all ranks at once (they run collectives); results that only one rank holds are returned by that
+rank and None by the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_zero.actor.actor import MegatronActor, compute_logprobs, load_reference_model
+from megatron_zero.actor.batching import ActorBatch
+from megatron_zero.config.actor import ActorConfig
+from megatron_zero.config.algorithm import PolicyLossConfig
+from megatron_zero.config.model import ModelConfig
+from megatron_zero.models.mcore_checkpoint import read_checkpoint_info
+from megatron_zero.parallel.reshard import HFWeightStream
+
+logger = logging.getLogger(__name__)
+
+
+class ActorWorker:
+    def __init__(self, mcore_dir: str, actor: ActorConfig, loss: PolicyLossConfig, model: ModelConfig,
+                 with_reference: bool) -> None:
+        self.info = read_checkpoint_info(mcore_dir)
+        self.actor_config = actor
+        self.model_config = model
+        self.actor = MegatronActor(actor, loss, model, mcore_dir)
+        # The reference is only needed for the KL term; it stays frozen at the base weights.
+        self.reference = load_reference_model(mcore_dir, model) if with_reference else None
+        self.rank = torch.distributed.get_rank()
+
+    def logprobs(self, batch: ActorBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        logp, entropy = self.actor.compute_logprobs(batch)
+        return (logp, entropy) if self.rank == 0 else None
+
+    def ref_logprobs(self, batch: ActorBatch) -> Optional[torch.Tensor]:
+        if self.reference is None:
+            raise RuntimeError("ref_logprobs called but the worker was built without a reference model "
+                               "(loss.kl_coef is 0)")
+        logp, _ = compute_logprobs(self.reference, batch, temperature=self.actor_config.temperature,
+                                   max_tokens_per_microbatch=self.actor_config.max_tokens_per_microbatch,
+                                   vocab_size=self.info.arch.vocab_size)
+        return logp if self.rank == 0 else None
+
+    def train(self, batch: ActorBatch, max_response_length: int) -> Optional[dict[str, float]]:
+        metrics = self.actor.train_step(batch, max_response_length=max_response_length)
+        return metrics if self.rank == 0 else None
+
+    def weight_buckets(self, bucket_bytes: int) -> Optional[tuple[list[list[tuple[str, torch.Tensor]]], dict]]:
+        """The policy's weights as HF-named buckets, on rank 0 (copied: they leave this process)."""
+        stream = HFWeightStream(self.actor.model, self.info.arch, self.info.bridge, bucket_bytes=bucket_bytes)
+        if not stream.is_sender:
+            stream.drain()
+            return None
+        buckets = [[(name, tensor.detach().clone()) for name, tensor in bucket] for bucket in stream]
+        stats = stream.stats
+        return buckets, {"reshard_seconds": stats.seconds, "bytes": stats.num_bytes, "buckets": stats.num_buckets}
+
+    def save(self, checkpoint_dir: str) -> None:
+        self.actor.save_checkpoint(Path(checkpoint_dir))
+
+    def load(self, checkpoint_dir: str) -> None:
+        self.actor.load_checkpoint(Path(checkpoint_dir))

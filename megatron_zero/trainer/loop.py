@@ -1,0 +1,322 @@
+"""The zero-RL loop: generate, reward, advantage, train, sync weights, evaluate.
+
+    trainer = Trainer(config)        # validates, starts Ray and the Megatron ranks, builds the engine
+    trainer.fit()                    # runs config.run.num_steps steps
+
+The step reads like the algorithm; placement (Ray), the actor (Megatron), the engine and the grader
+live in their own modules. Every step checks what silently breaks RL trainers: the engine/actor
+log-prob gap (stale or broken weight sync), the step-0 policy/reference KL, and the grader's
+error rate; each stops the run with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron_zero.actor.advantages import compute_advantages
+from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.config.trainer import TrainConfig
+from megatron_zero.data.rollout_batch import RolloutBatch, RolloutSample
+from megatron_zero.rollout.engine import RolloutEngine, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class HealthCheckFailed(RuntimeError):
+    """A per-step invariant of the run broke; the message says which and what to check."""
+
+
+def logprob_gap(batch, old_logp: torch.Tensor) -> dict[str, float]:
+    """Engine vs actor log-probs over the response tokens (same weights and temperature: ~0)."""
+    mask = batch.response_mask
+    gap = (batch.rollout_logp - old_logp).abs()[mask]
+    return {"logprob_gap_mean": float(gap.mean()), "logprob_gap_max": float(gap.max())}
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, engine: Optional[RolloutEngine] = None) -> None:
+        from megatron_zero.rewards import GraderPool
+        from megatron_zero.trainer.metrics import MetricsLogger
+
+        config.check_inputs()
+        self.config = config
+        self.output_dir = Path(config.run.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = _load_tokenizer(config.model_path)
+        self.problems, self.sampler, self.format_prompt = _load_data(config, self.tokenizer)
+        self.eval_problems = _load_eval(config, self.tokenizer)
+        self.mcore_dir = config.mcore_path or _convert_base_model(config.model_path, self.output_dir / "base_mcore")
+        self.grader = GraderPool(config.reward)
+        self.engine = engine or _build_engine(config, self.tokenizer)
+        self.group = _start_actor_group(config, self.mcore_dir, self.output_dir / "logs")
+        self.metrics = MetricsLogger(self.output_dir, config)
+        self.step = 0
+        self.weight_version = 0
+        self.stop_requested = False
+        self.resumed_from = self.maybe_resume()
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train until run.num_steps; on SIGTERM (preemption) save and return after the current step."""
+        with _stop_on_sigterm(self):
+            while self.step < self.config.run.num_steps and not self.stop_requested:
+                self.train_one_step()
+                if self.config.run.eval_every and self.step % self.config.run.eval_every == 0:
+                    self.metrics.log_eval(self.step, self.evaluate())
+                if self.config.run.save_every and self.step % self.config.run.save_every == 0:
+                    self.save_checkpoint()
+            if self.stop_requested or not self.config.run.save_every or self.step % self.config.run.save_every:
+                self.save_checkpoint()
+
+    def train_one_step(self) -> dict[str, Any]:
+        timings: dict[str, float] = {}
+        with _timed(timings, "generate"):
+            rollout = self.generate(self.sampler.next_batch())
+        with _timed(timings, "reward"):
+            grade_counts = self.reward(rollout)
+        batch = rollout.to_actor_batch()
+        with _timed(timings, "old_logprobs"):
+            old_logp, entropy = self._on_all_ranks("logprobs", batch)
+            ref_logp = self._on_all_ranks("ref_logprobs", batch) if self.config.loss.kl_coef > 0 else None
+        health = self.check_health(batch, old_logp, ref_logp)
+        advantages = compute_advantages(rollout.rewards(), rollout.group_ids(), batch.response_mask,
+                                        self.config.advantage, rollout.truncated())
+        batch = dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp,
+                                    advantages=advantages.advantages_NT, response_mask=advantages.loss_mask_NT)
+        with _timed(timings, "train"):
+            train_metrics = self.train(batch, rollout.max_response_length())
+        with _timed(timings, "sync_weights"):
+            sync = self.sync_weights()
+        self.step += 1
+        return self.metrics.log_step(self.step, rollout, grade_counts, {**health, **train_metrics, **sync},
+                                     timings, float(entropy[batch.response_mask].mean()))
+
+    # ---- phases ----------------------------------------------------------------------------------
+
+    def _on_all_ranks(self, method: str, *args: Any) -> Any:
+        """Call a worker method on every Megatron rank (they run collectives); rank 0's result."""
+        return self.group.run(method, *args)[0]
+
+    def generate(self, problems) -> RolloutBatch:
+        n = self.config.rollout.num_samples_per_prompt
+        prompts = [self.tokenizer(p.prompt_text, add_special_tokens=False)["input_ids"] for p in problems]
+        params = self.sampling_params(seed=self.config.run.seed * 1_000_003 + self.step)
+        generations = self.engine.generate([ids for ids in prompts for _ in range(n)], params)
+        samples = []
+        for index, generation in enumerate(generations):
+            problem = problems[index // n]
+            samples.append(RolloutSample(group=index // n, uid=problem.uid, prompt_ids=list(generation.prompt_ids),
+                                         response_ids=list(generation.token_ids),
+                                         rollout_logprobs=list(generation.logprobs),
+                                         finish_reason=generation.finish_reason, prompt_text=problem.prompt_text,
+                                         response_text=generation.text, ground_truth=problem.ground_truth))
+        return RolloutBatch(samples)
+
+    def reward(self, rollout: RolloutBatch) -> dict[str, int]:
+        grades = self.grader.grade_batch([s.response_text for s in rollout.samples],
+                                         [s.ground_truth for s in rollout.samples])
+        for sample, result in zip(rollout.samples, grades.results):
+            sample.reward, sample.grade_status = result.score, result.status.value
+        # Errors and timeouts are counted, never hidden in reward 0; too many stop the run.
+        grades.check_failure_rate(self.config.reward.max_failure_rate)
+        return {status.value: count for status, count in grades.counts.items()}
+
+    def check_health(self, batch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor]) -> dict[str, float]:
+        health = logprob_gap(batch, old_logp)
+        bounds = self.config.health
+        if health["logprob_gap_mean"] > bounds.max_logprob_gap_mean or health["logprob_gap_max"] > bounds.max_logprob_gap_max:
+            raise HealthCheckFailed(
+                f"step {self.step}: engine and actor log-probs of the same responses differ (mean |diff| "
+                f"{health['logprob_gap_mean']:.3g} > {bounds.max_logprob_gap_mean:g} or max {health['logprob_gap_max']:.3g} "
+                f"> {bounds.max_logprob_gap_max:g}); the rollout engine is not running the actor's weights "
+                "(stale or broken weight sync, or different temperature/precision)")
+        if ref_logp is not None:
+            mask = batch.response_mask
+            health["kl_policy_ref"] = float((old_logp - ref_logp)[mask].mean())
+            if self.step == 0 and abs(health["kl_policy_ref"]) > bounds.max_initial_kl:
+                raise HealthCheckFailed(f"step 0: policy and reference differ (mean log-ratio {health['kl_policy_ref']:.3g} "
+                                        f"> {bounds.max_initial_kl:g}); they must start from the same checkpoint")
+        return health
+
+    def train(self, batch, max_response_length: int) -> dict[str, float]:
+        num_minibatches = self.config.run.num_minibatches
+        rows = torch.randperm(batch.tokens.shape[0], generator=torch.Generator().manual_seed(self.step))
+        per_step = []
+        for indices in rows.chunk(num_minibatches):
+            per_step.append(self._on_all_ranks("train", _select_rows(batch, indices), max_response_length))
+        return {key: sum(m[key] for m in per_step) / len(per_step) for key in per_step[0]}
+
+    def sync_weights(self) -> dict[str, float]:
+        self.weight_version += 1
+        buckets, stats = self._on_all_ranks("weight_buckets", self.config.run.weight_sync_bucket_mb * 2**20)
+        self.engine.flush_cache()
+        engine_stats = self.engine.sync_weights(buckets, version=self.weight_version)
+        return {"weight_sync_seconds": stats["reshard_seconds"] + engine_stats.seconds,
+                "weight_sync_gb_per_s": stats["bytes"] / 1e9 / max(stats["reshard_seconds"] + engine_stats.seconds, 1e-9)}
+
+    def sampling_params(self, seed: int, greedy: bool = False, max_new_tokens: Optional[int] = None) -> SamplingParams:
+        rollout = self.config.rollout
+        stop_ids = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+        return SamplingParams(temperature=0.0 if greedy else rollout.temperature, top_p=1.0 if greedy else rollout.top_p,
+                              top_k=-1 if greedy else rollout.top_k,
+                              max_new_tokens=max_new_tokens or rollout.max_new_tokens, stop_token_ids=stop_ids, seed=seed)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy accuracy on the held-out set, with the samples kept for the behaviour report."""
+        if not self.eval_problems:
+            return {}
+        prompts = [self.tokenizer(p.prompt_text, add_special_tokens=False)["input_ids"] for p in self.eval_problems]
+        generations = self.engine.generate(prompts, self.sampling_params(seed=0, greedy=True,
+                                                                         max_new_tokens=self.config.eval.max_new_tokens))
+        grades = self.grader.grade_batch([g.text for g in generations], [p.ground_truth for p in self.eval_problems])
+        samples = [dict(step=self.step, prompt=p.prompt_text, response=g.text, ground_truth=p.ground_truth,
+                        reward=r.score, num_tokens=len(g.token_ids), finish_reason=g.finish_reason)
+                   for p, g, r in zip(self.eval_problems, generations, grades.results)]
+        accuracy = sum(r.score >= 1.0 for r in grades.results) / len(grades.results)
+        return {"accuracy": accuracy, "samples": samples}
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        from megatron_zero.trainer import checkpoint
+
+        path = checkpoint.step_dir(self.output_dir, self.step)
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)  # an incomplete earlier attempt at this step
+        path.mkdir(parents=True)
+        self.group.run("save", str(path / "actor"))
+        checkpoint.save_driver_state(path, self.step, self.weight_version, self.sampler.state_dict())
+        checkpoint.finalize(path, Path(self.mcore_dir))
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def maybe_resume(self) -> Optional[Path]:
+        from megatron_zero.trainer import checkpoint
+
+        path = checkpoint.latest_checkpoint(self.output_dir) if self.config.run.resume else None
+        if path is None:
+            return None
+        self.group.run("load", str(path / "actor"))
+        state = checkpoint.load_driver_state(path)
+        self.step, self.weight_version = state["step"], state["weight_version"]
+        self.sampler.load_state_dict(state["sampler"])
+        # The engine starts from the base model: give it the resumed policy before the first rollout.
+        self.sync_weights()
+        logger.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def close(self) -> None:
+        self.group.shutdown()
+        self.grader.close()
+        self.engine.shutdown()
+        self.metrics.close()
+
+
+# ---- setup helpers (kept out of the loop above) ----------------------------------------------------
+
+class _stop_on_sigterm:
+    """SIGTERM (cluster preemption) asks the loop to stop after the current step and save."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def __enter__(self) -> None:
+        import signal
+
+        def request_stop(signum, frame):
+            logger.warning("SIGTERM: saving a checkpoint after step %d finishes, then stopping", self.trainer.step + 1)
+            self.trainer.stop_requested = True
+
+        self.previous = signal.signal(signal.SIGTERM, request_stop)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+class _timed:
+    def __init__(self, timings: dict[str, float], name: str) -> None:
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.name] = time.perf_counter() - self.start
+
+
+def _select_rows(batch, indices: torch.Tensor):
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return type(batch)(**{name: value[indices] if value is not None else None for name, value in fields.items()})
+
+
+def _load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def _load_data(config: TrainConfig, tokenizer):
+    from megatron_zero.data import PromptSampler, load_problems
+    from megatron_zero.data.templates import make_prompt_formatter
+
+    problems = load_problems(config.data.train, tokenizer=tokenizer)
+    return problems, PromptSampler(problems, config.data.sampler), make_prompt_formatter(config.data.train.template, tokenizer)
+
+
+def _load_eval(config: TrainConfig, tokenizer) -> list:
+    if config.eval.path is None:
+        return []
+    from megatron_zero.config.data import DatasetConfig
+    from megatron_zero.data import load_problems
+
+    dataset = dataclasses.replace(config.data.train, path=config.eval.path)
+    problems = load_problems(dataset, tokenizer=tokenizer)
+    return problems[: config.eval.max_problems] if config.eval.max_problems else problems
+
+
+def _convert_base_model(model_path: str, out_dir: Path) -> str:
+    from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore, METADATA_NAME
+    from megatron_zero.parallel.local_launch import run_local_workers
+
+    if not (out_dir / METADATA_NAME).is_file():
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)  # a half-written conversion from an interrupted run
+        run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(model_path, str(out_dir)))
+    return str(out_dir)
+
+
+def _build_engine(config: TrainConfig, tokenizer) -> RolloutEngine:
+    if config.rollout.engine == "torch":
+        from megatron_zero.rollout.torch_engine import TorchEngine
+
+        return TorchEngine.from_pretrained(config.model_path, config.rollout.torch, tokenizer=tokenizer)
+    from megatron_zero.rollout.sglang_engine import SGLangEngine
+
+    return SGLangEngine(config.rollout.sglang)
+
+
+def _start_actor_group(config: TrainConfig, mcore_dir: str, log_dir: Path):
+    from megatron_zero.trainer.actor_group import RayActorGroup
+    from megatron_zero.trainer.placement import connect_ray, create_placement, wait_for_nodes
+
+    connect_ray(config.cluster)
+    wait_for_nodes(config.cluster)
+    group = RayActorGroup(config.cluster, create_placement(config.cluster), log_dir)
+    group.initialize_parallel(config.parallel)
+    group.setup("megatron_zero.trainer.actor_worker:ActorWorker", mcore_dir, config.actor, config.loss, config.model,
+                config.loss.kl_coef > 0)
+    return group

@@ -1,0 +1,97 @@
+"""Per-step metrics: JSONL always (the analysis tool reads it), wandb when configured, one console line.
+
+Files under the run's output directory:
+    metrics.jsonl          one JSON object per step (rewards, accuracy, lengths, ratios, loss terms, timings)
+    samples/step_N.jsonl   every rollout sample of step N in the analysis tool's record format
+    eval.jsonl             held-out evaluations (step, accuracy)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from megatron_zero.analysis import has_box
+from megatron_zero.config.trainer import TrainConfig
+from megatron_zero.data.rollout_batch import RolloutBatch
+
+logger = logging.getLogger(__name__)
+
+
+def rollout_metrics(rollout: RolloutBatch) -> dict[str, float]:
+    samples = rollout.samples
+    correct = [s for s in samples if s.reward >= 1.0]
+    wrong = [s for s in samples if s.reward < 1.0]
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    return {
+        "reward_mean": mean([s.reward for s in samples]),
+        "accuracy": len(correct) / len(samples),
+        "response_length": mean([len(s.response_ids) for s in samples]),
+        "response_length_correct": mean([len(s.response_ids) for s in correct]),
+        "response_length_wrong": mean([len(s.response_ids) for s in wrong]),
+        "clip_ratio": mean([float(s.truncated) for s in samples]),
+        "stop_ratio": mean([float(not s.truncated) for s in samples]),
+        "box_ratio": mean([float(has_box(s.response_text)) for s in samples]),
+        "num_samples": len(samples),
+    }
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, config: TrainConfig) -> None:
+        self.output_dir = output_dir
+        (output_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self._metrics = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._eval = open(output_dir / "eval.jsonl", "a", encoding="utf-8")
+        self._wandb = None
+        if config.run.wandb_project:
+            import wandb
+
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            self._wandb = wandb.init(project=config.run.wandb_project, dir=str(output_dir), mode=mode,
+                                     config={"model_path": config.model_path})
+
+    def log_step(self, step: int, rollout: RolloutBatch, grade_counts: dict[str, int], extra: dict[str, float],
+                 timings: dict[str, float], entropy: float) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": step, **rollout_metrics(rollout), "entropy": entropy, **extra}
+        record.update({f"grader_{status}": count for status, count in grade_counts.items()})
+        record.update({f"seconds_{phase}": seconds for phase, seconds in timings.items()})
+        num_tokens = sum(len(s.response_ids) for s in rollout.samples)
+        record["generate_tokens_per_s"] = num_tokens / max(timings.get("generate", 0.0), 1e-9)
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        with open(self.output_dir / "samples" / f"step_{step}.jsonl", "w", encoding="utf-8") as f:
+            for s in rollout.samples:
+                f.write(json.dumps(dict(step=step, prompt=s.prompt_text, response=s.response_text,
+                                        ground_truth=s.ground_truth, reward=s.reward, num_tokens=len(s.response_ids),
+                                        finish_reason=s.finish_reason)) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        logger.info("step %d | reward %.3f | acc %.3f | len %.1f | box %.2f | loss %.4f | kl %.2e | gap %.1e | %.1fs",
+                    step, record["reward_mean"], record["accuracy"], record["response_length"], record["box_ratio"],
+                    record.get("loss", float("nan")), record.get("kl_ref", 0.0), record["logprob_gap_max"],
+                    sum(timings.values()))
+        return record
+
+    def log_eval(self, step: int, result: dict[str, Any]) -> None:
+        if not result:
+            return
+        self._eval.write(json.dumps({"step": step, "accuracy": result["accuracy"]}) + "\n")
+        self._eval.flush()
+        with open(self.output_dir / "samples" / f"eval_step_{step}.jsonl", "w", encoding="utf-8") as f:
+            for sample in result["samples"]:
+                f.write(json.dumps(sample) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({"eval_accuracy": result["accuracy"]}, step=step)
+        logger.info("eval at step %d: greedy accuracy %.3f", step, result["accuracy"])
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._eval.close()
+        if self._wandb is not None:
+            self._wandb.finish()
