@@ -27,6 +27,7 @@ BASE_REQUIREMENTS = [
     "matplotlib>=3.8",
     "jinja2>=3.1",
     "psutil>=5.9",  # dist_checkpointing's async/spawned workers import it
+    "requests>=2.31",  # SGLang HTTP client
 ]
 
 EXTRAS = {
@@ -35,6 +36,7 @@ EXTRAS = {
         "megatron-core==0.16.1",
         "pytest>=8",
         "pytest-timeout>=2.3",
+        "wandb>=0.18",  # the tests check offline runs write their files
     ],
     "gpu": [
         "sglang==0.5.10.post1",

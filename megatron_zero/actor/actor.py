@@ -329,7 +329,11 @@ class MegatronActor:
         model_state = self.model.module.sharded_state_dict()
         return {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+            # fully_reshardable: the optimizer state is stored per global parameter, so a checkpoint
+            # resumes at another TP/PP/DP layout (megatron-core 0.16's default format needs flattened
+            # ranges that its own checkpoint validation rejects).
+            "optimizer": self.optimizer.sharded_state_dict(
+                model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}),
             "scheduler": self.scheduler.state_dict(),
             "num_steps": self.num_steps,
         }

@@ -13,6 +13,7 @@ scripts need an ``if __name__ == "__main__":`` guard.
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -20,6 +21,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
 
 from megatron_zero.config.parallel import ParallelConfig
@@ -52,7 +54,11 @@ def _worker(rank: int, world_size: int, port: int, config: ParallelConfig, fn: C
     try:
         initialize_parallel(config)
         value = fn(*args)
-        results.put((rank, True, value))
+        # Serialised to bytes here: torch's queue pickling would share tensors through shared memory
+        # that vanishes when this worker exits before the parent has read them (seen under load).
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:  # report everything, including KeyboardInterrupt/SystemExit, with the rank
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -96,7 +102,7 @@ def run_local_workers(fn: Callable, config: ParallelConfig, world_size: int | No
                 continue
             if not ok:
                 raise WorkerFailed(f"local worker rank {rank} failed:\n{value}")
-            values[rank] = value
+            values[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for proc in procs:
             proc.join(timeout=10)

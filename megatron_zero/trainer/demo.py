@@ -20,12 +20,13 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_zero.demo import BASE_MODEL_PATH, TEST_PROMPTS_PATH, TRAIN_PROMPTS_PATH
+
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parents[1] / "demo" / "assets"
 
 DEMO_DEFAULTS: dict[str, Any] = {
-    "model_path": str(ASSETS / "base_model"),
+    "model_path": str(BASE_MODEL_PATH),
     "parallel": {"tensor_parallel_size": 2, "timeout_s": 300.0},
     "cluster": {"gpus_per_node": 0, "cpu_workers_per_node": 2, "ray_address": "local", "ray_call_timeout_s": 900.0},
     "model": {"transformer_impl": "local", "params_dtype": "float32"},
@@ -34,11 +35,11 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "loss": {"kl_coef": 0.0, "entropy_coef": 0.0, "clip_low": 0.2, "clip_high": 0.2, "aggregation": "token-mean"},
     "advantage": {"estimator": "grpo"},
     "reward": {"num_workers": 1, "timeout_s": 5.0},
-    "data": {"train": {"path": str(ASSETS / "train.jsonl"), "template": "{input}", "max_prompt_tokens": 64},
+    "data": {"train": {"path": str(TRAIN_PROMPTS_PATH), "template": "{input}", "max_prompt_tokens": 80},
              "sampler": {"batch_size": 32, "seed": 0}},
     "rollout": {"engine": "torch", "num_samples_per_prompt": 8, "temperature": 1.0, "max_new_tokens": 40,
                 "torch": {"max_batch_size": 256}},
-    "eval": {"path": str(ASSETS / "test.jsonl"), "max_new_tokens": 40},
+    "eval": {"path": str(TEST_PROMPTS_PATH), "max_new_tokens": 40},
     "run": {"num_steps": 30, "num_minibatches": 2, "save_every": 10, "seed": 0},
 }
 

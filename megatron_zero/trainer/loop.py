@@ -127,7 +127,7 @@ class Trainer:
             sample.reward, sample.grade_status = result.score, result.status.value
         # Errors and timeouts are counted, never hidden in reward 0; too many stop the run.
         grades.check_failure_rate(self.config.reward.max_failure_rate)
-        return {status.value: count for status, count in grades.counts.items()}
+        return dict(grades.counts)
 
     def check_health(self, batch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor]) -> dict[str, float]:
         health = logprob_gap(batch, old_logp)

@@ -73,14 +73,14 @@ def connect_ray(cluster: ClusterConfig) -> None:
         logger.info("Ray already initialised; using it")
         return
     if cluster.ray_address == RAY_ADDRESS_LOCAL:
-        ray.init()
+        ray.init(include_dashboard=False)
     elif cluster.ray_address == RAY_ADDRESS_AUTO and not os.environ.get("RAY_ADDRESS"):
         # No address given anywhere: join a cluster started on this machine with `ray start`, if there is one.
         try:
             ray.init(address="auto")
         except ConnectionError:
             logger.info("no running Ray cluster found; starting a local one")
-            ray.init()
+            ray.init(include_dashboard=False)
     else:
         # An explicit address, or RAY_ADDRESS under "auto" (ray.init reads it): failing to connect is an error,
         # never a silent switch to a local cluster.

@@ -1,0 +1,54 @@
+"""Config validation: each kind of bad experiment config fails before any worker starts, naming the field."""
+
+import re
+
+import pytest
+
+from megatron_zero.config.trainer import load_config
+from megatron_zero.models.tiny import save_tiny_model
+
+BASE = ["cluster.cpu_workers_per_node=2", "actor.max_tokens_per_microbatch=4096", "rollout.max_new_tokens=64"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.tensor_parallel_size=3"], r"3 x 1 x 1 = 3 does not divide .* 2 CPU workers"),
+    (["run.num_steps=0"], r"run.num_steps=0 must be >= 1"),
+    (["run.num_minibatches=3", "data.sampler.batch_size=4", "rollout.num_samples_per_prompt=2"],
+     r"run.num_minibatches=3 must divide .* = 8"),
+    (["actor.temperature=0.7"], r"actor.temperature=0.7 must equal rollout.temperature=1.0"),
+    (["rollout.max_new_tokens=8192"], r"actor.max_tokens_per_microbatch=4096 is smaller than one response"),
+    (["loss.clip_low=1.5"], r"clip_low=1.5"),
+    (["advantage.estimator=ppo_gae"], r"ppo_gae"),
+    (["model.params_dtype=float8"], r"model.params_dtype='float8'"),
+    (["run.nope=1"], r"Key 'nope' not in 'RunConfig'"),
+    (["run.num_steps=many"], r"could not be converted to Integer"),
+    (["health.max_logprob_gap_mean=0"], r"health.max_logprob_gap_mean=0.0 must be > 0"),
+])
+def test_bad_config_names_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["model_path=/unused", *BASE, *overrides])
+
+
+def test_file_checks_run_before_workers(tmp_path):
+    config = load_config(None, [f"model_path={tmp_path}/missing", *BASE])
+    with pytest.raises(FileNotFoundError, match=re.escape(f"model_path='{tmp_path}/missing': no config.json")):
+        config.check_inputs()
+    model = save_tiny_model("qwen2", tmp_path / "model")
+    config = load_config(None, [f"model_path={model}", *BASE, "parallel.tensor_parallel_size=2",
+                                "data.train.path=/nonexistent.jsonl"])
+    with pytest.raises(FileNotFoundError, match="data.train.path='/nonexistent.jsonl' does not exist"):
+        config.check_inputs()
+    # TP must divide the model's heads (4) and query groups (2): TP=2 does, and the data error comes first.
+    config = load_config(None, [f"model_path={model}", "cluster.cpu_workers_per_node=4", "actor.max_tokens_per_microbatch=4096",
+                                "rollout.max_new_tokens=64", "parallel.tensor_parallel_size=4"])
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 must divide num_key_value_heads=2"):
+        config.check_inputs()
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model_path: /m\nrun:\n  num_steps: 7\nactor:\n  lr: 2.0e-6\n")
+    config = load_config(str(path), [*BASE, "run.num_steps=9"])
+    assert config.run.num_steps == 9 and config.actor.lr == 2e-6 and config.model_path == "/m"
+    with pytest.raises(FileNotFoundError):
+        load_config(str(tmp_path / "nope.yaml"), [])
