@@ -155,6 +155,12 @@ def compute_logprobs(model: torch.nn.Module, batch: ActorBatch, *, temperature: 
 # --------------------------------------------------------------------------- memory phases
 
 
+# megatron-core 0.16.1 on CPU (torch Adam, no Apex/TE): its default "fully_sharded_model_space" needs
+# flattened ranges its own checkpoint validation rejects, and "fully_reshardable" cannot load back the
+# per-parameter Adam step. "dp_reshardable" round-trips exactly; it resumes at the same TP/PP (any DP).
+OPTIMIZER_SHARDING = "dp_reshardable"
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryMove:
     """What one offload or onload moved: bytes per kind ("weights", "grads", "optimizer")."""
@@ -319,9 +325,16 @@ class MegatronActor:
         from megatron.core import dist_checkpointing
 
         self._check_on_device("load_checkpoint")
+        # Resuming before any step: the optimizer has no Adam state yet for the checkpoint to load into.
+        # megatron-core creates it with a zero-gradient dummy step (weights and state are then loaded).
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if not optimizer.optimizer.state:
+                optimizer._init_optimizer_states_with_dummy_values()
         state = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), str(checkpoint_dir))
         self.model.module.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Without mixed precision the optimizer's "main" params are the model's own leaf tensors.
+        with torch.no_grad():
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.num_steps = int(state["num_steps"])
 
@@ -329,11 +342,9 @@ class MegatronActor:
         model_state = self.model.module.sharded_state_dict()
         return {
             "model": model_state,
-            # fully_reshardable: the optimizer state is stored per global parameter, so a checkpoint
-            # resumes at another TP/PP/DP layout (megatron-core 0.16's default format needs flattened
-            # ranges that its own checkpoint validation rejects).
+            # See OPTIMIZER_SHARDING for why this format.
             "optimizer": self.optimizer.sharded_state_dict(
-                model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}),
+                model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}),
             "scheduler": self.scheduler.state_dict(),
             "num_steps": self.num_steps,
         }

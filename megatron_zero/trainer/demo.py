@@ -102,8 +102,8 @@ def plot_training(metrics_path: Path, png_path: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[2].plot(steps, [r["response_length_correct"] for r in records], label="correct", alpha=0.7)
-    axes[2].plot(steps, [r["response_length_wrong"] for r in records], label="wrong", alpha=0.7)
+    for key, label in (("response_length_correct", "correct"), ("response_length_wrong", "wrong")):
+        axes[2].plot(steps, [r[key] if r[key] is not None else float("nan") for r in records], label=label, alpha=0.7)
     axes[2].legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

@@ -55,7 +55,7 @@ class Trainer:
         self.mcore_dir = config.mcore_path or _convert_base_model(config.model_path, self.output_dir / "base_mcore")
         self.grader = GraderPool(config.reward)
         self.engine = engine or _build_engine(config, self.tokenizer)
-        self.group = _start_actor_group(config, self.mcore_dir, self.output_dir / "logs")
+        self.placement, self.group = _start_actor_group(config, self.mcore_dir, self.output_dir / "logs")
         self.metrics = MetricsLogger(self.output_dir, config)
         self.step = 0
         self.weight_version = 0
@@ -216,7 +216,10 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        from megatron_zero.trainer.placement import remove_placement
+
         self.group.shutdown()
+        remove_placement(self.placement)
         self.grader.close()
         self.engine.shutdown()
         self.metrics.close()
@@ -315,8 +318,9 @@ def _start_actor_group(config: TrainConfig, mcore_dir: str, log_dir: Path):
 
     connect_ray(config.cluster)
     wait_for_nodes(config.cluster)
-    group = RayActorGroup(config.cluster, create_placement(config.cluster), log_dir)
+    placement = create_placement(config.cluster)
+    group = RayActorGroup(config.cluster, placement, log_dir)
     group.initialize_parallel(config.parallel)
     group.setup("megatron_zero.trainer.actor_worker:ActorWorker", mcore_dir, config.actor, config.loss, config.model,
                 config.loss.kl_coef > 0)
-    return group
+    return placement, group

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from megatron_zero.analysis import has_box
 from megatron_zero.config.trainer import TrainConfig
@@ -21,13 +21,14 @@ from megatron_zero.data.rollout_batch import RolloutBatch
 logger = logging.getLogger(__name__)
 
 
-def rollout_metrics(rollout: RolloutBatch) -> dict[str, float]:
+def rollout_metrics(rollout: RolloutBatch) -> dict[str, Optional[float]]:
     samples = rollout.samples
     correct = [s for s in samples if s.reward >= 1.0]
     wrong = [s for s in samples if s.reward < 1.0]
 
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values) if values else float("nan")
+    def mean(values: list[float]) -> Optional[float]:
+        # None (JSON null), not NaN: e.g. no correct response yet has no mean length.
+        return sum(values) / len(values) if values else None
 
     return {
         "reward_mean": mean([s.reward for s in samples]),
