@@ -33,7 +33,7 @@ from megatron_zero.evaluation import (
     results_table,
     write_eval_outputs,
 )
-from megatron_zero.evaluation.benchmarks import last_boxed_content
+from megatron_zero.rewards.extraction import last_boxed as last_boxed_content
 
 
 # ---------------------------------------------------------------- pass@k / avg@k

@@ -5,7 +5,7 @@
 
 Every field of `DemoPretrainSettings` is a flag (--num-layers, --lr, ...); defaults reproduce the shipped model.
 Writes OUT/base_model (HF Qwen2 + tokenizer), OUT/train_prompts.jsonl, OUT/test_prompts.jsonl and prints a JSON
-summary (parameters, steps, tokens, seconds, losses). Takes about two minutes on two CPU cores.
+summary (parameters, steps, tokens, seconds, losses). Takes about five minutes on one free CPU core.
 """
 
 from __future__ import annotations

@@ -56,18 +56,23 @@ def read_math_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def gsm8k_final_answer(text: str, where: str) -> str:
+    """The number after GSM8K's "####" marker, thousands separators removed ("#### 1,250" -> "1250")."""
+    if "####" not in text:
+        raise ValueError(f"{where}: 'answer' has no '####' final-answer marker: {text[-80:]!r}")
+    answer = text.rsplit("####", 1)[1].strip().replace(",", "")
+    if not answer:
+        raise ValueError(f"{where}: nothing after '####' in 'answer'")
+    return answer
+
+
 def read_gsm8k_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Uniform rows from GSM8K rows; the answer is the number after "####" without thousands separators."""
     out = []
     for index, row in enumerate(rows):
         where = f"GSM8K row {index}"
         _require(row, ("question", "answer"), where)
-        text = str(row["answer"])
-        if "####" not in text:
-            raise ValueError(f"{where}: 'answer' has no '####' final-answer marker: {text[-80:]!r}")
-        answer = text.rsplit("####", 1)[1].strip().replace(",", "")
-        if not answer:
-            raise ValueError(f"{where}: nothing after '####' in 'answer'")
+        answer = gsm8k_final_answer(str(row["answer"]), where)
         question = str(row["question"]).strip()
         out.append({"uid": f"gsm8k-{index}", "question": question, "answer": answer, "level": None, "source": "gsm8k"})
     return out

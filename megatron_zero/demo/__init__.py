@@ -1,6 +1,6 @@
 """The CPU zero-RL demo's own base model: synthetic addition data, a character-level tokenizer, pretraining.
 
-The shipped assets (a pretrained ~0.6M-parameter Qwen2 model with its tokenizer, 2000 RL prompts, 200 held-out
+The shipped assets (a pretrained 0.67M-parameter Qwen2 model with its tokenizer, 2000 RL prompts, 200 held-out
 test problems) live in ``assets/``; see assets/README.md for how they were made and the base model's numbers.
 This module only names their paths (no imports, no side effects); the code is in corpus.py, tokenizer.py and
 pretrain.py, and tools/pretrain_demo_model.py rebuilds the assets.

@@ -50,7 +50,7 @@ ANSWER_FORMATS: dict[str, float] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Problem:
+class AdditionProblem:
     a: int
     b: int
     # -1 for the bare "Q: a+b=? A:" prompt, else an index into WORD_TEMPLATES.
@@ -106,15 +106,17 @@ def split_problems(seed: int, num_test: int) -> ProblemSplit:
     return ProblemSplit(train=tuple(pairs[num_test:]), test=tuple(pairs[:num_test]))
 
 
-def _sample_problem(pairs: Sequence[tuple[int, int]], rng: random.Random) -> Problem:
+def _sample_problem(pairs: Sequence[tuple[int, int]], rng: random.Random) -> AdditionProblem:
     a, b = rng.choice(pairs)
     if rng.random() < 0.5:
         a, b = b, a
     template = rng.randrange(len(WORD_TEMPLATES)) if rng.random() < WORD_FRACTION else -1
-    return Problem(a=a, b=b, template=template)
+    return AdditionProblem(a=a, b=b, template=template)
 
 
-def corpus_examples(pairs: Sequence[tuple[int, int]], num_examples: int, seed: int) -> list[tuple[Problem, str]]:
+def corpus_examples(
+    pairs: Sequence[tuple[int, int]], num_examples: int, seed: int
+) -> list[tuple[AdditionProblem, str]]:
     """`num_examples` (problem, answer format) pairs drawn with `seed` from `pairs` (either order)."""
     if not pairs:
         raise ValueError("pairs is empty; pass ProblemSplit.train")
@@ -134,7 +136,7 @@ def corpus_texts(pairs: Sequence[tuple[int, int]], num_examples: int, seed: int)
 def prompt_rows(pairs: Sequence[tuple[int, int]], num_rows: int, seed: int) -> list[dict[str, str]]:
     """RL / evaluation rows {"question": prompt text, "answer": sum}; distinct problems, drawn with `seed`."""
     # Every pair in both orders and every template: draw without replacement.
-    candidates = [Problem(a=x, b=y, template=t) for a, b in pairs for x, y in {(a, b), (b, a)}
+    candidates = [AdditionProblem(a=x, b=y, template=t) for a, b in pairs for x, y in {(a, b), (b, a)}
                   for t in range(-1, len(WORD_TEMPLATES))]
     rng = random.Random(seed)
     bare = [problem for problem in candidates if problem.template < 0]

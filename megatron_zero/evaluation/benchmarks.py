@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from megatron_zero.data.splits import gsm8k_final_answer
+from megatron_zero.rewards.extraction import last_boxed
+
 logger = logging.getLogger(__name__)
 
 SPLIT = "test"
@@ -40,24 +43,6 @@ class Problem:
     answer: str
 
 
-def last_boxed_content(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in `text`, braces matched; None when there is none."""
-    start = text.rfind("\\boxed")
-    while start != -1:
-        brace = start + len("\\boxed")
-        while brace < len(text) and text[brace] == " ":
-            brace += 1
-        if brace < len(text) and text[brace] == "{":
-            depth = 0
-            for end in range(brace, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[end], 0)
-                if depth == 0:
-                    return text[brace + 1 : end]
-            return None  # unbalanced: the text was cut inside the box
-        start = text.rfind("\\boxed", 0, start)
-    return None
-
-
 def _scalar(value: Any) -> str:
     # AMC23 stores answers as floats (27.0); write integral ones as integers so graders see "27".
     if isinstance(value, float) and value.is_integer():
@@ -66,15 +51,11 @@ def _scalar(value: Any) -> str:
 
 
 def _gsm8k_answer(row: dict) -> str:
-    text = str(row["answer"])
-    if "####" not in text:
-        raise ValueError(f"'answer' has no '####' final-answer marker: {text[-80:]!r}")
-    # GSM8K writes thousands separators ("#### 1,250"); the number is 1250.
-    return text.split("####")[-1].strip().replace(",", "")
+    return gsm8k_final_answer(str(row["answer"]), "GSM8K row")
 
 
 def _boxed_solution_answer(row: dict) -> str:
-    answer = last_boxed_content(str(row["solution"]))
+    answer = last_boxed(str(row["solution"]))
     if answer is None:
         raise ValueError("'solution' has no complete \\boxed{...} answer")
     return answer.strip()
