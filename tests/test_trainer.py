@@ -15,9 +15,9 @@ import pytest
 
 from megatron_zero.trainer.demo import demo_config
 
-# Smoke size: 4 prompts x 4 samples, 16 new tokens; checkpoint every 2 steps.
-SMOKE = ["data.sampler.batch_size=4", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=16",
-         "eval.max_new_tokens=16", "eval.max_problems=8", "run.save_every=2", "run.num_minibatches=2",
+# Smoke size: 8 prompts x 4 samples, 24 new tokens; checkpoint every 2 steps.
+SMOKE = ["data.sampler.batch_size=8", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=24",
+         "eval.max_new_tokens=24", "eval.max_problems=8", "run.save_every=2", "run.num_minibatches=2",
          "reward.num_workers=1"]
 # Timings differ between runs; everything else must be identical.
 VOLATILE = ("seconds", "per_s", "weight_sync")
@@ -86,11 +86,13 @@ def test_run_logs_every_step_with_a_tight_logprob_gap(uninterrupted):
     records = _metrics(uninterrupted)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for record in records:
-        assert record["num_samples"] == 16
+        assert record["num_samples"] == 32
         # Engine and actor compute the same float32 model in different code: rounding only.
         assert record["logprob_gap_max"] < 1e-4
-        assert 0.0 <= record["accuracy"] <= 1.0 and record["grader_ok"] + record.get("grader_no_answer", 0) > 0
-        assert record["grad_norm"] > 0
+        assert 0.0 <= record["accuracy"] <= 1.0
+        assert sum(v for k, v in record.items() if k.startswith("grader_")) == 32
+    # Groups with mixed rewards give a gradient (all-equal groups give none, by construction of GRPO).
+    assert any(record["grad_norm"] > 0 for record in records)
     assert (uninterrupted / "samples" / "step_4.jsonl").is_file()
     assert (uninterrupted / "checkpoints" / "step_000004" / "COMPLETE").is_file()
 

@@ -155,6 +155,16 @@ def compute_logprobs(model: torch.nn.Module, batch: ActorBatch, *, temperature: 
 # --------------------------------------------------------------------------- memory phases
 
 
+def _find_param_groups(state: Any) -> list[dict[str, Any]]:
+    """Every optimizer param group in a (possibly chained, nested) optimizer state dict."""
+    if isinstance(state, dict):
+        groups = list(state.get("param_groups", [])) if isinstance(state.get("param_groups"), list) else []
+        return groups + [g for key, value in state.items() if key != "param_groups" for g in _find_param_groups(value)]
+    if isinstance(state, (list, tuple)):
+        return [g for value in state for g in _find_param_groups(value)]
+    return []
+
+
 # megatron-core 0.16.1 on CPU (torch Adam, no Apex/TE): its default "fully_sharded_model_space" needs
 # flattened ranges its own checkpoint validation rejects, and "fully_reshardable" cannot load back the
 # per-parameter Adam step. "dp_reshardable" round-trips exactly; it resumes at the same TP/PP (any DP).
@@ -335,8 +345,25 @@ class MegatronActor:
         # Without mixed precision the optimizer's "main" params are the model's own leaf tensors.
         with torch.no_grad():
             self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_adam_step(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.num_steps = int(state["num_steps"])
+
+    def _restore_adam_step(self, optimizer_state: dict[str, Any]) -> None:
+        """Set torch Adam's per-parameter step count from the checkpoint.
+
+        megatron-core 0.16.1 saves it (in param_groups) but, with torch's Adam and the dp_reshardable
+        format, leaves the count of the dummy step used to create the state: the next update would then
+        use the wrong bias correction (measured: step 1 instead of 2 after resuming).
+        """
+        steps = {group["step"] for group in _find_param_groups(optimizer_state) if "step" in group}
+        if len(steps) != 1:
+            raise RuntimeError(f"checkpoint optimizer state has Adam step counts {sorted(steps)}, expected exactly one")
+        step = float(steps.pop())
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for param_state in optimizer.optimizer.state.values():
+                if "step" in param_state:
+                    param_state["step"] = torch.tensor(step, dtype=torch.float32)
 
     def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
         model_state = self.model.module.sharded_state_dict()
