@@ -48,7 +48,7 @@ class DemoPretrainSettings:
     num_kv_heads: int = 4
     intermediate_size: int = 384
     max_positions: int = 128
-    num_steps: int = 1800
+    num_steps: int = 4000
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50

@@ -40,7 +40,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "rollout": {"engine": "torch", "num_samples_per_prompt": 8, "temperature": 1.0, "max_new_tokens": 40,
                 "torch": {"max_batch_size": 256}},
     "eval": {"path": str(TEST_PROMPTS_PATH), "max_new_tokens": 40},
-    "run": {"num_steps": 30, "num_minibatches": 2, "save_every": 10, "seed": 0},
+    "run": {"num_steps": 60, "num_minibatches": 2, "save_every": 20, "seed": 0},
 }
 
 
@@ -98,7 +98,7 @@ def plot_training(metrics_path: Path, png_path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ("reward_mean", "accuracy", "response_length"),
                               ("mean reward", "sampled accuracy", "response length (tokens)")):
-        ax.plot(steps, [r[key] for r in records], marker=".")
+        ax.plot(steps, [r[key] for r in records], marker=".", label="all")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
