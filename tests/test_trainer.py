@@ -24,6 +24,16 @@ VOLATILE = ("seconds", "per_s", "weight_sync")
 
 
 @pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    """16 prompts: with 8 per step an epoch ends exactly at step 2, where the preempted run checkpoints."""
+    from megatron_zero.demo import TRAIN_PROMPTS_PATH
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(TRAIN_PROMPTS_PATH.read_text().splitlines(keepends=True)[:16]))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def base_mcore(tmp_path_factory):
     """Convert the demo model once; every run below reuses it (mcore_path)."""
     from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore
@@ -44,10 +54,11 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _run(output_dir, base_mcore, num_steps, extra=(), stop_after_step=None, patch=None):
+def _run(output_dir, base_mcore, num_steps, extra=(), stop_after_step=None, patch=None, train_file=None):
     from megatron_zero.trainer.loop import Trainer
 
-    config = demo_config(str(output_dir), num_steps, [*SMOKE, f"mcore_path={base_mcore}", *extra])
+    data = [f"data.train.path={train_file}"] if train_file else []
+    config = demo_config(str(output_dir), num_steps, [*SMOKE, f"mcore_path={base_mcore}", *data, *extra])
     trainer = Trainer(config)
     if patch:
         patch(trainer)
@@ -76,9 +87,9 @@ def _metrics(output_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, base_mcore):
+def uninterrupted(tmp_path_factory, base_mcore, train_file):
     out = tmp_path_factory.mktemp("uninterrupted")
-    _run(out, base_mcore, num_steps=4)
+    _run(out, base_mcore, num_steps=4, train_file=train_file)
     return out
 
 
@@ -97,13 +108,18 @@ def test_run_logs_every_step_with_a_tight_logprob_gap(uninterrupted):
     assert (uninterrupted / "checkpoints" / "step_000004" / "COMPLETE").is_file()
 
 
-def test_sigterm_then_resume_reproduces_the_uninterrupted_metrics(tmp_path, base_mcore, uninterrupted):
+def test_sigterm_then_resume_reproduces_the_uninterrupted_metrics(tmp_path, base_mcore, uninterrupted, train_file):
+    """Preempted after step 2 (an epoch boundary: 16 prompts, 8 per step), resumed: steps 3-4 match exactly."""
     out = tmp_path / "preempted"
-    first = _run(out, base_mcore, num_steps=4, stop_after_step=1)
-    assert first.step == 1 and (out / "checkpoints" / "step_000001" / "COMPLETE").is_file()
-    second = _run(out, base_mcore, num_steps=4)
-    assert second.resumed_from.name == "step_000001" and second.step == 4
+    first = _run(out, base_mcore, num_steps=4, stop_after_step=2, extra=["run.save_every=0"], train_file=train_file)
+    assert first.step == 2 and (out / "checkpoints" / "step_000002" / "COMPLETE").is_file()
+    second = _run(out, base_mcore, num_steps=4, train_file=train_file)
+    assert second.resumed_from.name == "step_000002" and second.step == 4
     assert _metrics(out) == _metrics(uninterrupted)
+    # Every prompt of epoch 1 was used exactly once: none replayed or skipped across the resume.
+    epoch = [json.loads(line)["prompt"] for step in (1, 2)
+             for line in (out / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
+    assert len(set(epoch)) == 16
 
 
 def test_incomplete_checkpoint_is_not_resumed(tmp_path, base_mcore, uninterrupted):
@@ -134,3 +150,31 @@ def test_wandb_offline_writes_run_files(tmp_path, base_mcore, monkeypatch):
     _run(out, base_mcore, num_steps=1, extra=["run.wandb_project=megatron-zero-test", "run.save_every=0"])
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
+
+
+def test_dynamic_sampling_keeps_only_groups_with_mixed_rewards(tmp_path, base_mcore):
+    out = tmp_path / "dynamic"
+    _run(out, base_mcore, num_steps=2, extra=["data.dynamic_sampling.enabled=true", "run.save_every=0"])
+    for record, step in zip(_metrics(out), (1, 2)):
+        samples = [json.loads(line) for line in (out / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
+        groups = {}
+        for sample in samples:
+            groups.setdefault(sample["prompt"], []).append(sample["reward"])
+        assert all(len(set(rewards)) > 1 for rewards in groups.values())
+        assert record["dynamic_sampling_kept"] == len(groups) and record["num_samples"] == 4 * len(groups)
+
+
+def test_export_writes_a_loadable_hf_model(tmp_path, uninterrupted):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_zero.cli import main
+    from megatron_zero.demo import BASE_MODEL_PATH
+
+    assert main(["export", "--checkpoint", str(uninterrupted / "checkpoints" / "step_000004"),
+                 "--out", str(tmp_path / "hf")]) == 0
+    trained = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(str(BASE_MODEL_PATH)).state_dict()
+    assert sorted(trained) == sorted(base)
+    assert any(not torch.equal(trained[name], base[name]) for name in base)
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 2

@@ -52,3 +52,11 @@ def test_yaml_file_and_overrides(tmp_path):
     assert config.run.num_steps == 9 and config.actor.lr == 2e-6 and config.model_path == "/m"
     with pytest.raises(FileNotFoundError):
         load_config(str(tmp_path / "nope.yaml"), [])
+
+
+def test_shipped_example_configs_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("examples/configs/*.yaml")):
+        config = load_config(str(path), [])
+        assert config.run.num_steps >= 1, path

@@ -49,6 +49,13 @@ class RolloutBatch:
     def truncated(self) -> torch.Tensor:
         return torch.tensor([s.truncated for s in self.samples], dtype=torch.bool)
 
+    def groups(self) -> list[list[RolloutSample]]:
+        """Samples by group, in order of first appearance."""
+        by_group: dict[int, list[RolloutSample]] = {}
+        for sample in self.samples:
+            by_group.setdefault(sample.group, []).append(sample)
+        return list(by_group.values())
+
     def max_response_length(self) -> int:
         return max(len(s.response_ids) for s in self.samples)
 

@@ -60,15 +60,20 @@ class Trainer:
         self.step = 0
         self.weight_version = 0
         self.stop_requested = False
+        self.progress = None  # the console's progress bar while fit() runs
         self.resumed_from = self.maybe_resume()
 
     # ---- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> None:
         """Train until run.num_steps; on SIGTERM (preemption) save and return after the current step."""
-        with _stop_on_sigterm(self):
+        from tqdm import tqdm
+
+        with _stop_on_sigterm(self), tqdm(total=self.config.run.num_steps, initial=self.step, desc="zero-RL steps",
+                                          unit="step", dynamic_ncols=True) as self.progress:
             while self.step < self.config.run.num_steps and not self.stop_requested:
                 self.train_one_step()
+                self.progress.update(1)
                 if self.config.run.eval_every and self.step % self.config.run.eval_every == 0:
                     self.metrics.log_eval(self.step, self.evaluate())
                 if self.config.run.save_every and self.step % self.config.run.save_every == 0:
@@ -78,12 +83,9 @@ class Trainer:
 
     def train_one_step(self) -> dict[str, Any]:
         timings: dict[str, float] = {}
-        with _timed(timings, "generate"):
-            rollout = self.generate(self.sampler.next_batch())
-        with _timed(timings, "reward"):
-            grade_counts = self.reward(rollout)
+        rollout, grade_counts, sampling = self.collect_rollout(timings)
         batch = rollout.to_actor_batch()
-        with _timed(timings, "old_logprobs"):
+        with _timed(timings, "old_logprobs", self.progress):
             old_logp, entropy = self._on_all_ranks("logprobs", batch)
             ref_logp = self._on_all_ranks("ref_logprobs", batch) if self.config.loss.kl_coef > 0 else None
         health = self.check_health(batch, old_logp, ref_logp)
@@ -91,12 +93,12 @@ class Trainer:
                                         self.config.advantage, rollout.truncated())
         batch = dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp,
                                     advantages=advantages.advantages_NT, response_mask=advantages.loss_mask_NT)
-        with _timed(timings, "train"):
+        with _timed(timings, "train", self.progress):
             train_metrics = self.train(batch, rollout.max_response_length())
-        with _timed(timings, "sync_weights"):
+        with _timed(timings, "sync_weights", self.progress):
             sync = self.sync_weights()
         self.step += 1
-        return self.metrics.log_step(self.step, rollout, grade_counts, {**health, **train_metrics, **sync},
+        return self.metrics.log_step(self.step, rollout, grade_counts, {**health, **train_metrics, **sync, **sampling},
                                      timings, float(entropy[batch.response_mask].mean()))
 
     # ---- phases ----------------------------------------------------------------------------------
@@ -104,6 +106,42 @@ class Trainer:
     def _on_all_ranks(self, method: str, *args: Any) -> Any:
         """Call a worker method on every Megatron rank (they run collectives); rank 0's result."""
         return self.group.run(method, *args)[0]
+
+    def collect_rollout(self, timings: dict[str, float]) -> tuple[RolloutBatch, dict[str, int], dict[str, float]]:
+        """Generate and grade one step's batch; with dynamic sampling, refill it with groups that teach something.
+
+        A group whose samples all got the same reward has zero advantage under GRPO/RLOO/Dr.GRPO and only
+        costs compute; dynamic sampling (DAPO) drops such groups and samples more prompts instead.
+        """
+        from collections import Counter
+
+        from megatron_zero.data.difficulty import SampleGroup, dynamic_sampling
+
+        counts: Counter[str] = Counter()
+        rollouts: list[RolloutBatch] = []
+
+        def supply(num_missing: int) -> list[SampleGroup]:
+            with _timed(timings, "generate", self.progress, accumulate=True):
+                rollout = self.generate(self.sampler.next_batch())
+            with _timed(timings, "reward", self.progress, accumulate=True):
+                counts.update(self.reward(rollout))
+            rollouts.append(rollout)
+            return [SampleGroup(uid=group[0].uid, rewards=tuple(s.reward for s in group), payload=group)
+                    for group in rollout.groups()]
+
+        options = self.config.data.dynamic_sampling
+        if not options.enabled:
+            supply(self.config.data.sampler.batch_size)
+            return rollouts[0], dict(counts), {}
+        groups, report = dynamic_sampling(supply, self.config.data.sampler.batch_size, options.max_refill_rounds)
+        metrics = {"dynamic_sampling_rounds": report.num_rounds, "dynamic_sampling_dropped": report.num_groups_dropped,
+                   "dynamic_sampling_kept": report.num_groups_kept}
+        if not groups:
+            # Nothing to learn from in any round: train on the last batch (all advantages are zero).
+            logger.warning("dynamic sampling kept no group in %d rounds; this step's update is a no-op", report.num_rounds)
+            return rollouts[-1], dict(counts), metrics
+        samples = [dataclasses.replace(sample, group=index) for index, group in enumerate(groups) for sample in group.payload]
+        return RolloutBatch(samples), dict(counts), metrics
 
     def generate(self, problems) -> RolloutBatch:
         n = self.config.rollout.num_samples_per_prompt
@@ -249,14 +287,19 @@ class _stop_on_sigterm:
 
 
 class _timed:
-    def __init__(self, timings: dict[str, float], name: str) -> None:
-        self.timings, self.name = timings, name
+    """Time a phase into ``timings`` and show it on the console's progress bar while it runs."""
+
+    def __init__(self, timings: dict[str, float], name: str, progress=None, accumulate: bool = False) -> None:
+        self.timings, self.name, self.progress, self.accumulate = timings, name, progress, accumulate
 
     def __enter__(self) -> None:
+        if self.progress is not None:
+            self.progress.set_postfix_str(self.name, refresh=True)
         self.start = time.perf_counter()
 
     def __exit__(self, *exc) -> None:
-        self.timings[self.name] = time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + elapsed if self.accumulate else elapsed
 
 
 def _select_rows(batch, indices: torch.Tensor):

@@ -17,6 +17,12 @@ _CPU_EXPECTED = (
     "`save_state_dict` is deprecated and will be removed",
     "recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS",
     "full scope is deprecated. Use empty cuda_graph_scope",
+    # torch deprecations of collectives megatron-core 0.16.1 still calls.
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+    # megatron-core's DDP reads .grad of its parameter views; the CPU adapter's function mode makes torch
+    # see that access (on GPU the same code runs without the mode and without the warning).
+    "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
     # Our layer-by-layer checkpoint reader loads in one process on purpose.
     "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a single",
 )
