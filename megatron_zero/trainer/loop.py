@@ -12,7 +12,6 @@ error rate; each stops the run with a clear error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ class Trainer:
         self.output_dir = Path(config.run.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = _load_tokenizer(config.model_path)
-        self.problems, self.sampler, self.format_prompt = _load_data(config, self.tokenizer)
+        self.sampler = _load_sampler(config, self.tokenizer)
         self.eval_problems = _load_eval(config, self.tokenizer)
         self.mcore_dir = config.mcore_path or _convert_base_model(config.model_path, self.output_dir / "base_mcore")
         self.grader = GraderPool(config.reward)
@@ -313,18 +312,16 @@ def _load_tokenizer(model_path: str):
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def _load_data(config: TrainConfig, tokenizer):
+def _load_sampler(config: TrainConfig, tokenizer):
+    """Prompts (already formatted with data.train.template and length-checked) in a resumable sampler."""
     from megatron_zero.data import PromptSampler, load_problems
-    from megatron_zero.data.templates import make_prompt_formatter
 
-    problems = load_problems(config.data.train, tokenizer=tokenizer)
-    return problems, PromptSampler(problems, config.data.sampler), make_prompt_formatter(config.data.train.template, tokenizer)
+    return PromptSampler(load_problems(config.data.train, tokenizer=tokenizer), config.data.sampler)
 
 
 def _load_eval(config: TrainConfig, tokenizer) -> list:
     if config.eval.path is None:
         return []
-    from megatron_zero.config.data import DatasetConfig
     from megatron_zero.data import load_problems
 
     dataset = dataclasses.replace(config.data.train, path=config.eval.path)
