@@ -178,3 +178,16 @@ def test_export_writes_a_loadable_hf_model(tmp_path, uninterrupted):
     assert sorted(trained) == sorted(base)
     assert any(not torch.equal(trained[name], base[name]) for name in base)
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_colocated_phases_switch_memory_and_keep_the_metrics(tmp_path, base_mcore, uninterrupted, train_file):
+    """cluster.colocate: engine released / actor onloaded for training, the reverse for rollout, every step."""
+    out = tmp_path / "colocated"
+    _run(out, base_mcore, num_steps=2, extra=["cluster.colocate=true", "run.save_every=0"], train_file=train_file)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert record["onload_bytes_weights"] > 0 and record["offload_bytes_weights"] == record["onload_bytes_weights"]
+        assert record["offload_bytes_optimizer"] > 0
+    # Moving memory changes nothing numerically: the steps equal the plain run's.
+    plain = _metrics(uninterrupted)[:2]
+    assert [{k: v for k, v in r.items() if "bytes" not in k} for r in _metrics(out)] == plain

@@ -63,6 +63,13 @@ class ActorWorker:
         stats = stream.stats
         return buckets, {"reshard_seconds": stats.seconds, "bytes": stats.num_bytes, "buckets": stats.num_buckets}
 
+    def offload(self) -> dict[str, int]:
+        """Free the actor's device memory (weights, grads, optimizer state) for the colocated engine."""
+        return self.actor.offload().bytes_by_kind
+
+    def onload(self) -> dict[str, int]:
+        return self.actor.onload().bytes_by_kind
+
     def save(self, checkpoint_dir: str) -> None:
         self.actor.save_checkpoint(Path(checkpoint_dir))
 

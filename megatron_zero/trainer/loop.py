@@ -61,6 +61,10 @@ class Trainer:
         self.stop_requested = False
         self.progress = None  # the console's progress bar while fit() runs
         self.resumed_from = self.maybe_resume()
+        self.actor_offloaded = False
+        if config.cluster.colocate:
+            # Colocated: the engine owns the accelerators during rollout; the actor waits off-device.
+            self.switch_to_rollout()
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -84,6 +88,7 @@ class Trainer:
         timings: dict[str, float] = {}
         rollout, grade_counts, sampling = self.collect_rollout(timings)
         batch = rollout.to_actor_batch()
+        memory = self.switch_to_training() if self.config.cluster.colocate else {}
         with _timed(timings, "old_logprobs", self.progress):
             old_logp, entropy = self._on_all_ranks("logprobs", batch)
             ref_logp = self._on_all_ranks("ref_logprobs", batch) if self.config.loss.kl_coef > 0 else None
@@ -95,9 +100,14 @@ class Trainer:
         with _timed(timings, "train", self.progress):
             train_metrics = self.train(batch, rollout.max_response_length())
         with _timed(timings, "sync_weights", self.progress):
+            if self.config.cluster.colocate:
+                self.engine.resume_memory()
             sync = self.sync_weights()
+        if self.config.cluster.colocate:
+            memory.update(self.switch_to_rollout())
         self.step += 1
-        return self.metrics.log_step(self.step, rollout, grade_counts, {**health, **train_metrics, **sync, **sampling},
+        return self.metrics.log_step(self.step, rollout, grade_counts,
+                                     {**health, **train_metrics, **sync, **sampling, **memory},
                                      timings, float(entropy[batch.response_mask].mean()))
 
     # ---- phases ----------------------------------------------------------------------------------
@@ -191,6 +201,19 @@ class Trainer:
             per_step.append(self._on_all_ranks("train", _select_rows(batch, indices), max_response_length))
         return {key: sum(m[key] for m in per_step) / len(per_step) for key in per_step[0]}
 
+    def switch_to_training(self) -> dict[str, float]:
+        """Colocated phase switch, in a fixed order: the engine frees its memory, then the actor takes it back."""
+        self.engine.release_memory()
+        onloaded = self.group.run("onload")[0]
+        self.actor_offloaded = False
+        return {f"onload_bytes_{kind}": float(nbytes) for kind, nbytes in onloaded.items()}
+
+    def switch_to_rollout(self) -> dict[str, float]:
+        """After the sync (engine weights resumed and updated from the on-device actor), the actor leaves."""
+        offloaded = self.group.run("offload")[0]
+        self.actor_offloaded = True
+        return {f"offload_bytes_{kind}": float(nbytes) for kind, nbytes in offloaded.items()}
+
     def sync_weights(self) -> dict[str, float]:
         self.weight_version += 1
         buckets, stats = self._on_all_ranks("weight_buckets", self.config.run.weight_sync_bucket_mb * 2**20)
@@ -231,7 +254,14 @@ class Trainer:
 
             shutil.rmtree(path)  # an incomplete earlier attempt at this step
         path.mkdir(parents=True)
+        offloaded = self.actor_offloaded
+        if offloaded:
+            self.switch_to_training()  # the actor saves from the device
         self.group.run("save", str(path / "actor"))
+        if offloaded:
+            self.engine.resume_memory()
+            self.sync_weights()
+            self.switch_to_rollout()
         checkpoint.save_driver_state(path, self.step, self.weight_version, self.sampler.state_dict())
         checkpoint.finalize(path, Path(self.mcore_dir))
         logger.info("saved checkpoint %s", path)
