@@ -16,7 +16,6 @@ from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -63,35 +62,66 @@ class HFCheckpointReader:
         self._handles.clear()
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
 class HFCheckpointWriter:
-    """Writes tensors into size-bounded safetensors shards plus the index, then renames shards k-of-n."""
+    """Writes tensors into size-bounded safetensors shards plus the index, then renames shards k-of-n.
+
+    Streams: each tensor's bytes go to the open shard's data file as soon as it is added; when the
+    shard is full, the safetensors header (names, dtypes, shapes, offsets) is written in front of the
+    data, copied in chunks. Memory stays at one tensor whatever the shard size (safetensors' own
+    ``save_file`` holds the whole shard, twice).
+    """
+
+    _COPY_CHUNK = 64 * 1024**2
 
     def __init__(self, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self._names: set[str] = set()
+        self._open_header: dict[str, dict] = {}
+        self._open_bytes = 0
+        self._open_data = None
         self._shards: list[tuple[str, list[str]]] = []
         self._total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._buffer or any(name in names for _, names in self._shards):
+        if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+        if self._open_header and self._open_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._buffer[name] = tensor.contiguous()
-        self._buffer_bytes += nbytes
+        if self._open_data is None:
+            self._open_data = open(self.out_dir / f"shard-{len(self._shards):05d}.data.tmp", "wb+")
+        self._open_data.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._open_header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                                   "data_offsets": [self._open_bytes, self._open_bytes + nbytes]}
+        self._names.add(name)
+        self._open_bytes += nbytes
         self._total_bytes += nbytes
 
     def _flush(self) -> None:
-        if not self._buffer:
+        if not self._open_header:
             return
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._open_header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data must start 8-byte aligned
         temp_name = f"shard-{len(self._shards):05d}.tmp.safetensors"
-        save_file(self._buffer, str(self.out_dir / temp_name), metadata={"format": "pt"})
-        self._shards.append((temp_name, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+        data = self._open_data
+        with open(self.out_dir / temp_name, "wb") as out:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            data.seek(0)
+            shutil.copyfileobj(data, out, self._COPY_CHUNK)
+        data.close()
+        os.remove(data.name)
+        self._shards.append((temp_name, list(self._open_header)))
+        self._open_header, self._open_bytes, self._open_data = {}, 0, None
 
     def finish(self) -> None:
         self._flush()

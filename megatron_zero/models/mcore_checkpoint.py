@@ -149,7 +149,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, vocab_pad_multi
         padded = arch.padded_vocab_size(vocab_pad_multiple)
         staged = _stage(bridge.hf_to_mcore(arch, reader.get, padded), entries, staging)
         reader.close()
-        sharded.update({name: _with_data(entries[name], tensor) for name, tensor in staged.items()})
+        sharded.update(staged)
         dist_checkpointing.save(sharded, str(out_dir))
         del sharded, staged
     finally:
@@ -162,24 +162,37 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, vocab_pad_multi
     logger.info("wrote Megatron checkpoint %s (%d tensors)", out_dir, len(entries))
 
 
-def _stage(tensors: Iterator[tuple[str, torch.Tensor]], entries: dict[str, Any], staging: Path) -> dict[str, torch.Tensor]:
-    """Write each converted tensor to its own raw file and map it back shared: page cache, not RAM.
+def _stage(tensors: Iterator[tuple[str, torch.Tensor]], entries: dict[str, Any], staging: Path) -> dict[str, Any]:
+    """Sharded entries whose data are staged files mapped back shared: page cache, not process memory.
 
-    Measured (tools/bench_conversion.py): torch.load(mmap=True) maps privately and its pages count
-    as anonymous memory; views into one big mapping make torch's checkpoint writer clone every
-    tensor (storage larger than the tensor). One MAP_SHARED file per tensor avoids both.
+    Measured (tools/bench_conversion.py): torch.load(mmap=True) maps privately and its pages count as
+    anonymous memory, and megatron-core's writer clones every tensor whose storage is larger than the
+    tensor (a view). So each saved tensor gets its own MAP_SHARED file: including the two halves that
+    the fused ``linear_fc1`` factory splits [gate; up] into, which are built here instead of at save.
     """
-    staged = {}
-    for index, (name, tensor) in enumerate(tensors):
-        # The dtype megatron-core gives this parameter (norms may stay float32 in a bf16 model).
-        tensor = tensor.to(entries[name].data.dtype).contiguous()
-        if tuple(tensor.shape) != _expected_shape(entries[name]):
-            raise ValueError(f"{name}: converted shape {tuple(tensor.shape)} != Megatron shape "
-                             f"{_expected_shape(entries[name])}; config.json does not match the weights")
-        path = staging / f"{index:06d}.bin"
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    counter = iter(range(1 << 62))
+
+    def mapped(tensor: torch.Tensor) -> torch.Tensor:
+        path = staging / f"{next(counter):06d}.bin"
         with open(path, "wb") as f:
-            f.write(tensor.view(torch.uint8).numpy().tobytes())
-        staged[name] = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        return torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+
+    staged: dict[str, Any] = {}
+    for name, tensor in tensors:
+        entry = entries[name]
+        # The dtype megatron-core gives this parameter (norms may stay float32 in a bf16 model).
+        tensor = tensor.to(entry.data.dtype).contiguous()
+        if tuple(tensor.shape) != _expected_shape(entry):
+            raise ValueError(f"{name}: converted shape {tuple(tensor.shape)} != Megatron shape "
+                             f"{_expected_shape(entry)}; config.json does not match the weights")
+        if isinstance(entry, ShardedTensorFactory):
+            parts = entry.build_fn(entry.key, tensor, entry.replica_id, entry.flattened_range)
+            staged[name] = [_with_data(part, mapped(part.data)) for part in parts]
+        else:
+            staged[name] = _with_data(entry, mapped(tensor))
         del tensor
     return staged
 
