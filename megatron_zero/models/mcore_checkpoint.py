@@ -21,6 +21,7 @@ PP=1, so the checkpoint keys are exactly what megatron-core reads back at any la
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import re
@@ -212,59 +213,111 @@ def _layer_groups(names: list[str]) -> list[list[str]]:
     return ordered + [groups[layer] for layer in sorted(groups)]
 
 
-class _SliceLoadPlanner:
-    """Builds a torch.distributed.checkpoint load planner that reads chosen slices of stored tensors.
+class _FileView(io.RawIOBase):
+    """A read-only window [start, start + length) of a file, so ``zipfile`` sees one stored item alone."""
 
-    megatron-core stacks decoder layers into one stored tensor per parameter (a leading layer axis),
-    and its own loader can only read whole stacks on a single process; reading layer by layer
-    through DCP's resharding reads (``create_read_items_for_chunk_list``) keeps memory at one layer.
+    def __init__(self, file: Any, start: int, length: int) -> None:
+        self._file, self._start, self._length, self._pos = file, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, min(self._length, base + offset))
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self._length - self._pos)
+        self._file.seek(self._start + self._pos)
+        data = self._file.read(count)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class TorchDistReader:
+    """Reads row ranges of tensors from a torch_dist checkpoint without loading whole stored chunks.
+
+    megatron-core stores each stacked parameter (a leading layer axis, all layers of a rank) as one
+    chunk, a ``torch.save`` zip whose storage record is the chunk's bytes, uncompressed and row-major.
+    torch DCP would ``torch.load`` the whole chunk to read one layer; here the layer's rows (one
+    contiguous byte range of the record) are read, so memory stays at one layer.
     """
 
-    @staticmethod
-    def make(requests: dict[str, tuple[torch.Tensor, tuple[int, ...]]]):
-        from torch.distributed.checkpoint import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    def __init__(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
 
-        class Planner(DefaultLoadPlanner):
-            def create_local_plan(self) -> LoadPlan:
-                items = []
-                for fqn, (dest, offsets) in requests.items():
-                    stored = self.metadata.state_dict_metadata.get(fqn)
-                    if stored is None:
-                        raise KeyError(f"tensor {fqn!r} is not in the checkpoint")
-                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
-                    items.extend(create_read_items_for_chunk_list(fqn, stored, [chunk]))
-                return LoadPlan(items)
+        self.path = path
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        self.tensors = metadata.state_dict_metadata
+        self.storage = metadata.storage_data
 
-            def lookup_tensor(self, index):
-                return requests[index.fqn][0]
+    def read(self, key: str, first_row: int, dest: torch.Tensor) -> None:
+        """Fill ``dest`` with rows [first_row, first_row + len(dest)) of stored tensor ``key``."""
+        import zipfile
 
-        return Planner(flatten_state_dict=False, flatten_sharded_tensors=False)
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        stored = self.tensors.get(key)
+        if stored is None:
+            raise KeyError(f"tensor {key!r} is not in the checkpoint {self.path}")
+        if tuple(stored.size[1:]) != tuple(dest.shape[1:]):
+            raise ValueError(f"{key}: stored rows have shape {tuple(stored.size[1:])}, expected {tuple(dest.shape[1:])}")
+        rows = range(first_row, first_row + dest.shape[0])
+        filled = 0
+        for chunk in stored.chunks:
+            start, stop = max(rows.start, chunk.offsets[0]), min(rows.stop, chunk.offsets[0] + chunk.sizes[0])
+            if start >= stop:
+                continue
+            info = self.storage[MetadataIndex(fqn=key, offset=chunk.offsets)]
+            row_numel = 1
+            for size in chunk.sizes[1:]:
+                row_numel *= size
+            itemsize = torch.empty((), dtype=stored.properties.dtype).element_size()
+            with open(self.path / info.relative_path, "rb") as file, \
+                    zipfile.ZipFile(_FileView(file, info.offset, info.length)) as archive:
+                records = [n for n in archive.namelist() if n.rsplit("/", 2)[-2:-1] == ["data"]]
+                if len(records) != 1:
+                    raise ValueError(f"{key}: stored chunk has {len(records)} storages, expected 1")
+                expected = row_numel * chunk.sizes[0] * itemsize
+                if archive.getinfo(records[0]).file_size != expected:
+                    raise ValueError(f"{key}: stored chunk holds {archive.getinfo(records[0]).file_size} bytes, "
+                                     f"expected {expected} (a contiguous {tuple(chunk.sizes)} tensor)")
+                with archive.open(records[0]) as record:
+                    record.seek((start - chunk.offsets[0]) * row_numel * itemsize)
+                    data = bytearray(record.read((stop - start) * row_numel * itemsize))
+            part = torch.frombuffer(data, dtype=stored.properties.dtype).view(stop - start, *chunk.sizes[1:])
+            target = dest[start - rows.start : stop - rows.start]
+            for dim, (offset, size) in enumerate(zip(chunk.offsets[1:], chunk.sizes[1:]), start=1):
+                target = target.narrow(dim, offset, size)
+            target.copy_(part)
+            filled += part.numel()
+        if filled != dest.numel():
+            raise ValueError(f"{key}: the checkpoint's chunks cover {filled} of {dest.numel()} requested elements")
 
 
-def read_canonical_tensors(info: McoreCheckpointInfo, names: list[str],
-                           entries: dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_canonical_tensors(info: McoreCheckpointInfo, names: list[str], entries: dict[str, Any],
+                           reader: Optional[TorchDistReader] = None) -> dict[str, torch.Tensor]:
     """Read canonical (full, per-layer) Megatron tensors from a torch_dist checkpoint, nothing else."""
-    import torch.distributed.checkpoint as dcp
-
-    requests: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+    reader = reader or TorchDistReader(info.path)
     out: dict[str, torch.Tensor] = {}
     for name in names:
         shape = _expected_shape(entries[name])
         layer = _LAYER_RE.match(name)
-        # Stacked keys carry the global layer index as a leading axis.
-        stacked = layer is not None
-        dest = torch.empty((1, *shape) if stacked else shape, dtype=info.arch.dtype)
-        offsets = (int(layer.group(1)), *([0] * len(shape))) if stacked else tuple([0] * len(shape))
-        key = entries[name].key
-        if key in requests:
-            raise AssertionError(f"two requests for checkpoint key {key} in one read")
-        requests[key] = (dest, offsets)
-        out[name] = dest[0] if stacked else dest
-    dcp.load({}, storage_reader=dcp.FileSystemReader(str(info.path)), planner=_SliceLoadPlanner.make(requests),
-             no_dist=True)
+        dest = torch.empty(shape, dtype=info.arch.dtype)
+        if layer is not None:
+            # Stacked keys carry the global layer index as a leading axis: read that one row.
+            reader.read(entries[name].key, int(layer.group(1)), dest.unsqueeze(0))
+        else:
+            reader.read(entries[name].key, 0, dest)
+        out[name] = dest
     return out
 
 
@@ -278,8 +331,9 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_by
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"output directory {out_dir} is not empty; choose a new one")
     writer = HFCheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes)
+    reader = TorchDistReader(info.path)
     for group in _layer_groups(list(entries)):
-        loaded = read_canonical_tensors(info, group, entries)
+        loaded = read_canonical_tensors(info, group, entries, reader)
         for name in group:
             for hf_name, tensor in bridge.mcore_to_hf(arch, name, loaded[name], mappings):
                 writer.add(hf_name, tensor)
