@@ -69,6 +69,11 @@ class ActorBatch:
     def num_rows(self) -> int:
         return self.tokens.shape[0]
 
+    def select_rows(self, indices: torch.Tensor) -> "ActorBatch":
+        """The batch of rows ``indices`` (e.g. one PPO mini-batch), untrimmed."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[indices] for f in dataclasses.fields(self)
+                                           if getattr(self, f.name) is not None})
+
     def microbatch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Rows ``indices`` trimmed to their longest row: tokens, response_mask and the per-token fields set."""
         index = torch.as_tensor(list(indices), dtype=torch.long)

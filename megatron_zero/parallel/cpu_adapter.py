@@ -116,8 +116,8 @@ def _patch_torch_cuda() -> None:
 
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = _noop
-    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.get_rng_state = _cpu_get_rng_state
+    torch.cuda.set_rng_state = _cpu_set_rng_state
     # Seed the CPU generator directly: torch.manual_seed itself calls torch.cuda.manual_seed_all.
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     torch.cuda.current_stream = lambda device=None: _NullStream()

@@ -42,8 +42,6 @@ def _worker(rank: int, world_size: int, port: int, config: ParallelConfig, fn: C
     from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
 
     silence_cpu_fallback_warnings()
-    import torch
-
     from megatron_zero.parallel.init import destroy_parallel, initialize_parallel
 
     os.environ.update(

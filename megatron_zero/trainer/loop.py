@@ -198,7 +198,7 @@ class Trainer:
         rows = torch.randperm(batch.tokens.shape[0], generator=torch.Generator().manual_seed(self.step))
         per_step = []
         for indices in rows.chunk(num_minibatches):
-            per_step.append(self._on_all_ranks("train", _select_rows(batch, indices), max_response_length))
+            per_step.append(self._on_all_ranks("train", batch.select_rows(indices), max_response_length))
         return {key: sum(m[key] for m in per_step) / len(per_step) for key in per_step[0]}
 
     def switch_to_training(self) -> dict[str, float]:
@@ -222,24 +222,25 @@ class Trainer:
         return {"weight_sync_seconds": stats["reshard_seconds"] + engine_stats.seconds,
                 "weight_sync_gb_per_s": stats["bytes"] / 1e9 / max(stats["reshard_seconds"] + engine_stats.seconds, 1e-9)}
 
-    def sampling_params(self, seed: int, greedy: bool = False, max_new_tokens: Optional[int] = None) -> SamplingParams:
+    def sampling_params(self, seed: int) -> SamplingParams:
         rollout = self.config.rollout
         stop_ids = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
-        return SamplingParams(temperature=0.0 if greedy else rollout.temperature, top_p=1.0 if greedy else rollout.top_p,
-                              top_k=-1 if greedy else rollout.top_k,
-                              max_new_tokens=max_new_tokens or rollout.max_new_tokens, stop_token_ids=stop_ids, seed=seed)
+        return SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                              max_new_tokens=rollout.max_new_tokens, stop_token_ids=stop_ids, seed=seed)
 
     def evaluate(self) -> dict[str, Any]:
         """Greedy accuracy on the held-out set, with the samples kept for the behaviour report."""
+        from megatron_zero.evaluation.generation import EngineGenerator
+
         if not self.eval_problems:
             return {}
-        prompts = [self.tokenizer(p.prompt_text, add_special_tokens=False)["input_ids"] for p in self.eval_problems]
-        generations = self.engine.generate(prompts, self.sampling_params(seed=0, greedy=True,
-                                                                         max_new_tokens=self.config.eval.max_new_tokens))
-        grades = self.grader.grade_batch([g.text for g in generations], [p.ground_truth for p in self.eval_problems])
-        samples = [dict(step=self.step, prompt=p.prompt_text, response=g.text, ground_truth=p.ground_truth,
-                        reward=r.score, num_tokens=len(g.token_ids), finish_reason=g.finish_reason)
-                   for p, g, r in zip(self.eval_problems, generations, grades.results)]
+        generate = EngineGenerator(self.engine, self.tokenizer)
+        outputs = [samples[0] for samples in generate([p.prompt_text for p in self.eval_problems], n=1, temperature=0.0,
+                                                      top_p=1.0, max_new_tokens=self.config.eval.max_new_tokens, seed=0)]
+        grades = self.grader.grade_batch([o.text for o in outputs], [p.ground_truth for p in self.eval_problems])
+        samples = [dict(step=self.step, prompt=p.prompt_text, response=o.text, ground_truth=p.ground_truth,
+                        reward=r.score, num_tokens=o.num_tokens, finish_reason=o.finish_reason)
+                   for p, o, r in zip(self.eval_problems, outputs, grades.results)]
         accuracy = sum(r.score >= 1.0 for r in grades.results) / len(grades.results)
         return {"accuracy": accuracy, "samples": samples}
 
@@ -329,11 +330,6 @@ class _timed:
     def __exit__(self, *exc) -> None:
         elapsed = time.perf_counter() - self.start
         self.timings[self.name] = self.timings.get(self.name, 0.0) + elapsed if self.accumulate else elapsed
-
-
-def _select_rows(batch, indices: torch.Tensor):
-    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    return type(batch)(**{name: value[indices] if value is not None else None for name, value in fields.items()})
 
 
 def _load_tokenizer(model_path: str):
