@@ -37,25 +37,26 @@ def make_batch() -> ActorBatch:
     return ActorBatch(tokens=tokens, lengths=lengths, response_mask=response_mask)
 
 
-def _actor_job(mcore_dir: str, max_tokens_per_microbatch: int, train: bool) -> dict:
+def _actor_job(mcore_dir: str, max_tokens_per_microbatch: int, train: bool, pack: bool, model_fields: dict) -> dict:
     """Worker: initial log-probs; with ``train``, NUM_STEPS steps, log-probs after step 1, offload checks."""
     from megatron_zero.actor.actor import MegatronActor, compute_logprobs, load_reference_model
     from megatron_zero.config.algorithm import PolicyLossConfig
     from megatron_zero.config.model import ModelConfig
 
-    model_config = ModelConfig(params_dtype="float32")
+    model_config = ModelConfig(params_dtype="float32", **model_fields)
     # The full path: DDP, distributed optimizer, gradient clipping at the recipe's 1.0, LR scheduler.
     config = ActorConfig(lr=1e-3, clip_grad=1.0, temperature=TEMPERATURE,
-                         max_tokens_per_microbatch=max_tokens_per_microbatch)
+                         max_tokens_per_microbatch=max_tokens_per_microbatch, pack_sequences=pack)
     actor = MegatronActor(config, PolicyLossConfig(kl_coef=1e-2), model_config, mcore_dir)
     batch = make_batch()
     logp, entropy = actor.compute_logprobs(batch)
-    result = {"logp": logp, "entropy": entropy}
+    result = {"logp": logp, "entropy": entropy, "packing": actor.packing,
+              "recompute": actor.model.module.config.recompute_granularity}
     if not train:
         return result
     reference = load_reference_model(mcore_dir, model_config)
     ref_logp, _ = compute_logprobs(reference, batch, temperature=TEMPERATURE, max_tokens_per_microbatch=64,
-                                   vocab_size=actor.vocab_size)
+                                   vocab_size=actor.vocab_size, packing=actor.packing)
     advantages = torch.randn(batch.tokens.shape, generator=torch.Generator().manual_seed(1))
     train_batch = dataclasses.replace(batch, old_logp=logp, advantages=advantages, ref_logp=ref_logp)
     result.update(ref_logp=ref_logp, metrics=[])
@@ -82,9 +83,10 @@ def _actor_job(mcore_dir: str, max_tokens_per_microbatch: int, train: bool) -> d
     return result
 
 
-def _run(mcore_dir: str, tp: int, pp: int, max_tokens: int, train: bool) -> dict:
+def _run(mcore_dir: str, tp: int, pp: int, max_tokens: int, train: bool, pack: bool = True,
+         model_fields: dict | None = None) -> dict:
     per_rank = run_local_workers(_actor_job, ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp),
-                                 args=(mcore_dir, max_tokens, train))
+                                 args=(mcore_dir, max_tokens, train, pack, model_fields or {}))
     # Every rank must hold the same result (broadcast from the last stage); rank 0 is the first stage.
     for other in per_rank[1:]:
         assert torch.equal(other["logp"], per_rank[0]["logp"])
@@ -124,8 +126,10 @@ def hf_reference(checkpoint):
 
 @pytest.fixture(scope="module")
 def trained(checkpoint):
-    # Budget 32 -> 2 microbatches at TP=1; budget 14 -> 4 microbatches (one row each) at TP=2 x PP=2.
-    return {(1, 1): _run(checkpoint[1], 1, 1, 32, train=True), (2, 2): _run(checkpoint[1], 2, 2, 14, train=True)}
+    # Rows of 9, 14, 6 and 12 tokens. TP=1, padded rows, budget 32: microbatches {14, 12} and {9, 6}.
+    # TP=2 x PP=2, packed, budget 21: rows {14, 6} and {12, 9}. The two must train identically.
+    return {(1, 1): _run(checkpoint[1], 1, 1, 32, train=True, pack=False),
+            (2, 2): _run(checkpoint[1], 2, 2, 21, train=True, pack=True)}
 
 
 def _assert_matches_hf(result: dict, hf_reference) -> None:
@@ -137,6 +141,7 @@ def _assert_matches_hf(result: dict, hf_reference) -> None:
 
 @pytest.mark.parametrize("layout", [(1, 1), (2, 2)])
 def test_logprobs_match_hf_trained_layouts(trained, hf_reference, layout):
+    assert trained[layout]["packing"] == (None if layout == (1, 1) else "dense_mask")
     _assert_matches_hf(trained[layout], hf_reference)
     # The frozen reference model (a second GPTModel from the same checkpoint) gives the same log-probs.
     assert torch.allclose(trained[layout]["ref_logp"], trained[layout]["logp"], atol=1e-6)
@@ -144,18 +149,28 @@ def test_logprobs_match_hf_trained_layouts(trained, hf_reference, layout):
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
 def test_logprobs_match_hf(checkpoint, hf_reference, tp, pp):
+    # Packed, budget 20: rows {14, 6}, {12}, {9}.
     _assert_matches_hf(_run(checkpoint[1], tp, pp, 20, train=False), hf_reference)
 
 
-def test_optimizer_step_is_layout_and_microbatch_independent(trained):
+def test_optimizer_step_is_layout_packing_and_microbatch_independent(trained):
     single, parallel = trained[(1, 1)], trained[(2, 2)]
-    assert [m["num_microbatches"] for m in (single["metrics"][0], parallel["metrics"][0])] == [2.0, 4.0]
+    assert [m["num_microbatches"] for m in (single["metrics"][0], parallel["metrics"][0])] == [2.0, 2.0]
     # The step moved the weights, and equally at both layouts.
     assert (single["logp_after_step"] - single["logp"]).abs().max() > 1e-2
     assert (single["logp_after_step"] - parallel["logp_after_step"]).abs().max() < 1e-4
     for ours, theirs in zip(single["metrics"], parallel["metrics"]):
         for name in ("loss", "pg_loss", "kl_ref", "entropy", "clip_fraction", "grad_norm"):
             assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
+
+
+def test_activation_recomputation_trains_identically(checkpoint, trained):
+    # megatron-core's full recomputation reruns each layer's forward in backward: same gradients, less memory.
+    recomputed = _run(checkpoint[1], 1, 1, 64, train=True, pack=True,
+                      model_fields=dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1))
+    assert recomputed["recompute"] == "full" and trained[(1, 1)]["recompute"] is None
+    assert (recomputed["logp_after_step"] - trained[(1, 1)]["logp_after_step"]).abs().max() < 1e-5
+    assert recomputed["metrics"][-1]["loss"] == pytest.approx(trained[(1, 1)]["metrics"][-1]["loss"], rel=1e-4)
 
 
 def test_loss_goes_down_and_metrics(trained, hf_reference):
@@ -203,6 +218,78 @@ def test_split_by_token_budget_respects_budget():
     assert len(split_by_token_budget(lengths, 10_000)) == 1
     # A budget of exactly the longest row puts that row alone; rows of half its length pair up.
     assert split_by_token_budget([8, 4, 4, 3], 8) == [[0], [1, 2], [3]]
+
+
+def test_packed_split_and_microbatch_layout():
+    generator = torch.Generator().manual_seed(4)
+    lengths = torch.randint(1, 50, (37,), generator=generator).tolist()
+    for budget in (50, 64, 200):
+        groups = split_by_token_budget(lengths, budget, packed=True)
+        assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in group) <= budget for group in groups)
+    assert split_by_token_budget([9, 14, 6, 12], 21, packed=True) == [[1, 2], [3, 0]]
+
+    batch = make_batch()
+    rows = [1, 2, 0]
+    microbatch = batch.microbatch(rows, packed=True)
+    expected_row = torch.cat([batch.tokens[i, : batch.lengths[i]] for i in rows])
+    assert torch.equal(microbatch["packed_tokens"], expected_row.unsqueeze(0))
+    assert microbatch["cu_seqlens"].tolist() == [0, 14, 20, 29]
+    # Brute force: padded entry [k, c] predicts token c + 1 of row k; the packed log-prob j predicts packed
+    # token j + 1, so the index must point at that same token.
+    for k, row in enumerate(rows):
+        for c in range(int(batch.lengths[row]) - 1):
+            j = int(microbatch["logp_index"][k, c])
+            assert microbatch["packed_tokens"][0, j + 1] == batch.tokens[row, c + 1]
+            assert j + 1 < int(microbatch["cu_seqlens"][k + 1])  # never reaches into the next sequence
+
+
+def test_block_causal_mask_matches_brute_force():
+    from megatron_zero.actor.packing import block_causal_mask
+
+    cu_seqlens = torch.tensor([0, 3, 4, 8])
+    segment = [0, 0, 0, 1, 2, 2, 2, 2]
+    mask = block_causal_mask(cu_seqlens)
+    assert mask.shape == (1, 1, 8, 8)
+    for i in range(8):
+        for j in range(8):
+            assert bool(mask[0, 0, i, j]) == (j > i or segment[i] != segment[j])
+
+
+def test_packing_format_and_thd_inputs(caplog):
+    from megatron_zero.actor.packing import packed_attention_inputs, packing_format
+    from megatron_zero.config.model import ModelConfig
+    from megatron_zero.models.registry import get_bridge
+    from megatron_zero.models.tiny import tiny_config
+
+    def architecture(name: str, **overrides):
+        hf_config = tiny_config(name, **overrides).to_dict()
+        return get_bridge(hf_config).parse(hf_config)
+
+    qwen2 = architecture("qwen2")
+    assert packing_format(ModelConfig(), qwen2, enabled=True) == "dense_mask"  # no GPU: local layers
+    assert packing_format(ModelConfig(), qwen2, enabled=False) is None
+    # megatron's local softmax would replace the packing mask by its window mask: padded rows instead.
+    assert packing_format(ModelConfig(), architecture("mistral", sliding_window=4096), enabled=True) is None
+    assert "sliding window (4096); using padded rows" in caplog.text
+    # The GPU path up to the CUDA boundary: the THD parameters TE receives.
+    params = packed_attention_inputs(torch.tensor([0, 3, 4, 8]), "thd")["packed_seq_params"]
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.dtype == torch.int32
+    assert params.cu_seqlens_q.tolist() == params.cu_seqlens_kv.tolist() == [0, 3, 4, 8]
+    assert params.max_seqlen_q == params.max_seqlen_kv == 4
+    with pytest.raises(ValueError, match="unknown packing format 'bshd'"):
+        packed_attention_inputs(torch.tensor([0, 3]), "bshd")
+
+
+def test_fp8_without_transformer_engine_fails_before_building():
+    from megatron_zero.config.model import ModelConfig
+    from megatron_zero.models.registry import get_bridge
+    from megatron_zero.models.tiny import tiny_config
+
+    hf_config = tiny_config("qwen2").to_dict()
+    bridge = get_bridge(hf_config)
+    with pytest.raises(ValueError, match=r"model.fp8='e4m3' needs Transformer Engine layers on a GPU.*resolves to 'local'"):
+        bridge.transformer_config(bridge.parse(hf_config), ModelConfig(fp8="e4m3"))
 
 
 def test_budget_smaller_than_a_sequence_fails_fast():

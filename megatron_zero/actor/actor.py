@@ -15,13 +15,13 @@ How (inside a process that called ``megatron_zero.parallel.initialize_parallel``
     actor.offload(); ...rollout...; actor.onload()
 
 Design choices:
-* Right-padded rows, no attention mask: with padding only on the right, every real token's causal window holds
-  only real tokens, so megatron's built-in causal (or sliding-window) mask is exact for them and the fast
-  causal kernels stay usable; outputs at padding positions are computed and dropped. Packing several
-  sequences per row would need per-sequence RoPE positions, which GPTModel only honours through THD
-  ``PackedSeqParams`` (GPU kernels), so it is not done here.
-* Microbatches by token budget (``batching.split_by_token_budget``), each padded to its own longest row. The
-  pipeline schedule then sends activations of different shapes between stages, so models are built with
+* Packed rows by default (``packing.py``): each microbatch is one row of sequences end to end, attention kept
+  within each sequence by TE's THD ``PackedSeqParams`` on GPU or a block-diagonal mask on CPU. Without packing
+  (``actor.pack_sequences=false``, or a sliding-window model on CPU) rows are right-padded and get no mask:
+  every real token's causal window then holds only real tokens, so megatron's built-in causal (or
+  sliding-window) mask is exact for them; outputs at padding positions are computed and dropped.
+* Microbatches by token budget (``batching.split_by_token_budget``), packed or padded to their own longest row.
+  The pipeline schedule then sends activations of different shapes between stages, so models are built with
   ``variable_seq_lengths=True``: megatron's p2p layer exchanges each tensor's shape before the tensor.
 * Loss normalisation: each microbatch's loss is ``sum / global normaliser`` (``losses.py``), the normaliser
   summed over all microbatches and data-parallel ranks, so microbatching and DP do not change the loss. The
@@ -44,11 +44,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_zero.actor.batching import ActorBatch, split_by_token_budget
+from megatron_zero.actor.checkpointing import load_actor_checkpoint, save_actor_checkpoint
 from megatron_zero.actor.logprobs import vocab_parallel_logprobs_entropy
 from megatron_zero.actor.losses import aggregation_normaliser, compute_policy_loss
+from megatron_zero.actor.packing import packed_attention_inputs, packing_format
 from megatron_zero.config.actor import ActorConfig
 from megatron_zero.config.algorithm import PolicyLossConfig
 from megatron_zero.config.model import ModelConfig
+from megatron_zero.parallel.init import compute_device
 from megatron_zero.parallel.pipeline import broadcast_from_last_stage, forward_backward
 
 logger = logging.getLogger(__name__)
@@ -90,43 +93,70 @@ def load_reference_model(mcore_dir: str | Path, model_config: ModelConfig) -> to
 # --------------------------------------------------------------------------- forward passes
 
 
-def _call_model(model: torch.nn.Module, microbatch: dict[str, torch.Tensor]) -> torch.Tensor:
-    tokens = microbatch["tokens"]
+def _model_tokens(microbatch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The token rows the model runs on: the packed row, or the padded rows."""
+    return microbatch.get("packed_tokens", microbatch["tokens"])
+
+
+def _make_microbatches(batch: ActorBatch, max_tokens: int, packing: Optional[str]) -> tuple[list[list[int]], list]:
+    groups = split_by_token_budget(batch.lengths, max_tokens, packed=packing is not None)
+    device = compute_device()
+    microbatches = [{name: tensor.to(device) for name, tensor in batch.microbatch(group, packed=packing is not None).items()}
+                    for group in groups]
+    for microbatch in microbatches:
+        microbatch["packing"] = packing
+    return groups, microbatches
+
+
+def _call_model(model: torch.nn.Module, microbatch: dict[str, Any]) -> torch.Tensor:
+    tokens = _model_tokens(microbatch)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    if microbatch["packing"] is not None:
+        return model(input_ids=tokens, position_ids=position_ids,
+                     **packed_attention_inputs(microbatch["cu_seqlens"], microbatch["packing"]))
     # attention_mask=None: megatron's causal mask is exact for right-padded rows (module docstring).
     return model(input_ids=tokens, position_ids=position_ids, attention_mask=None)
 
 
-def _token_logprobs(logits: torch.Tensor, microbatch: dict[str, torch.Tensor], temperature: float,
+def _token_logprobs(logits: torch.Tensor, microbatch: dict[str, Any], temperature: float,
                     vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy [b, s - 1] of tokens 1..s-1 from the logits at 0..s-2, vocab-parallel over TP."""
+    """Log-prob and entropy [b, s - 1] of tokens 1..s-1 of the padded rows, vocab-parallel over TP.
+
+    Computed from the logits at 0..s-2 of the rows the model ran on; for a packed row, the values at sequence
+    boundaries (predicting the next sequence's first token) are computed and dropped by ``logp_index``.
+    """
     from megatron.core import parallel_state
 
-    return vocab_parallel_logprobs_entropy(
-        logits[:, :-1], microbatch["tokens"][:, 1:], parallel_state.get_tensor_model_parallel_group(),
+    tokens = _model_tokens(microbatch)
+    logp, entropy = vocab_parallel_logprobs_entropy(
+        logits[:, :-1], tokens[:, 1:], parallel_state.get_tensor_model_parallel_group(),
         temperature=temperature, vocab_size=vocab_size,
     )
+    if "logp_index" in microbatch:
+        logp, entropy = logp[0][microbatch["logp_index"]], entropy[0][microbatch["logp_index"]]
+    return logp, entropy
 
 
-def _run_microbatches(model: torch.nn.Module, microbatches: list[dict[str, torch.Tensor]],
+def _run_microbatches(model: torch.nn.Module, microbatches: list[dict[str, Any]],
                       output_fn: Callable, forward_only: bool) -> list[dict[str, Any]]:
     return forward_backward(
         model, microbatches,
-        seq_length=max(mb["tokens"].shape[1] for mb in microbatches),
-        micro_batch_size=max(mb["tokens"].shape[0] for mb in microbatches),
+        seq_length=max(_model_tokens(mb).shape[1] for mb in microbatches),
+        micro_batch_size=max(_model_tokens(mb).shape[0] for mb in microbatches),
         call_model=_call_model, output_fn=output_fn, forward_only=forward_only,
     )
 
 
 def compute_logprobs(model: torch.nn.Module, batch: ActorBatch, *, temperature: float,
-                     max_tokens_per_microbatch: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_tokens_per_microbatch: int, vocab_size: int,
+                     packing: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy [B, S] (float32) of each response token, aligned with ``batch.tokens``.
 
     Entry [i, t] is log p(tokens[i, t] | tokens[i, :t]) under softmax(logits / temperature) over the true
     vocabulary (``vocab_size``); 0 where ``batch.response_mask`` is False. Returned on every pipeline rank.
+    ``packing``: None for padded rows, else the ``packing.packing_format`` of this model.
     """
-    groups = split_by_token_budget(batch.lengths, max_tokens_per_microbatch)
-    microbatches = [batch.microbatch(group) for group in groups]
+    groups, microbatches = _make_microbatches(batch, max_tokens_per_microbatch, packing)
 
     def output_fn(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
         logp, entropy = _token_logprobs(logits, microbatch, temperature, vocab_size)
@@ -153,22 +183,6 @@ def compute_logprobs(model: torch.nn.Module, batch: ActorBatch, *, temperature: 
 
 
 # --------------------------------------------------------------------------- memory phases
-
-
-def _find_param_groups(state: Any) -> list[dict[str, Any]]:
-    """Every optimizer param group in a (possibly chained, nested) optimizer state dict."""
-    if isinstance(state, dict):
-        groups = list(state.get("param_groups", [])) if isinstance(state.get("param_groups"), list) else []
-        return groups + [g for key, value in state.items() if key != "param_groups" for g in _find_param_groups(value)]
-    if isinstance(state, (list, tuple)):
-        return [g for value in state for g in _find_param_groups(value)]
-    return []
-
-
-# megatron-core 0.16.1 on CPU (torch Adam, no Apex/TE): its default "fully_sharded_model_space" needs
-# flattened ranges its own checkpoint validation rejects, and "fully_reshardable" cannot load back the
-# per-parameter Adam step. "dp_reshardable" round-trips exactly; it resumes at the same TP/PP (any DP).
-OPTIMIZER_SHARDING = "dp_reshardable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +215,8 @@ class MegatronActor:
         self.policy_loss = policy_loss
         module, info = load_model(mcore_dir, model_config)
         self.vocab_size = info.arch.vocab_size
+        # How microbatches are laid out (packing.py): "thd", "dense_mask", or None for padded rows.
+        self.packing = packing_format(model_config, info.arch, enabled=config.pack_sequences)
         # The distributed optimizer shards Adam state over DP ranks (on CPU too, through the CPU adapter).
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=True)
@@ -235,7 +251,7 @@ class MegatronActor:
         self._check_on_device("compute_logprobs")
         return compute_logprobs(self.model, batch, temperature=self.config.temperature,
                                 max_tokens_per_microbatch=self.config.max_tokens_per_microbatch,
-                                vocab_size=self.vocab_size)
+                                vocab_size=self.vocab_size, packing=self.packing)
 
     # ---- training --------------------------------------------------------------------------------
 
@@ -258,13 +274,12 @@ class MegatronActor:
 
         self._check_on_device("train_step")
         self._check_train_batch(batch)
-        groups = split_by_token_budget(batch.lengths, self.config.max_tokens_per_microbatch)
-        microbatches = [batch.microbatch(group) for group in groups]
+        _, microbatches = _make_microbatches(batch, self.config.max_tokens_per_microbatch, self.packing)
         dp_group = parallel_state.get_data_parallel_group()
         dp_size = dist.get_world_size(dp_group)
         normaliser = sum(aggregation_normaliser(mb["response_mask"][:, 1:], self.policy_loss.aggregation,
                                                 max_response_length) for mb in microbatches)
-        normaliser = torch.as_tensor(normaliser, dtype=torch.float64)
+        normaliser = torch.as_tensor(normaliser, dtype=torch.float64, device=compute_device())
         dist.all_reduce(normaliser, group=dp_group)
         # Cancels the schedule's division by the number of microbatches and DDP's average over DP (docstring).
         schedule_scale = len(microbatches) * dp_size
@@ -301,7 +316,7 @@ class MegatronActor:
     def _reduce_metrics(outputs: list[dict[str, torch.Tensor]], dp_group: dist.ProcessGroup) -> dict[str, float]:
         """Sum the loss-like metrics and token-weight the per-token means over microbatches and DP ranks."""
         names = [name for name in (*_SUMMED_METRICS, *_TOKEN_MEAN_METRICS) if name in outputs[0]]
-        totals = torch.zeros(len(names) + 1, dtype=torch.float64)
+        totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=compute_device())
         for out in outputs:
             num_tokens = float(out["num_tokens"])
             for i, name in enumerate(names):
@@ -320,61 +335,13 @@ class MegatronActor:
     # ---- checkpoints -----------------------------------------------------------------------------
 
     def save_checkpoint(self, checkpoint_dir: Path) -> None:
-        """Weights, distributed-optimizer state, LR schedule and step as one torch_dist checkpoint.
-
-        Every rank calls it (dist_checkpointing is collective); like the model weights, the optimizer
-        state is stored by global shard, so the checkpoint resumes at another TP/PP layout.
-        """
-        from megatron.core import dist_checkpointing
-
+        """Weights, optimizer state, LR schedule and step count (``checkpointing.save_actor_checkpoint``)."""
         self._check_on_device("save_checkpoint")
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(self._sharded_state_dict(is_loading=False), str(checkpoint_dir))
+        save_actor_checkpoint(self, checkpoint_dir)
 
     def load_checkpoint(self, checkpoint_dir: Path) -> None:
-        from megatron.core import dist_checkpointing
-
         self._check_on_device("load_checkpoint")
-        # Resuming before any step: the optimizer has no Adam state yet for the checkpoint to load into.
-        # megatron-core creates it with a zero-gradient dummy step (weights and state are then loaded).
-        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            if not optimizer.optimizer.state:
-                optimizer._init_optimizer_states_with_dummy_values()
-        state = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), str(checkpoint_dir))
-        self.model.module.load_state_dict(state["model"], strict=True)
-        # Without mixed precision the optimizer's "main" params are the model's own leaf tensors.
-        with torch.no_grad():
-            self.optimizer.load_state_dict(state["optimizer"])
-        self._restore_adam_step(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.num_steps = int(state["num_steps"])
-
-    def _restore_adam_step(self, optimizer_state: dict[str, Any]) -> None:
-        """Set torch Adam's per-parameter step count from the checkpoint.
-
-        megatron-core 0.16.1 saves it (in param_groups) but, with torch's Adam and the dp_reshardable
-        format, leaves the count of the dummy step used to create the state: the next update would then
-        use the wrong bias correction (measured: step 1 instead of 2 after resuming).
-        """
-        steps = {group["step"] for group in _find_param_groups(optimizer_state) if "step" in group}
-        if len(steps) != 1:
-            raise RuntimeError(f"checkpoint optimizer state has Adam step counts {sorted(steps)}, expected exactly one")
-        step = float(steps.pop())
-        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            for param_state in optimizer.optimizer.state.values():
-                if "step" in param_state:
-                    param_state["step"] = torch.tensor(step, dtype=torch.float32)
-
-    def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
-        model_state = self.model.module.sharded_state_dict()
-        return {
-            "model": model_state,
-            # See OPTIMIZER_SHARDING for why this format.
-            "optimizer": self.optimizer.sharded_state_dict(
-                model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}),
-            "scheduler": self.scheduler.state_dict(),
-            "num_steps": self.num_steps,
-        }
+        load_actor_checkpoint(self, checkpoint_dir)
 
     @property
     def offloaded(self) -> bool:

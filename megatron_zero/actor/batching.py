@@ -5,11 +5,16 @@ per microbatch either wastes memory on short batches or runs out of it on long o
 filled up to ``max_tokens_per_microbatch`` tokens, counted as the padded size (sequences x longest sequence),
 which is what the attention and MLP activations cost.
 
+With packing (``packed=True``, see ``packing.py``) a microbatch is instead one row holding several sequences
+end to end, up to ``max_tokens_per_microbatch`` tokens in total, so nothing is spent on padding.
+
 How: ``ActorBatch(tokens=..., lengths=..., response_mask=..., ...)`` holds right-padded prompt+response rows;
-``split_by_token_budget(lengths, max_tokens)`` returns the row indices of each microbatch and
-``batch.microbatch(indices)`` the tensors of one microbatch, trimmed to its own longest row. Every per-token
-tensor is aligned with ``tokens``: entry [i, t] belongs to token t of row i (its log-prob is predicted from the
-logits at t - 1), so position 0 never counts.
+``split_by_token_budget(lengths, max_tokens, packed=...)`` returns the row indices of each microbatch and
+``batch.microbatch(indices, packed=...)`` the tensors of one microbatch, trimmed to its own longest row. Every
+per-token tensor is aligned with ``tokens``: entry [i, t] belongs to token t of row i (its log-prob is predicted
+from the logits at t - 1), so position 0 never counts. A packed microbatch carries the same padded tensors for
+the loss plus the packed row the model sees and ``logp_index``, which maps the packed row's log-probs back onto
+the padded layout, so the loss code never sees the packing.
 """
 
 from __future__ import annotations
@@ -74,24 +79,40 @@ class ActorBatch:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name)[indices] for f in dataclasses.fields(self)
                                            if getattr(self, f.name) is not None})
 
-    def microbatch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Rows ``indices`` trimmed to their longest row: tokens, response_mask and the per-token fields set."""
+    def microbatch(self, indices: Sequence[int], packed: bool = False) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` trimmed to their longest row: tokens, response_mask and the per-token fields set.
+
+        ``packed`` adds the rows' real tokens end to end as ``packed_tokens`` [1, T], their boundaries
+        ``cu_seqlens`` [n + 1] and ``logp_index`` [n, longest - 1]: the packed log-prob (entry j predicts packed
+        token j + 1) of padded entry [k, t], which predicts token t + 1 of row k; 0 where row k has no token
+        t + 1 (those entries are masked in the loss).
+        """
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        max_length = int(self.lengths[index].max())
+        lengths = self.lengths[index].long()
+        max_length = int(lengths.max())
         out = {"tokens": self.tokens[index, :max_length].long(),
                "response_mask": self.response_mask[index, :max_length].bool()}
         for name in PER_TOKEN_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value[index, :max_length].float()
+        if packed:
+            real = torch.arange(max_length).unsqueeze(0) < lengths.unsqueeze(1)
+            out["packed_tokens"] = out["tokens"][real].unsqueeze(0)
+            out["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            columns = torch.arange(max_length - 1).unsqueeze(0)
+            out["logp_index"] = torch.where(columns < (lengths - 1).unsqueeze(1),
+                                            out["cu_seqlens"][:-1].unsqueeze(1) + columns, 0)
         return out
 
 
-def split_by_token_budget(lengths: Sequence[int] | torch.Tensor, max_tokens: int) -> list[list[int]]:
-    """Group row indices so that each group's (rows x longest row) <= ``max_tokens``.
+def split_by_token_budget(lengths: Sequence[int] | torch.Tensor, max_tokens: int,
+                          packed: bool = False) -> list[list[int]]:
+    """Group row indices so that each group's (rows x longest row), or with ``packed`` its total length,
+    is <= ``max_tokens``.
 
-    Rows are taken longest first, so each group holds rows of similar length (little padding) and the number
-    of groups is minimal for this greedy order. Raises before any work if one row alone exceeds the budget.
+    Rows are taken longest first: padded, each group then holds rows of similar length (little padding);
+    packed, each row goes to the first group it fits (first-fit decreasing). Raises before any work if one row alone exceeds the budget.
     """
     lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
     if not lengths:
@@ -104,6 +125,17 @@ def split_by_token_budget(lengths: Sequence[int] | torch.Tensor, max_tokens: int
         )
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
+    if packed:
+        totals: list[int] = []
+        for index in order:
+            fits = next((g for g, total in enumerate(totals) if total + lengths[index] <= max_tokens), None)
+            if fits is None:
+                groups.append([index])
+                totals.append(lengths[index])
+            else:
+                groups[fits].append(index)
+                totals[fits] += lengths[index]
+        return groups
     for index in order:
         # Rows arrive longest first, so the group's padded length is its first row's length.
         if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:

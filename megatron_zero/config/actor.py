@@ -36,6 +36,10 @@ class ActorConfig:
     # Token budget of one microbatch: sequences are grouped so that (number of sequences) x (longest
     # sequence of the group) stays within it. Must hold the longest prompt + response.
     max_tokens_per_microbatch: int = 16384
+    # Pack several sequences into each microbatch row (actor/packing.py) instead of padding rows to the
+    # longest one. On CPU (megatron-core's local layers) packing uses a dense block-diagonal mask whose cost
+    # grows with the square of the row length; turn it off there when speed matters more than padding.
+    pack_sequences: bool = True
     # The rollout's sampling temperature: log-probs are computed from logits / temperature, as sampled.
     temperature: float = 1.0
 

@@ -91,6 +91,11 @@ def initialize_parallel(config: ParallelConfig, env: DistributedEnv | None = Non
     return env
 
 
+def compute_device() -> torch.device:
+    """Where this rank's model and its inputs live: its GPU, or the CPU (gloo, CPU adapter)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def destroy_parallel() -> None:
     from megatron.core import parallel_state
 

@@ -46,7 +46,7 @@ class ActorWorker:
                                "(loss.kl_coef is 0)")
         logp, _ = compute_logprobs(self.reference, batch, temperature=self.actor_config.temperature,
                                    max_tokens_per_microbatch=self.actor_config.max_tokens_per_microbatch,
-                                   vocab_size=self.info.arch.vocab_size)
+                                   vocab_size=self.info.arch.vocab_size, packing=self.actor.packing)
         return logp if self.rank == 0 else None
 
     def train(self, batch: ActorBatch, max_response_length: int) -> Optional[dict[str, float]]:

@@ -31,7 +31,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "cluster": {"gpus_per_node": 0, "cpu_workers_per_node": 2, "ray_address": "local", "ray_call_timeout_s": 900.0},
     "model": {"transformer_impl": "local", "params_dtype": "float32"},
     # DEMO-NOTES: lr 1e-4 was stable (3e-4 peaked then fell); no KL term.
-    "actor": {"lr": 1e-4, "clip_grad": 1.0, "max_tokens_per_microbatch": 4096, "temperature": 1.0},
+    # Padded rows: on CPU, packing's dense block mask made the train step 2x slower (tools/bench_packing.py).
+    "actor": {"lr": 1e-4, "clip_grad": 1.0, "max_tokens_per_microbatch": 4096, "temperature": 1.0,
+              "pack_sequences": False},
     "loss": {"kl_coef": 0.0, "entropy_coef": 0.0, "clip_low": 0.2, "clip_high": 0.2, "aggregation": "token-mean"},
     "advantage": {"estimator": "grpo"},
     "reward": {"num_workers": 1, "timeout_s": 5.0},

@@ -68,6 +68,10 @@ class ModelBridge:
 
         impl = resolve_transformer_impl(model_config)
         on_gpu = impl == "transformer_engine"
+        if model_config.fp8 is not None and not on_gpu:
+            raise ValueError(f"model.fp8={model_config.fp8!r} needs Transformer Engine layers on a GPU, but "
+                             f"model.transformer_impl={model_config.transformer_impl!r} resolves to {impl!r} here "
+                             "(no CUDA or no transformer-engine); unset model.fp8 on this machine")
         params_dtype = _TORCH_DTYPES[model_config.params_dtype]
         kwargs: dict[str, Any] = dict(
             num_layers=arch.num_layers,
