@@ -39,7 +39,7 @@ def make_batch() -> ActorBatch:
 
 def _actor_job(mcore_dir: str, max_tokens_per_microbatch: int, train: bool, pack: bool, model_fields: dict) -> dict:
     """Worker: initial log-probs; with ``train``, NUM_STEPS steps, log-probs after step 1, offload checks."""
-    from megatron_zero.actor.actor import MegatronActor, compute_logprobs, load_reference_model
+    from megatron_zero.actor.actor import MegatronActor, ReferenceModel
     from megatron_zero.config.algorithm import PolicyLossConfig
     from megatron_zero.config.model import ModelConfig
 
@@ -54,9 +54,11 @@ def _actor_job(mcore_dir: str, max_tokens_per_microbatch: int, train: bool, pack
               "recompute": actor.model.module.config.recompute_granularity}
     if not train:
         return result
-    reference = load_reference_model(mcore_dir, model_config)
-    ref_logp, _ = compute_logprobs(reference, batch, temperature=TEMPERATURE, max_tokens_per_microbatch=64,
-                                   vocab_size=actor.vocab_size, packing=actor.packing)
+    # Kept in host memory between passes; another token budget than the actor's.
+    reference = ReferenceModel(mcore_dir, model_config, dataclasses.replace(config, max_tokens_per_microbatch=64,
+                                                                            offload_reference=True))
+    ref_logp = reference.compute_logprobs(batch)
+    result["reference_offloaded_after_pass"] = reference.offloaded
     advantages = torch.randn(batch.tokens.shape, generator=torch.Generator().manual_seed(1))
     train_batch = dataclasses.replace(batch, old_logp=logp, advantages=advantages, ref_logp=ref_logp)
     result.update(ref_logp=ref_logp, metrics=[])
@@ -144,7 +146,9 @@ def test_logprobs_match_hf_trained_layouts(trained, hf_reference, layout):
     assert trained[layout]["packing"] == (None if layout == (1, 1) else "dense_mask")
     _assert_matches_hf(trained[layout], hf_reference)
     # The frozen reference model (a second GPTModel from the same checkpoint) gives the same log-probs.
+    # It went back to host memory after its pass (actor.offload_reference).
     assert torch.allclose(trained[layout]["ref_logp"], trained[layout]["logp"], atol=1e-6)
+    assert trained[layout]["reference_offloaded_after_pass"]
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])

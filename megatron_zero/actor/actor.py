@@ -8,9 +8,7 @@ How (inside a process that called ``megatron_zero.parallel.initialize_parallel``
 
     actor = MegatronActor(ActorConfig(lr=1e-6), PolicyLossConfig(), ModelConfig(), "ckpt/mcore")
     logp, entropy = actor.compute_logprobs(batch)              # [B, S], on every pipeline rank
-    reference = load_reference_model("ckpt/mcore", ModelConfig())
-    ref_logp, _ = compute_logprobs(reference, batch, temperature=1.0, max_tokens_per_microbatch=8192,
-                                   vocab_size=actor.vocab_size)
+    ref_logp = ReferenceModel("ckpt/mcore", ModelConfig(), ActorConfig()).compute_logprobs(batch)
     metrics = actor.train_step(dataclasses.replace(batch, old_logp=logp, advantages=adv, ref_logp=ref_logp))
     actor.offload(); ...rollout...; actor.onload()
 
@@ -27,15 +25,11 @@ Design choices:
   summed over all microbatches and data-parallel ranks, so microbatching and DP do not change the loss. The
   schedule divides every microbatch loss by the number of microbatches and DDP averages gradients over DP,
   so the loss handed to the schedule is multiplied by both to cancel them.
-* Offload frees the storages of weights, gradient buffers and optimizer state in place (``resize_(0)``) after
-  copying them to host memory, and restores them on onload. Resizing the storage, not re-pointing tensors,
-  keeps every view valid (params are views into DDP's contiguous buffers, optimizer shards views of those).
-  On a CPU-only machine the host copy is in the same memory, so nothing is freed, but the same code runs.
+* Offload frees the storages of weights, gradient buffers and optimizer state in place (``memory.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -47,6 +41,7 @@ from megatron_zero.actor.batching import ActorBatch, split_by_token_budget
 from megatron_zero.actor.checkpointing import load_actor_checkpoint, save_actor_checkpoint
 from megatron_zero.actor.logprobs import vocab_parallel_logprobs_entropy
 from megatron_zero.actor.losses import aggregation_normaliser, compute_policy_loss
+from megatron_zero.actor.memory import MemoryMove, StorageOffloader, unique_storages_by_kind
 from megatron_zero.actor.packing import packed_attention_inputs, packing_format
 from megatron_zero.config.actor import ActorConfig
 from megatron_zero.config.algorithm import PolicyLossConfig
@@ -82,12 +77,49 @@ def load_model(mcore_dir: str | Path, model_config: ModelConfig) -> tuple[torch.
     return model, info
 
 
-def load_reference_model(mcore_dir: str | Path, model_config: ModelConfig) -> torch.nn.Module:
-    """The frozen reference policy (the initial checkpoint) for ``compute_logprobs``."""
-    model, _ = load_model(mcore_dir, model_config)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+class ReferenceModel:
+    """The frozen reference policy (the initial checkpoint) for the KL term.
+
+    With ``actor.offload_reference`` its weights wait in host memory and visit the device only for its
+    log-prob pass: one host-to-device copy of the weights per step buys that much device memory for the
+    actor and a colocated engine the rest of the time.
+    """
+
+    def __init__(self, mcore_dir: str | Path, model_config: ModelConfig, actor_config: ActorConfig) -> None:
+        self.model, info = load_model(mcore_dir, model_config)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.vocab_size = info.arch.vocab_size
+        self.packing = packing_format(model_config, info.arch, enabled=actor_config.pack_sequences)
+        self.config = actor_config
+        self._memory = StorageOffloader("reference model")
+        if actor_config.offload_reference:
+            self.offload()
+
+    @property
+    def offloaded(self) -> bool:
+        return self._memory.offloaded
+
+    def compute_logprobs(self, batch: ActorBatch) -> torch.Tensor:
+        """Reference log-probs [B, S] of ``batch``'s response tokens (see ``compute_logprobs``)."""
+        keep_offloaded = self.offloaded
+        if keep_offloaded:
+            self.onload()
+        try:
+            logp, _ = compute_logprobs(self.model, batch, temperature=self.config.temperature,
+                                       max_tokens_per_microbatch=self.config.max_tokens_per_microbatch,
+                                       vocab_size=self.vocab_size, packing=self.packing)
+        finally:
+            if keep_offloaded:
+                self.offload()
+        return logp
+
+    def offload(self) -> MemoryMove:
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return self._memory.offload(unique_storages_by_kind({"weights": tensors}))
+
+    def onload(self) -> MemoryMove:
+        return self._memory.onload()
 
 
 # --------------------------------------------------------------------------- forward passes
@@ -185,19 +217,6 @@ def compute_logprobs(model: torch.nn.Module, batch: ActorBatch, *, temperature: 
 # --------------------------------------------------------------------------- memory phases
 
 
-@dataclasses.dataclass(frozen=True)
-class MemoryMove:
-    """What one offload or onload moved: bytes per kind ("weights", "grads", "optimizer")."""
-
-    direction: str
-    bytes_by_kind: dict[str, int]
-    num_storages: int
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes_by_kind.values())
-
-
 # --------------------------------------------------------------------------- the actor
 
 
@@ -242,8 +261,7 @@ class MegatronActor:
         self.model.config.finalize_model_grads_func = finalize_model_grads
         self.model.config.grad_scale_func = self.optimizer.scale_loss
         self.num_steps = 0
-        # (kind, device storage, host copy) of everything offload() freed; None while on the device.
-        self._offloaded: Optional[list[tuple[str, torch.UntypedStorage, torch.Tensor]]] = None
+        self._memory = StorageOffloader("actor")
 
     # ---- log-probs -------------------------------------------------------------------------------
 
@@ -345,73 +363,30 @@ class MegatronActor:
 
     @property
     def offloaded(self) -> bool:
-        return self._offloaded is not None
+        return self._memory.offloaded
 
     def _check_on_device(self, what: str) -> None:
         if self.offloaded:
             raise RuntimeError(f"{what}: the actor is offloaded; call onload() first")
 
     def _storages_by_kind(self) -> dict[str, list[torch.UntypedStorage]]:
-        """Unique storages of weights, gradient buffers and optimizer state (views share them; each counted once)."""
-        seen: set[int] = set()
-        kinds: dict[str, list[torch.UntypedStorage]] = {"weights": [], "grads": [], "optimizer": []}
-
-        def add(kind: str, tensor: Optional[torch.Tensor]) -> None:
-            if tensor is None or not isinstance(tensor, torch.Tensor):
-                return
-            storage = tensor.untyped_storage()
-            if storage.nbytes() == 0 or storage.data_ptr() in seen:
-                return
-            seen.add(storage.data_ptr())
-            kinds[kind].append(storage)
-
-        for param in self.model.parameters():
-            add("weights", param.data)
+        """Storages of weights, gradient buffers and optimizer state (shared views counted once)."""
+        weights = [param.data for param in self.model.parameters()]
+        grads = []
         for buffer in [*self.model.buffers, *self.model.expert_parallel_buffers]:
-            add("weights", buffer.param_data)
-            add("grads", buffer.grad_data)
+            weights.append(buffer.param_data)
+            grads.append(buffer.grad_data)
+        optimizer_state = []
         for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             inner = optimizer.optimizer
-            for group in inner.param_groups:
-                for param in group["params"]:
-                    add("optimizer", param.data)
-            for state in inner.state.values():
-                for value in state.values():
-                    add("optimizer", value)
-        return kinds
+            optimizer_state += [param.data for group in inner.param_groups for param in group["params"]]
+            optimizer_state += [value for state in inner.state.values() for value in state.values()]
+        return unique_storages_by_kind({"weights": weights, "grads": grads, "optimizer": optimizer_state})
 
     def offload(self) -> MemoryMove:
         """Copy weights, grads and optimizer state to host memory and free their device storage."""
-        if self.offloaded:
-            raise RuntimeError("offload(): the actor is already offloaded; call onload() first")
-        saved: list[tuple[str, torch.UntypedStorage, torch.Tensor]] = []
-        bytes_by_kind: dict[str, int] = {}
-        for kind, storages in self._storages_by_kind().items():
-            bytes_by_kind[kind] = 0
-            for storage in storages:
-                host = torch.empty(storage.nbytes(), dtype=torch.uint8, device="cpu",
-                                   pin_memory=torch.cuda.is_available())
-                host.untyped_storage().copy_(storage)
-                bytes_by_kind[kind] += storage.nbytes()
-                storage.resize_(0)
-                saved.append((kind, storage, host))
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self._offloaded = saved
-        move = MemoryMove(direction="offload", bytes_by_kind=bytes_by_kind, num_storages=len(saved))
-        logger.info("actor offload: %d storages, %.1f MiB %s", len(saved), move.total_bytes / 2**20, bytes_by_kind)
-        return move
+        return self._memory.offload(self._storages_by_kind())
 
     def onload(self) -> MemoryMove:
         """Reallocate the device storages freed by ``offload`` and copy their contents back."""
-        if not self.offloaded:
-            raise RuntimeError("onload(): the actor is not offloaded; call offload() first")
-        bytes_by_kind: dict[str, int] = {}
-        for kind, storage, host in self._offloaded:
-            storage.resize_(host.numel())
-            storage.copy_(host.untyped_storage())
-            bytes_by_kind[kind] = bytes_by_kind.get(kind, 0) + host.numel()
-        move = MemoryMove(direction="onload", bytes_by_kind=bytes_by_kind, num_storages=len(self._offloaded))
-        self._offloaded = None
-        logger.info("actor onload: %d storages, %.1f MiB", move.num_storages, move.total_bytes / 2**20)
-        return move
+        return self._memory.onload()

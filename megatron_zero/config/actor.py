@@ -40,6 +40,9 @@ class ActorConfig:
     # longest one. On CPU (megatron-core's local layers) packing uses a dense block-diagonal mask whose cost
     # grows with the square of the row length; turn it off there when speed matters more than padding.
     pack_sequences: bool = True
+    # Keep the frozen reference model (KL term) in host memory except during its log-prob pass: frees its
+    # device memory for the actor and a colocated engine, at one host-to-device copy of its weights per step.
+    offload_reference: bool = False
     # The rollout's sampling temperature: log-probs are computed from logits / temperature, as sampled.
     temperature: float = 1.0
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megatron_zero.actor.actor import MegatronActor, compute_logprobs, load_reference_model
+from megatron_zero.actor.actor import MegatronActor, ReferenceModel
 from megatron_zero.actor.batching import ActorBatch
 from megatron_zero.config.actor import ActorConfig
 from megatron_zero.config.algorithm import PolicyLossConfig
@@ -29,11 +29,10 @@ class ActorWorker:
     def __init__(self, mcore_dir: str, actor: ActorConfig, loss: PolicyLossConfig, model: ModelConfig,
                  with_reference: bool) -> None:
         self.info = read_checkpoint_info(mcore_dir)
-        self.actor_config = actor
         self.model_config = model
         self.actor = MegatronActor(actor, loss, model, mcore_dir)
         # The reference is only needed for the KL term; it stays frozen at the base weights.
-        self.reference = load_reference_model(mcore_dir, model) if with_reference else None
+        self.reference = ReferenceModel(mcore_dir, model, actor) if with_reference else None
         self.rank = torch.distributed.get_rank()
 
     def logprobs(self, batch: ActorBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -44,9 +43,7 @@ class ActorWorker:
         if self.reference is None:
             raise RuntimeError("ref_logprobs called but the worker was built without a reference model "
                                "(loss.kl_coef is 0)")
-        logp, _ = compute_logprobs(self.reference, batch, temperature=self.actor_config.temperature,
-                                   max_tokens_per_microbatch=self.actor_config.max_tokens_per_microbatch,
-                                   vocab_size=self.info.arch.vocab_size, packing=self.actor.packing)
+        logp = self.reference.compute_logprobs(batch)
         return logp if self.rank == 0 else None
 
     def train(self, batch: ActorBatch, max_response_length: int) -> Optional[dict[str, float]]:
