@@ -39,14 +39,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from megatron_zero.config.cluster import ClusterConfig
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.trainer.placement import ClusterPlacement
-from megatron_zero.trainer.worker import (
-    RankWorker, WorkerInfo, parse_factory_path, read_log_tail, read_log_tail_remote,
-)
+from megatron_zero.trainer.worker import RankWorker, WorkerInfo, parse_factory_path, read_log_tail_on_node
 
 logger = logging.getLogger(__name__)
 
@@ -212,16 +210,7 @@ class RayActorGroup:
         )
 
     def _log_tail(self, info: WorkerInfo) -> str:
-        if info.node_id == ray.get_runtime_context().get_node_id():
-            return read_log_tail(info.log_path, LOG_TAIL_LINES)
-        # The log is on the worker's node: read it there (the worker itself may be dead).
-        ref = read_log_tail_remote.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(info.node_id, soft=False)
-        ).remote(info.log_path, LOG_TAIL_LINES)
-        try:
-            return ray.get(ref, timeout=_LOG_READ_TIMEOUT_S)
-        except (ray.exceptions.RayError, TimeoutError) as err:
-            return f"(log unreadable: node {info.node_ip} did not answer: {err.__class__.__name__})"
+        return read_log_tail_on_node(info.log_path, info.node_id, info.node_ip, LOG_TAIL_LINES, _LOG_READ_TIMEOUT_S)
 
 
 def _put_once(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

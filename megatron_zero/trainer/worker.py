@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from megatron_zero.config.parallel import ParallelConfig
 
@@ -77,7 +78,21 @@ def read_log_tail_remote(log_path: str, num_lines: int) -> str:
     return read_log_tail(log_path, num_lines)
 
 
-def _free_port() -> int:
+def read_log_tail_on_node(log_path: str, node_id: str, node_ip: str, num_lines: int = 20,
+                          timeout_s: float = 10.0) -> str:
+    """The last lines of a log on node ``node_id``: read here if it is this node, else by a task pinned there
+    (the process that wrote it may be dead), with a deadline so a failure report never hangs."""
+    if node_id == ray.get_runtime_context().get_node_id():
+        return read_log_tail(log_path, num_lines)
+    ref = read_log_tail_remote.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(log_path, num_lines)
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except (ray.exceptions.RayError, TimeoutError) as err:
+        return f"(log unreadable: node {node_ip} did not answer: {err.__class__.__name__})"
+
+
+def free_port() -> int:
     # Bound on all interfaces, not loopback: ranks on other nodes connect to this port.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
@@ -112,7 +127,7 @@ class RankWorker:
         )
 
     def free_port(self) -> int:
-        return _free_port()
+        return free_port()
 
     def init_distributed(self, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
                          parallel: ParallelConfig) -> None:
