@@ -29,6 +29,27 @@ def test_bad_config_names_the_field(overrides, message):
         load_config(None, ["model_path=/unused", *BASE, *overrides])
 
 
+GPU_SGLANG = ["cluster.gpus_per_node=8", "cluster.cpu_workers_per_node=null", "cluster.colocate=true",
+              "rollout.engine=sglang", "rollout.sglang.model_path=/m"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["cluster.gpus_per_node=0", "cluster.cpu_workers_per_node=2"], r"cluster.gpus_per_node=0; use rollout.engine=torch"),
+    (["cluster.colocate=false"], r"cluster.colocate=False: .* set sglang.launch=False"),
+    (["rollout.sglang.tp_size=3"], r"sglang.tp_size=3 must divide cluster.gpus_per_node=8"),
+    (["rollout.sglang.base_gpu_id=2"], r"sglang.base_gpu_id=2: launched servers see only"),
+])
+def test_bad_sglang_launch_config_names_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["model_path=/unused", *BASE[1:], *GPU_SGLANG, *overrides])
+
+
+def test_sglang_servers_started_by_hand_need_no_colocation():
+    config = load_config(None, ["model_path=/unused", *BASE[1:], *GPU_SGLANG, "cluster.colocate=false",
+                                "rollout.sglang.launch=false", "rollout.sglang.colocated=false"])
+    assert not config.rollout.sglang.launch
+
+
 def test_file_checks_run_before_workers(tmp_path):
     config = load_config(None, [f"model_path={tmp_path}/missing", *BASE])
     with pytest.raises(FileNotFoundError, match=re.escape(f"model_path='{tmp_path}/missing': no config.json")):

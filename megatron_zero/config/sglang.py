@@ -13,7 +13,10 @@ How: ``SGLangConfig(model_path="/ckpt/Qwen2.5-Math-7B", tp_size=2, port=30000)``
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from megatron_zero.config.cluster import ClusterConfig
 
 # The --dtype choices of sglang 0.5.10.post1 (sglang/srt/server_args.py).
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
@@ -23,6 +26,10 @@ SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 class SGLangConfig:
     # HF checkpoint directory the server loads; weight syncs must name exactly the tensors it holds.
     model_path: str = ""
+    # true: the trainer launches one server per engine in Ray actors on the Megatron ranks' GPUs
+    # (rollout/sglang_servers.py; host and port are then the node's IP and a free port found there).
+    # false: connect to the one server already running at host:port (started by hand).
+    launch: bool = True
     host: str = "127.0.0.1"
     port: int = 30000
     # Tensor-parallel size of this one server (its GPUs are base_gpu_id .. base_gpu_id + tp_size - 1).
@@ -91,3 +98,19 @@ class SGLangConfig:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def check_launch(self, cluster: "ClusterConfig") -> None:
+        """Can the trainer launch these servers beside the Megatron ranks of ``cluster`` (``launch=true``)?"""
+        if not cluster.colocate:
+            raise ValueError("cluster.colocate=False: the Megatron ranks take their whole GPU, so SGLang servers on "
+                             "the same GPUs cannot be scheduled; set cluster.colocate=True, or start servers "
+                             "yourself and set sglang.launch=False")
+        if not self.colocated:
+            raise ValueError("sglang.colocated=False, but servers on the actor's GPUs must release their memory "
+                             "during training (--enable-memory-saver); set sglang.colocated=True")
+        if self.base_gpu_id != 0:
+            raise ValueError(f"sglang.base_gpu_id={self.base_gpu_id}: launched servers see only their engine's GPUs "
+                             "(CUDA_VISIBLE_DEVICES from the placement), numbered from 0; leave base_gpu_id at 0")
+        if cluster.use_gpus and cluster.gpus_per_node % self.tp_size:
+            raise ValueError(f"sglang.tp_size={self.tp_size} must divide cluster.gpus_per_node={cluster.gpus_per_node}: "
+                             "an engine's GPUs must lie on one node")

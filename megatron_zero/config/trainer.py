@@ -106,6 +106,11 @@ class TrainConfig:
                 f"rollout.num_samples_per_prompt = {self.data.sampler.batch_size} x "
                 f"{self.rollout.num_samples_per_prompt} = {num_samples}; use one of "
                 f"{[d for d in range(1, num_samples + 1) if num_samples % d == 0][:12]}")
+        if self.rollout.engine == "sglang" and self.rollout.sglang.launch:
+            if not self.cluster.use_gpus:
+                raise ValueError("rollout.engine='sglang' launches SGLang servers on the cluster's GPUs, but "
+                                 "cluster.gpus_per_node=0; use rollout.engine=torch on CPU")
+            self.rollout.sglang.check_launch(self.cluster)
         if self.actor.temperature != self.rollout.temperature:
             raise ValueError(f"actor.temperature={self.actor.temperature} must equal rollout.temperature="
                              f"{self.rollout.temperature}: the loss's log-probs must use the sampling distribution")

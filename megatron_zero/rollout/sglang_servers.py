@@ -312,23 +312,11 @@ def _stop_actors(actors: list[Any], grace_s: float) -> None:
         ray.kill(actor, no_restart=True)
 
 
-def _check_colocated(cluster: ClusterConfig, config: SGLangConfig) -> None:
-    if not cluster.colocate:
-        raise ValueError("cluster.colocate=False: the Megatron ranks take their whole GPU, so SGLang servers on the "
-                         "same GPUs cannot be scheduled; set cluster.colocate=True")
-    if not config.colocated:
-        raise ValueError("sglang.colocated=False, but servers on the actor's GPUs must release their memory during "
-                         "training (--enable-memory-saver); set sglang.colocated=True")
-    if config.base_gpu_id != 0:
-        raise ValueError(f"sglang.base_gpu_id={config.base_gpu_id}: launched servers see only their engine's GPUs "
-                         "(CUDA_VISIBLE_DEVICES from the placement), numbered from 0; leave base_gpu_id at 0")
-
-
 def start_sglang_servers(cluster: ClusterConfig, placement: ClusterPlacement, config: SGLangConfig,
                          log_dir: str | Path, *, server_command: Optional[Sequence[str]] = None) -> SGLangServers:
     """Start one server per ``config.tp_size`` GPUs of the placement, all in parallel, and wait until every one
     is healthy. Any failure stops all of them and raises ``SGLangServerError`` naming the engine."""
-    _check_colocated(cluster, config)
+    config.check_launch(cluster)
     slots = plan_engines(placement.bundles, config.tp_size)
     log_dir = Path(log_dir).resolve()
     remote_actor = ray.remote(SGLangServerActor)
