@@ -37,11 +37,13 @@ EXTRAS = {
         "pytest>=8",
         "pytest-timeout>=2.3",
         "wandb>=0.18",  # the tests check offline runs write their files
+        "tensorboard>=2.14",  # run.tensorboard; the tests read its event files back
     ],
     "gpu": [
         "sglang==0.5.10.post1",
         "transformer-engine[pytorch]>=2.4",
         "wandb>=0.18",
+        "tensorboard>=2.14",
     ],
 }
 

@@ -221,6 +221,13 @@ def test_user_reward_in_pool_with_errors_and_crash_counted(user_module):
     config = RewardConfig(reward_fn=f"{user_module}:explode", num_workers=1, timeout_s=5.0, max_worker_memory_mb=2048)
     with GraderPool(config) as user_pool:
         grades = user_pool.grade_batch(["fine", "raise", "crash", "alloc", "fine"], ["1"] * 5)
+        # The same items through a session, submitted in reverse: the same grades, failures counted alike.
+        with user_pool.session() as session:
+            for index, response in reversed(list(enumerate(["fine", "raise", "crash", "alloc", "fine"]))):
+                session.submit(index, response, "1")
+            streamed = session.finish()
+    assert [(r.status, r.score) for r in streamed.results] == [(r.status, r.score) for r in grades.results]
+    assert streamed.counts == grades.counts
     ok, error = GradeStatus.OK, GradeStatus.ERROR
     assert [r.status for r in grades.results] == [ok, error, error, error, ok]
     assert grades.scores == [0.5, 0.0, 0.0, 0.0, 0.5]
@@ -299,3 +306,68 @@ def test_pool_close_and_batch_errors():
         closed.grade_batch([boxed("2")], ["2"])
     with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
         grade_batch(["a", "b"], ["1"], pool=closed)
+
+
+# --- incremental grading (GradingSession) -------------------------------------------------------------
+
+
+def test_session_grades_like_grade_batch_in_any_submission_order(pool):
+    responses = [boxed(answer) for _, answer, _ in EQUIVALENCE_CASES] + ["no answer here", "\\boxed{\\frac{"]
+    truths = [truth for truth, _, _ in EQUIVALENCE_CASES] + ["1", "2"]
+    expected = pool.grade_batch(responses, truths)
+    order = list(range(len(responses)))
+    random.Random(0).shuffle(order)
+    with pool.session() as session:
+        for index in order:
+            session.submit(index, responses[index], truths[index])
+        grades = session.finish()
+    assert grades.results == expected.results  # every field of every GradeResult, in index order
+    assert grades.counts == expected.counts and grades.counts["no_answer"] >= 1
+
+
+def test_session_grades_in_the_background_and_submit_never_waits(pool):
+    tower = "\\boxed{9^{9^{9^{9}}}}"  # runs into the timeout
+    opened = time.monotonic()
+    with pool.session() as session:
+        session.submit(0, tower, "3")
+        session.submit(1, tower, "3")  # both workers now busy for TIMEOUT_S
+        started = time.monotonic()
+        for index in range(2, 10):
+            session.submit(index, boxed(str(index)), str(index))
+        assert time.monotonic() - started < 0.2  # queued, not waiting for a free worker
+        # The caller works on (the trainer: generates) while the pool kills the towers, starts replacements
+        # (~1 s) and grades the rest.
+        time.sleep(TIMEOUT_S + 3.0)
+        finishing = time.monotonic()
+        grades = session.finish()
+        finished = time.monotonic()
+    assert finished - finishing < 0.5  # everything was graded during the sleep
+    assert [r.status for r in grades.results[:2]] == [GradeStatus.TIMEOUT] * 2
+    assert grades.scores[2:] == [1.0] * 8 and grades.counts["timeout"] == 2 and grades.num_failures == 2
+    # The span from the first item to the last grade: past the timeout, ended before finish() was called.
+    assert TIMEOUT_S <= grades.seconds < finishing - opened
+
+
+def test_session_misuse_and_abort_leave_the_pool_usable(pool):
+    with pool.session() as session:
+        session.submit(0, boxed("1"), "1")
+        with pytest.raises(ValueError, match="index 0 .* already submitted"):
+            session.submit(0, boxed("1"), "1")
+        session.submit(2, boxed("1"), "1")
+        with pytest.raises(ValueError, match=r"indices \[1\] were never submitted"):
+            session.finish()
+    with pytest.raises(RuntimeError, match="already finished"):
+        session.finish()
+    # An exception while items are in flight aborts the session: the busy worker is killed at once, not after
+    # its timeout, and the next batch is graded normally.
+    started = time.monotonic()
+    with pytest.raises(KeyError):
+        with pool.session() as session:
+            session.submit(0, "\\boxed{9^{9^{9^{9}}}}", "3")
+            time.sleep(0.2)
+            raise KeyError("generation failed")
+    assert time.monotonic() - started < TIMEOUT_S
+    with pytest.raises(RuntimeError, match="finished"):
+        session.submit(1, boxed("1"), "1")
+    assert pool.grade_batch([boxed("0.5"), boxed("3")], ["1/2", "3"]).scores == [1.0, 1.0]
+    assert all(worker.process.is_alive() and worker.task_id is None for worker in pool._workers)

@@ -100,6 +100,8 @@ class FakeSGLang:
         self.health_delay_s = 0.0
         self.health_failures = 0
         self.released: set[str] = set()
+        # Seconds a /generate request holding one of these prompts takes (a long response), keyed by the prompt.
+        self.generate_delay_s: dict[tuple[int, ...], float] = {}
 
 
 def _generate(state: FakeSGLang, body: dict) -> list[dict]:
@@ -193,6 +195,7 @@ def make_handler(state: FakeSGLang):
                     # http_server.py: _create_error_response
                     return self._send(400, {"error": {"message": "The input (40000 tokens) is longer than the "
                                                                  "model's context length (32768 tokens)."}})
+                time.sleep(max((state.generate_delay_s.get(tuple(ids), 0.0) for ids in body["input_ids"]), default=0.0))
                 return self._send(200, _generate(state, body))
             if self.path == "/flush_cache":
                 if state.mode == "busy":
@@ -257,6 +260,37 @@ def test_generate_parses_tokens_logprobs_and_finish(fake, temperature):
         stopped = 7 in gen.token_ids
         assert gen.finish_reason == ("stop" if stopped else "length")
         assert (gen.token_ids[-1] == 7) if stopped else len(gen.token_ids) == 6
+
+
+def test_generate_stream_yields_each_response_as_its_request_returns(fake):
+    engine = make_engine(fake)
+    prompts = [[1, 2, 3], [4, 5], [6], [8, 9, 10]]
+    params = SamplingParams(temperature=0.7, max_new_tokens=6, stop_token_ids=(7,))
+    batch = engine.generate(prompts, params)
+    fake.requests.clear()
+    fake.generate_delay_s = {(1, 2, 3): 1.0}  # prompt 0's response is slow
+    started = time.monotonic()
+    arrivals = [(index, generation, time.monotonic() - started)
+                for index, generation in engine.generate_stream(prompts, params)]
+    assert sorted(index for index, _, _ in arrivals) == [0, 1, 2, 3]
+    # The fast ones came while prompt 0's request was still running (concurrent requests, not one batch).
+    assert arrivals[-1][0] == 0 and arrivals[-1][2] >= 1.0
+    assert all(seconds < 0.8 for _, _, seconds in arrivals[:-1])
+    assert {index: generation for index, generation, _ in arrivals} == dict(enumerate(batch))
+    bodies = [body for path, body in fake.requests if path == "/generate"]
+    assert sorted(body["input_ids"] for body in bodies) == sorted([prompt] for prompt in prompts)
+    assert all(body["sampling_params"] == bodies[0]["sampling_params"] for body in bodies)
+
+
+def test_generate_stream_errors(fake):
+    engine = make_engine(fake)
+    with pytest.raises(ValueError, match=r"prompts \[1\] are empty"):
+        engine.generate_stream([[1], []], SamplingParams())  # at the call, before any request
+    assert fake.requests == []
+    fake.mode = "bad_request"
+    with pytest.raises(SGLangHTTPError, match="/generate failed \\(HTTP 400\\)"):
+        list(engine.generate_stream([[1], [2]], SamplingParams(max_new_tokens=2)))
+    assert list(engine.generate_stream([], SamplingParams())) == []
 
 
 def test_compute_logprobs_matches_generation_logprobs(fake):

@@ -285,3 +285,60 @@ def test_rollout_configs_validate_and_work_with_omegaconf():
         TorchEngineConfig(max_batch_size=0)
     with pytest.raises(ValueError, match="rollout.torch.device='tpu'"):
         TorchEngineConfig(device="tpu")
+
+
+# --- streaming ----------------------------------------------------------------------------------------
+
+
+def test_generate_stream_gives_generate_s_responses_each_index_once(model_dirs, tokenizer):
+    engine = TorchEngine(load(model_dirs["qwen2"]), TorchEngineConfig(max_batch_size=3), tokenizer=tokenizer)
+    free = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, seed=4))
+    # Stop ids from two rows' samples, so rows finish at different steps and the stream comes out of order.
+    params = SamplingParams(max_new_tokens=16, seed=4, stop_token_ids=(free[1].token_ids[2], free[3].token_ids[6]))
+    batch = engine.generate(PROMPTS, params)
+    streamed = list(engine.generate_stream(PROMPTS, params))
+    assert sorted(index for index, _ in streamed) == list(range(len(PROMPTS)))
+    assert [index for index, _ in streamed] != list(range(len(PROMPTS)))  # a later row finished first
+    assert dict(streamed) == dict(enumerate(batch))  # tokens, log-probs, finish reasons and texts
+    assert any(g.finish_reason == "stop" for g in batch) and any(g.finish_reason == "length" for g in batch)
+
+
+def early_and_late_prompts(engine, max_new_tokens, seed):
+    """Two prompts and a stop id with which the first stops at its first token and the second runs to the end
+    (found from unconstrained samples of the same seed, whose draws a stop does not change)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed)
+    for late in PROMPTS[1:]:
+        free = engine.generate([PROMPTS[0], late], params)
+        if free[0].token_ids[0] not in free[1].token_ids:
+            return [PROMPTS[0], late], free[0].token_ids[0]
+    raise AssertionError(f"every prompt's sample draws the first token of prompt 0's; try another seed than {seed}")
+
+
+def test_stream_yields_a_stopped_row_before_the_others_finish(model_dirs):
+    model = load(model_dirs["qwen2"])
+    engine = TorchEngine(model)
+    max_new_tokens = 20
+    prompts, stop_id = early_and_late_prompts(engine, max_new_tokens, seed=9)
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    stream = engine.generate_stream(prompts, SamplingParams(max_new_tokens=max_new_tokens, seed=9,
+                                                            stop_token_ids=(stop_id,)))
+    index, first = next(stream)
+    assert (index, first.token_ids, first.finish_reason) == (0, [stop_id], "stop")
+    assert len(forwards) == 1  # only the prefill has run: the other row has 19 tokens to go
+    (index, last), = list(stream)
+    assert (index, last.finish_reason, len(last.token_ids)) == (1, "length", max_new_tokens)
+    assert len(forwards) == max_new_tokens  # prefill + one forward per later token
+    assert stop_id not in last.token_ids
+
+
+def test_stream_checks_up_front_and_refuses_to_outlive_a_weight_sync(model_dirs):
+    engine = TorchEngine(load(model_dirs["qwen2"]))
+    with pytest.raises(ValueError, match="token id 251 outside"):
+        engine.generate_stream([[1, 251]], SamplingParams())  # raised at the call, before any iteration
+    prompts, stop_id = early_and_late_prompts(engine, max_new_tokens=8, seed=1)
+    stream = engine.generate_stream(prompts, SamplingParams(max_new_tokens=8, seed=1, stop_token_ids=(stop_id,)))
+    assert next(stream)[0] == 0
+    engine.sync_weights([hf_weights(model_dirs["qwen2-seed1"], with_lm_head=False)], version=1)
+    with pytest.raises(RuntimeError, match="weights changed"):
+        next(stream)

@@ -143,13 +143,21 @@ def test_skipped_weight_sync_trips_the_health_check(tmp_path, base_mcore):
         _run(tmp_path / "stale", base_mcore, num_steps=3, extra=["run.save_every=0", "actor.lr=1e-3"], patch=skip_sync)
 
 
-def test_wandb_offline_writes_run_files(tmp_path, base_mcore, monkeypatch):
+def test_wandb_offline_and_tensorboard_write_run_files(tmp_path, base_mcore, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "wandb"
-    _run(out, base_mcore, num_steps=1, extra=["run.wandb_project=megatron-zero-test", "run.save_every=0"])
+    _run(out, base_mcore, num_steps=1, extra=["run.wandb_project=megatron-zero-test", "run.save_every=0",
+                                              "run.tensorboard=true"])
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    accuracy = events.Scalars("accuracy")
+    assert [event.step for event in accuracy] == [1]
+    assert accuracy[0].value == pytest.approx(_metrics(out)[0]["accuracy"])
 
 
 def test_dynamic_sampling_keeps_only_groups_with_mixed_rewards(tmp_path, base_mcore):

@@ -52,6 +52,8 @@ class RunConfig:
     seed: int = 0
     # wandb runs offline when WANDB_API_KEY is not set; None disables it.
     wandb_project: Optional[str] = None
+    # Also write every step's scalars as TensorBoard events under output_dir/tensorboard.
+    tensorboard: bool = False
     # Resume from the latest complete checkpoint in output_dir when there is one.
     resume: bool = True
 

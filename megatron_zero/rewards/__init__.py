@@ -1,13 +1,14 @@
 """Rule-based rewards: answer extraction, the math-verify reward, the reward registry and the grader pool.
 
-Public entry points: `GraderPool` / `grade_batch` (untrusted output, per-item timeout), `math_reward` /
+Public entry points: `GraderPool` / `grade_batch` (untrusted output, per-item timeout; `GraderPool.session()`
+gives a `GradingSession` that grades responses as they arrive), `math_reward` /
 `grade_math` (one response, in-process), `register_reward` / `get_reward_fn`. Benchmark:
 ``python tools/bench_rewards.py --help``.
 """
 
 from megatron_zero.rewards.extraction import ExtractedAnswer, cut_at_stop_tokens, extract_answer, last_boxed
 from megatron_zero.rewards.math_reward import grade_math, math_reward
-from megatron_zero.rewards.pool import GraderPool, grade_batch, math_reward_batch
+from megatron_zero.rewards.pool import GraderPool, GradingSession, grade_batch, math_reward_batch
 from megatron_zero.rewards.registry import (
     OUTCOMES,
     REWARD_FUNCTIONS,
@@ -28,6 +29,7 @@ __all__ = [
     "GradeResult",
     "GradeStatus",
     "GraderPool",
+    "GradingSession",
     "RewardFn",
     "call_reward",
     "cut_at_stop_tokens",

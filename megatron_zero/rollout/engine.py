@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -78,12 +78,37 @@ class WeightUpdateStats:
         return self.num_bytes / 1e9 / self.seconds if self.seconds > 0 else float("nan")
 
 
+def gather(stream: Iterable[tuple[int, Generation]], num_prompts: int) -> list[Generation]:
+    """A ``generate_stream``'s generations in prompt order; raises unless every index came exactly once."""
+    generations: list[Optional[Generation]] = [None] * num_prompts
+    for index, generation in stream:
+        if not 0 <= index < num_prompts or generations[index] is not None:
+            raise RuntimeError(f"the engine's stream gave prompt index {index} twice or outside [0, {num_prompts})")
+        generations[index] = generation
+    missing = [index for index, generation in enumerate(generations) if generation is None]
+    if missing:
+        raise RuntimeError(f"the engine's stream ended without prompts {missing[:10]} ({len(missing)} missing)")
+    return generations
+
+
 class RolloutEngine(abc.ABC):
     """Base class of rollout engines; see the module docstring for the contract."""
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         """One response per prompt (repeat a prompt n times for n samples), in prompt order."""
+
+    def generate_stream(self, prompts: Sequence[Sequence[int]],
+                        params: SamplingParams) -> Iterator[tuple[int, Generation]]:
+        """``(prompt index, generation)`` as each response finishes, every index exactly once, in any order;
+        the same responses as ``generate`` (for a seeded request, the same tokens). A bad request raises here,
+        before the first item, not while iterating.
+
+        This default suits batch-synchronous engines: it runs ``generate`` and yields its results in prompt
+        order. Engines that finish sequences at different times override it, so a consumer (the trainer's
+        grader) can work on early responses while the rest are still sampled.
+        """
+        return enumerate(self.generate(prompts, params))
 
     @abc.abstractmethod
     def compute_logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],

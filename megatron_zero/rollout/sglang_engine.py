@@ -7,6 +7,8 @@ used here was read from the 0.5.10.post1 source (docs/sglang.md lists them):
 
 - ``generate``        POST /generate, ``input_ids`` batch, ``return_logprob``; ``meta_info.output_token_logprobs``
                       holds (logprob, token_id, text) tuples, ``meta_info.finish_reason`` {"type": ...}.
+                      ``generate_stream`` sends one such request per prompt, concurrently, and yields each
+                      response as its request returns.
 - ``compute_logprobs`` POST /generate with ``max_new_tokens=0`` (prefill only) and ``logprob_start_len``;
                       ``meta_info.input_token_logprobs`` starts with (None, first id) at that position.
 - weights             colocated: POST /update_weights_from_tensor, ``load_format="flattened_bucket"``, one
@@ -37,8 +39,9 @@ import collections
 import concurrent.futures
 import logging
 import sys
+import threading
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -54,6 +57,9 @@ logger = logging.getLogger(__name__)
 RELEASE_ORDER = ("kv_cache", "weights", "cuda_graph")
 RESUME_WEIGHTS = ("weights",)
 RESUME_KV_CACHE = ("kv_cache", "cuda_graph")
+# Requests in flight at once in ``generate_stream`` (one thread each). The server schedules them together as
+# if they were one batch; slime's default per server is the same (--sglang-server-concurrency 512).
+_MAX_CONCURRENT_REQUESTS = 512
 # Name of the NCCL group that /init_weights_update_group creates inside the server.
 WEIGHT_GROUP_NAME = "megatron_zero_weights"
 
@@ -240,10 +246,26 @@ class SGLangEngine(RolloutEngine):
         self._client.request("GET", "/health_generate", timeout_s=self.config.health_timeout_s, retry=False)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
-        self._check_serving("generate")
-        prompts = [list(prompt) for prompt in prompts]
+        prompts, payload = self._generate_request(prompts, params)
         if not prompts:
             return []
+        outputs = _check_batch(self._client.post("/generate", payload, timeout_s=self.config.generate_timeout_s),
+                               len(prompts), self.url)
+        return [self._parse_generation(i, prompt, out) for i, (prompt, out) in enumerate(zip(prompts, outputs))]
+
+    def generate_stream(self, prompts: Sequence[Sequence[int]],
+                        params: SamplingParams) -> Iterator[tuple[int, Generation]]:
+        """One /generate request per prompt, up to ``_MAX_CONCURRENT_REQUESTS`` in flight; each response is
+        yielded as its request returns. The server batches concurrent requests itself (continuous batching,
+        prefix cache across requests), so the GPU sees the same batch as one batched request."""
+        prompts, payload = self._generate_request(prompts, params)
+        return self._stream_requests(prompts, payload)
+
+    def _generate_request(self, prompts: Sequence[Sequence[int]],
+                          params: SamplingParams) -> tuple[list[list[int]], dict]:
+        """The checked prompts and the /generate payload for all of them (raises before any request)."""
+        self._check_serving("generate")
+        prompts = [list(prompt) for prompt in prompts]
         empty = [i for i, prompt in enumerate(prompts) if not prompt]
         if empty:
             raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token")
@@ -254,9 +276,33 @@ class SGLangEngine(RolloutEngine):
             # -1: log-probs of the generated tokens only.
             "logprob_start_len": -1,
         }
-        outputs = _check_batch(self._client.post("/generate", payload, timeout_s=self.config.generate_timeout_s),
-                               len(prompts), self.url)
-        return [self._parse_generation(i, prompt, out) for i, (prompt, out) in enumerate(zip(prompts, outputs))]
+        return prompts, payload
+
+    def _stream_requests(self, prompts: list[list[int]], payload: dict) -> Iterator[tuple[int, Generation]]:
+        if not prompts:
+            return
+        # One HTTP client per request thread: a requests.Session is not documented as thread-safe, and its
+        # connection pool (10) is smaller than the number of threads.
+        local = threading.local()
+
+        def request(index: int) -> tuple[int, Generation]:
+            if not hasattr(local, "client"):
+                local.client = SGLangHTTPClient(self.url, max_retries=self.config.max_retries,
+                                                retry_backoff_s=self.config.retry_backoff_s)
+            one = {**payload, "input_ids": [prompts[index]]}  # a batch of one: same answer shape as `generate`
+            outputs = local.client.post("/generate", one, timeout_s=self.config.generate_timeout_s)
+            return index, self._parse_generation(index, prompts[index], _check_batch(outputs, 1, self.url)[0])
+
+        executor = concurrent.futures.ThreadPoolExecutor(min(len(prompts), _MAX_CONCURRENT_REQUESTS),
+                                                         thread_name_prefix="sglang-generate")
+        try:
+            futures = [executor.submit(request, index) for index in range(len(prompts))]
+            for future in concurrent.futures.as_completed(futures):
+                yield future.result()
+        finally:
+            # On an error (or a caller that stops early) the queued requests are dropped; those in flight end
+            # on their own (the server finishes them), their threads exit and drop their clients.
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def _parse_generation(self, index: int, prompt: list[int], out: dict) -> Generation:
         meta_info = out["meta_info"]

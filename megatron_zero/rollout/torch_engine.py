@@ -13,7 +13,8 @@ How::
 Sampling: prompts are left-padded into a batch (attention mask + position ids, so padding never changes a
 row's numbers; fully masked padding queries give finite outputs with HF's 2D-mask path, checked by the
 left-padding tests). One prefill fills a ``transformers.DynamicCache``, then one token per step; finished
-rows are dropped from the batch and the cache. Log-probs are ``log_softmax(logits / T)`` over the model's
+rows are dropped from the batch and the cache, and ``generate_stream`` hands each out at the step it finishes
+(``generate`` gathers that stream into prompt order). Log-probs are ``log_softmax(logits / T)`` over the model's
 full output vocabulary at the sampled token, before top-p/top-k; greedy (T = 0) reports T = 1 log-probs,
 in ``generate`` and ``compute_logprobs`` alike. Top-p then top-k are applied to the sorted distribution as
 SGLang does (top-p on the untruncated cumulative probabilities).
@@ -27,7 +28,8 @@ every token, so the response ends with the token that completes the first match 
 text is always the decode of the kept tokens, so it may run past the stop string within that last token).
 Stop takes precedence over length when both happen at the last allowed token.
 
-Memory: ``release_memory`` frees the weights' storage (no KV cache outlives a ``generate`` call), like SGLang
+Memory: ``release_memory`` frees the weights' storage (no KV cache outlives a ``generate`` call or a
+``generate_stream`` iterated to its end; a stream resumed after a weight update or release raises), like SGLang
 without a CPU backup: after ``resume_memory`` the weights are undefined until a full weight sync, and the
 engine refuses to serve until then.
 """
@@ -37,12 +39,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 
 from megatron_zero.config.rollout import TorchEngineConfig
-from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, WeightUpdateStats
+from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, WeightUpdateStats, gather
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -100,6 +102,12 @@ class TorchEngine(RolloutEngine):
     # --- sampling -----------------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        return gather(self.generate_stream(prompts, params), len(prompts))
+
+    def generate_stream(self, prompts: Sequence[Sequence[int]],
+                        params: SamplingParams) -> Iterator[tuple[int, Generation]]:
+        """Each response the moment its row stops (stop token or string), the rest when the chunk reaches
+        ``max_new_tokens``; the tokens do not depend on how fast the caller consumes."""
         if params.stop and self._tokenizer is None:
             raise ValueError(f"stop strings {list(params.stop)} need a tokenizer; pass tokenizer= to TorchEngine")
         self._check_token_ids(prompts, "prompt")
@@ -111,21 +119,28 @@ class TorchEngine(RolloutEngine):
         if not params.greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
             generator = torch.Generator().manual_seed(seed)
-        generations: list[Generation] = []
+        # The checks above run at the call; the sampling below runs as the caller iterates.
+        return self._stream_chunks([list(p) for p in prompts], params, generator, self.weight_version)
+
+    def _stream_chunks(self, prompts: list[list[int]], params: SamplingParams, generator: Optional[torch.Generator],
+                       version: int) -> Iterator[tuple[int, Generation]]:
         for start in range(0, len(prompts), self._config.max_batch_size):
-            chunk = [list(p) for p in prompts[start:start + self._config.max_batch_size]]
+            chunk = prompts[start:start + self._config.max_batch_size]
             uniforms = None
             if generator is not None:
                 # Drawn on the CPU generator row by row: chunking does not change a prompt's numbers.
                 uniforms = torch.rand(len(chunk), params.max_new_tokens, generator=generator, dtype=torch.float64)
-            generations.extend(self._generate_chunk(chunk, params, uniforms))
-        return generations
+            for row, generation in self._generate_chunk(chunk, params, uniforms, version):
+                yield start + row, generation
 
     @torch.inference_mode()
-    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams,
-                        uniforms: Optional[torch.Tensor]) -> list[Generation]:
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, uniforms: Optional[torch.Tensor],
+                        version: int) -> Iterator[tuple[int, Generation]]:
+        """``(row, generation)`` for each row of the chunk, yielded at the step where the row finishes;
+        ``version``: the weight version the stream started with."""
         from transformers import DynamicCache
 
+        self._check_stream(version)
         input_ids, mask = self._left_pad(prompts)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model.config)
@@ -153,9 +168,18 @@ class TorchEngine(RolloutEngine):
                 for row, text in zip(open_rows, texts):
                     if any(stop in text for stop in params.stop):
                         finish[row] = "stop"
+            last_step = step == params.max_new_tokens - 1
+            done = [row for row in rows if finish[row] is not None or last_step]
+            texts = (self._tokenizer.batch_decode([token_ids[row] for row in done], skip_special_tokens=True)
+                     if self._tokenizer is not None else [""] * len(done))
+            # Handed out before the next forward, so the caller can grade them while the other rows decode.
+            for row, text in zip(done, texts):
+                yield row, Generation(prompt_ids=prompts[row], token_ids=token_ids[row], logprobs=logprobs[row],
+                                      finish_reason=finish[row] or "length", text=text)
             keep = [index for index, row in enumerate(rows) if finish[row] is None]
-            if not keep or step == params.max_new_tokens - 1:
+            if not keep or last_step:
                 break
+            self._check_stream(version)  # the caller ran since the yields above
             if len(keep) < len(rows):
                 # Finished rows leave the batch and the cache, so they cost no more compute.
                 keep_index = torch.tensor(keep, device=self._device)
@@ -166,12 +190,6 @@ class TorchEngine(RolloutEngine):
             logits = self._model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
                                  cache=cache, use_cache=True).logits[:, -1]
             next_position = next_position + 1
-        texts = (self._tokenizer.batch_decode(token_ids, skip_special_tokens=True) if self._tokenizer is not None
-                 else [""] * len(prompts))
-        return [Generation(prompt_ids=prompt, token_ids=tokens_of_row, logprobs=logprobs_of_row,
-                           finish_reason=reason or "length", text=text)
-                for prompt, tokens_of_row, logprobs_of_row, reason, text
-                in zip(prompts, token_ids, logprobs, finish, texts)]
 
     @torch.inference_mode()
     def compute_logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
@@ -230,6 +248,13 @@ class TorchEngine(RolloutEngine):
             if low < 0 or high >= self._vocab_size:
                 raise ValueError(f"{what} {index} has token id {low if low < 0 else high} outside the model's "
                                  f"vocabulary [0, {self._vocab_size})")
+
+    def _check_stream(self, version: int) -> None:
+        """A stream's caller runs between its steps: it must not have changed or released the weights."""
+        self._check_serving()
+        if self.weight_version != version:
+            raise RuntimeError(f"the weights changed (version {version} -> {self.weight_version}) while a "
+                               "generate_stream was in progress; finish a stream before syncing weights")
 
     def _check_serving(self) -> None:
         if self._released_shapes is not None:
@@ -325,8 +350,8 @@ class TorchEngine(RolloutEngine):
         self._unservable = "the weights were released by release_memory(); sync weights after resume_memory()"
 
     def flush_cache(self) -> None:
-        """Nothing to drop: every ``generate`` call builds its own KV cache and frees it on return, so no
-        cached prefix can outlive a weight update."""
+        """Nothing to drop: every ``generate`` call (or stream) builds its own KV cache and frees it at its end,
+        and a stream refuses to go on after a weight update, so no cached prefix outlives one."""
 
     def health_check(self) -> None:
         self._check_serving()

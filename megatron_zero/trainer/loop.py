@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -23,7 +23,10 @@ from megatron_zero.actor.advantages import compute_advantages
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.config.trainer import TrainConfig
 from megatron_zero.data.rollout_batch import RolloutBatch, RolloutSample
-from megatron_zero.rollout.engine import RolloutEngine, SamplingParams
+from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, gather
+
+if TYPE_CHECKING:
+    from megatron_zero.rewards import BatchGrades, GradingSession
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,19 @@ def logprob_gap(batch, old_logp: torch.Tensor) -> dict[str, float]:
     mask = batch.response_mask
     gap = (batch.rollout_logp - old_logp).abs()[mask]
     return {"logprob_gap_mean": float(gap.mean()), "logprob_gap_max": float(gap.max())}
+
+
+def generate_graded(engine: RolloutEngine, prompts: list[list[int]], params: SamplingParams,
+                    ground_truths: list[str], grading: GradingSession) -> list[Generation]:
+    """``engine``'s generations in prompt order, each submitted to ``grading`` (as item i, against
+    ``ground_truths[i]``) as soon as the engine streams it out, so the grader works while the engine samples."""
+
+    def submitted(stream):
+        for index, generation in stream:
+            grading.submit(index, generation.text, ground_truths[index])
+            yield index, generation
+
+    return gather(submitted(engine.generate_stream(prompts, params)), len(prompts))
 
 
 class Trainer:
@@ -128,12 +144,21 @@ class Trainer:
 
         counts: Counter[str] = Counter()
         rollouts: list[RolloutBatch] = []
+        overlap = {"reward_overlap_seconds": 0.0}
 
         def supply(num_missing: int) -> list[SampleGroup]:
-            with _timed(timings, "generate", self.progress, accumulate=True):
-                rollout = self.generate(self.sampler.next_batch())
-            with _timed(timings, "reward", self.progress, accumulate=True):
-                counts.update(self.reward(rollout))
+            # Grading overlaps generation: each response goes to the grader pool as the engine finishes it.
+            # Timings: "generate" is the generation wall time, "reward" only the wait for grades after the last
+            # response (what grading adds to the step). reward_overlap_seconds: the part of the grading span
+            # (first response submitted to last grade) that ran alongside generation; a metric, not a timing,
+            # since it is no phase of its own (timings add up to the step time).
+            with self.grader.session() as grading:
+                with _timed(timings, "generate", self.progress, accumulate=True):
+                    rollout = self.generate(self.sampler.next_batch(), grading)
+                with _timed(timings, "reward", self.progress, accumulate=True) as waited:
+                    grades = self.reward(rollout, grading)
+            counts.update(grades.counts)
+            overlap["reward_overlap_seconds"] += max(0.0, grades.seconds - waited.seconds)
             rollouts.append(rollout)
             return [SampleGroup(uid=group[0].uid, rewards=tuple(s.reward for s in group), payload=group)
                     for group in rollout.groups()]
@@ -141,10 +166,10 @@ class Trainer:
         options = self.config.data.dynamic_sampling
         if not options.enabled:
             supply(self.config.data.sampler.batch_size)
-            return rollouts[0], dict(counts), {}
+            return rollouts[0], dict(counts), overlap
         groups, report = dynamic_sampling(supply, self.config.data.sampler.batch_size, options.max_refill_rounds)
         metrics = {"dynamic_sampling_rounds": report.num_rounds, "dynamic_sampling_dropped": report.num_groups_dropped,
-                   "dynamic_sampling_kept": report.num_groups_kept}
+                   "dynamic_sampling_kept": report.num_groups_kept, **overlap}
         if not groups:
             # Nothing to learn from in any round: train on the last batch (all advantages are zero).
             logger.warning("dynamic sampling kept no group in %d rounds; this step's update is a no-op", report.num_rounds)
@@ -152,11 +177,13 @@ class Trainer:
         samples = [dataclasses.replace(sample, group=index) for index, group in enumerate(groups) for sample in group.payload]
         return RolloutBatch(samples), dict(counts), metrics
 
-    def generate(self, problems) -> RolloutBatch:
+    def generate(self, problems, grading: GradingSession) -> RolloutBatch:
+        """n samples per problem; each response is submitted to ``grading`` the moment the engine finishes it."""
         n = self.config.rollout.num_samples_per_prompt
         prompts = [self.tokenizer(p.prompt_text, add_special_tokens=False)["input_ids"] for p in problems]
         params = self.sampling_params(seed=self.config.run.seed * 1_000_003 + self.step)
-        generations = self.engine.generate([ids for ids in prompts for _ in range(n)], params)
+        generations = generate_graded(self.engine, [ids for ids in prompts for _ in range(n)], params,
+                                      [p.ground_truth for p in problems for _ in range(n)], grading)
         samples = []
         for index, generation in enumerate(generations):
             problem = problems[index // n]
@@ -167,14 +194,14 @@ class Trainer:
                                          response_text=generation.text, ground_truth=problem.ground_truth))
         return RolloutBatch(samples)
 
-    def reward(self, rollout: RolloutBatch) -> dict[str, int]:
-        grades = self.grader.grade_batch([s.response_text for s in rollout.samples],
-                                         [s.ground_truth for s in rollout.samples])
-        for sample, result in zip(rollout.samples, grades.results):
+    def reward(self, rollout: RolloutBatch, grading: GradingSession) -> BatchGrades:
+        """Wait for the grades of ``rollout``'s responses (submitted by ``generate``) and store them."""
+        grades = grading.finish()
+        for sample, result in zip(rollout.samples, grades.results, strict=True):
             sample.reward, sample.grade_status = result.score, result.status.value
         # Errors and timeouts are counted, never hidden in reward 0; too many stop the run.
         grades.check_failure_rate(self.config.reward.max_failure_rate)
-        return dict(grades.counts)
+        return grades
 
     def check_health(self, batch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor]) -> dict[str, float]:
         health = logprob_gap(batch, old_logp)
@@ -322,14 +349,15 @@ class _timed:
     def __init__(self, timings: dict[str, float], name: str, progress=None, accumulate: bool = False) -> None:
         self.timings, self.name, self.progress, self.accumulate = timings, name, progress, accumulate
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> "_timed":
         if self.progress is not None:
             self.progress.set_postfix_str(self.name, refresh=True)
         self.start = time.perf_counter()
+        return self
 
     def __exit__(self, *exc) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + elapsed if self.accumulate else elapsed
+        self.seconds = time.perf_counter() - self.start
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + self.seconds if self.accumulate else self.seconds
 
 
 def _load_tokenizer(model_path: str):

@@ -1,13 +1,17 @@
-"""Per-step metrics: JSONL always (the analysis tool reads it), wandb when configured, one console line.
+"""Per-step metrics: JSONL always (the analysis tool reads it), wandb and TensorBoard when configured, one
+console line.
 
 Files under the run's output directory:
     metrics.jsonl          one JSON object per step (rewards, accuracy, lengths, ratios, loss terms, timings)
     samples/step_N.jsonl   every rollout sample of step N in the analysis tool's record format
     eval.jsonl             held-out evaluations (step, accuracy)
+    tensorboard/           event files of the numeric metrics (run.tensorboard=true)
+    wandb/                 the wandb run (run.wandb_project set; offline without WANDB_API_KEY)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -55,7 +59,22 @@ class MetricsLogger:
 
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
             self._wandb = wandb.init(project=config.run.wandb_project, dir=str(output_dir), mode=mode,
-                                     config={"model_path": config.model_path})
+                                     config=dataclasses.asdict(config))
+        self._tensorboard = None
+        if config.run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def _write_scalars(self, record: dict[str, Any], step: int) -> None:
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        if self._tensorboard is not None:
+            for name, value in record.items():
+                # None marks "no value this step" (e.g. no correct response yet): nothing to plot.
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+                    self._tensorboard.add_scalar(name, value, global_step=step)
+            self._tensorboard.flush()
 
     def log_step(self, step: int, rollout: RolloutBatch, grade_counts: dict[str, int], extra: dict[str, float],
                  timings: dict[str, float], entropy: float) -> dict[str, Any]:
@@ -71,8 +90,7 @@ class MetricsLogger:
                 f.write(json.dumps(dict(step=step, prompt=s.prompt_text, response=s.response_text,
                                         ground_truth=s.ground_truth, reward=s.reward, num_tokens=len(s.response_ids),
                                         finish_reason=s.finish_reason)) + "\n")
-        if self._wandb is not None:
-            self._wandb.log(record, step=step)
+        self._write_scalars(record, step)
         logger.info("step %d | reward %.3f | acc %.3f | len %.1f | box %.2f | loss %.4f | kl %.2e | gap %.1e | %.1fs",
                     step, record["reward_mean"], record["accuracy"], record["response_length"], record["box_ratio"],
                     record.get("loss", float("nan")), record.get("kl_ref", 0.0), record["logprob_gap_max"],
@@ -87,8 +105,7 @@ class MetricsLogger:
         with open(self.output_dir / "samples" / f"eval_step_{step}.jsonl", "w", encoding="utf-8") as f:
             for sample in result["samples"]:
                 f.write(json.dumps(sample) + "\n")
-        if self._wandb is not None:
-            self._wandb.log({"eval_accuracy": result["accuracy"]}, step=step)
+        self._write_scalars({"eval_accuracy": result["accuracy"]}, step)
         logger.info("eval at step %d: greedy accuracy %.3f", step, result["accuracy"])
 
     def close(self) -> None:
@@ -96,3 +113,5 @@ class MetricsLogger:
         self._eval.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
