@@ -292,6 +292,23 @@ def test_router_splits_by_prompt_group_and_keeps_order(fakes):
     assert router.generate([], params) == []
 
 
+def test_router_streams_from_every_engine_as_responses_finish(fakes):
+    router = EngineRouter(_engines(fakes))
+    prompts = [[1, 2, 3], [1, 2, 3], [5, 6], [5, 6]]  # engine 0 gets prompt [1, 2, 3], engine 1 [5, 6]
+    params = SamplingParams(max_new_tokens=4)
+    fakes[0].generate_delay_s = {(1, 2, 3): 1.0}  # engine 0 is slow
+    order = [index for index, _ in router.generate_stream(prompts, params)]
+    # Engine 1's responses arrive while engine 0 still works; every index exactly once.
+    assert sorted(order) == [0, 1, 2, 3] and set(order[:2]) == {2, 3}
+    fakes[0].generate_delay_s = {}
+    streamed = dict(router.generate_stream(prompts, params))
+    assert [streamed[i] for i in range(4)] == router.generate(prompts, params)
+    fakes[1].mode = "bad_request"
+    with pytest.raises(SGLangHTTPError) as failure:
+        list(router.generate_stream(prompts, params))
+    assert "rollout engine 1 of 2" in "\n".join(failure.value.__notes__)
+
+
 def test_router_broadcasts_memory_cache_health_and_names_a_failing_engine(fakes):
     router = EngineRouter(_engines(fakes))
     router.release_memory()

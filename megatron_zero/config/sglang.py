@@ -53,6 +53,9 @@ class SGLangConfig:
     trust_remote_code: bool = False
     # Colocated buckets are flattened into one uint8 buffer per request; this caps that copy (MiB).
     weight_bucket_mb: int = 512
+    # Streaming rollouts send one request per prompt; this many are in flight at once (one thread each). The
+    # server schedules them together like one batch; slime's default per server is the same.
+    max_concurrent_requests: int = 512
     # HTTP timeouts (seconds). A /generate call holds a whole rollout batch, so it gets the long one.
     generate_timeout_s: float = 3600.0
     control_timeout_s: float = 600.0
@@ -83,6 +86,8 @@ class SGLangConfig:
         for name in ("generate_timeout_s", "control_timeout_s", "health_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"sglang.{name}={getattr(self, name)} must be > 0 seconds")
+        if self.max_concurrent_requests < 1:
+            raise ValueError(f"sglang.max_concurrent_requests={self.max_concurrent_requests} must be >= 1")
         if self.max_retries < 0:
             raise ValueError(f"sglang.max_retries={self.max_retries} must be >= 0 (0 = no retry)")
         if self.retry_backoff_s < 0:

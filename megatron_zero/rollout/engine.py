@@ -135,6 +135,15 @@ class RolloutEngine(abc.ABC):
     def resume_memory(self) -> None:
         """Take it again before rollout: weights first, then the KV cache."""
 
+    def resume_weights(self) -> None:
+        """First stage of a colocated resume: the weights only, so the weight sync runs while the actor is still
+        on the device and the KV cache returns only after the actor has left (``resume_kv_cache``). This default
+        suits engines without separate pools: everything comes back here."""
+        self.resume_memory()
+
+    def resume_kv_cache(self) -> None:
+        """Second stage, after ``resume_weights`` and the actor's offload; nothing left to do by default."""
+
     @abc.abstractmethod
     def flush_cache(self) -> None:
         """Drop cached prefixes (stale after a weight update)."""

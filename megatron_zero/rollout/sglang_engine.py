@@ -57,9 +57,6 @@ logger = logging.getLogger(__name__)
 RELEASE_ORDER = ("kv_cache", "weights", "cuda_graph")
 RESUME_WEIGHTS = ("weights",)
 RESUME_KV_CACHE = ("kv_cache", "cuda_graph")
-# Requests in flight at once in ``generate_stream`` (one thread each). The server schedules them together as
-# if they were one batch; slime's default per server is the same (--sglang-server-concurrency 512).
-_MAX_CONCURRENT_REQUESTS = 512
 # Name of the NCCL group that /init_weights_update_group creates inside the server.
 WEIGHT_GROUP_NAME = "megatron_zero_weights"
 
@@ -255,7 +252,7 @@ class SGLangEngine(RolloutEngine):
 
     def generate_stream(self, prompts: Sequence[Sequence[int]],
                         params: SamplingParams) -> Iterator[tuple[int, Generation]]:
-        """One /generate request per prompt, up to ``_MAX_CONCURRENT_REQUESTS`` in flight; each response is
+        """One /generate request per prompt, up to ``sglang.max_concurrent_requests`` in flight; each response is
         yielded as its request returns. The server batches concurrent requests itself (continuous batching,
         prefix cache across requests), so the GPU sees the same batch as one batched request."""
         prompts, payload = self._generate_request(prompts, params)
@@ -293,7 +290,7 @@ class SGLangEngine(RolloutEngine):
             outputs = local.client.post("/generate", one, timeout_s=self.config.generate_timeout_s)
             return index, self._parse_generation(index, prompts[index], _check_batch(outputs, 1, self.url)[0])
 
-        executor = concurrent.futures.ThreadPoolExecutor(min(len(prompts), _MAX_CONCURRENT_REQUESTS),
+        executor = concurrent.futures.ThreadPoolExecutor(min(len(prompts), self.config.max_concurrent_requests),
                                                          thread_name_prefix="sglang-generate")
         try:
             futures = [executor.submit(request, index) for index in range(len(prompts))]
@@ -489,11 +486,9 @@ class SGLangEngine(RolloutEngine):
         self.resume_kv_cache()
 
     def resume_weights(self) -> None:
-        """First half of ``resume_memory``: weights only, so a weight sync can run before the KV cache returns."""
         self._resume(RESUME_WEIGHTS)
 
     def resume_kv_cache(self) -> None:
-        """Second half of ``resume_memory``: KV cache and CUDA graphs, after the weights."""
         if "weights" in self._released:
             raise RuntimeError(f"SGLang server {self.url}: resume the weights before the KV cache")
         self._resume(RESUME_KV_CACHE)

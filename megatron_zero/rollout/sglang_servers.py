@@ -51,11 +51,12 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import queue
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import ray
 import requests
@@ -432,6 +433,42 @@ class EngineRouter(RolloutEngine):
                                     for i, part in parts], "generate")
         return [generation for result in results for generation in result]
 
+    def generate_stream(self, prompts: Sequence[Sequence[int]],
+                        params: SamplingParams) -> Iterator[tuple[int, Generation]]:
+        """Every engine streams its part from a thread of its own; results come out as any engine finishes them."""
+        parts = self._split(prompts)
+        # Opened here, in the caller's thread: a bad request raises now, before the first item.
+        streams = [(index, part, self.engines[index].generate_stream([prompts[k] for k in part], params))
+                   for index, part in parts]
+        return self._merge(streams)
+
+    def _merge(self, streams: list[tuple[int, range, Iterator[tuple[int, Generation]]]]
+               ) -> Iterator[tuple[int, Generation]]:
+        results: queue.Queue = queue.Queue()
+        finished = object()
+
+        def drain(index: int, part: range, stream: Iterator[tuple[int, Generation]]) -> None:
+            try:
+                for local, generation in stream:
+                    results.put((part[local], generation))
+            except BaseException as error:  # handed to the consumer, which raises it
+                error.add_note(f"in generate_stream on rollout engine {index} of {len(self.engines)}")
+                results.put(error)
+            finally:
+                results.put(finished)
+
+        for stream in streams:
+            self._pool.submit(drain, *stream)
+        remaining = len(streams)
+        while remaining:
+            item = results.get()
+            if item is finished:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+
     def compute_logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                          temperature: float) -> list[list[float]]:
         if len(prompt_ids) != len(response_ids):
@@ -463,6 +500,12 @@ class EngineRouter(RolloutEngine):
 
     def resume_memory(self) -> None:
         self._on_all("resume_memory")
+
+    def resume_weights(self) -> None:
+        self._on_all("resume_weights")
+
+    def resume_kv_cache(self) -> None:
+        self._on_all("resume_kv_cache")
 
     def flush_cache(self) -> None:
         self._on_all("flush_cache")
