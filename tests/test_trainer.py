@@ -191,7 +191,28 @@ def test_export_writes_a_loadable_hf_model(tmp_path, uninterrupted):
 def test_colocated_phases_switch_memory_and_keep_the_metrics(tmp_path, base_mcore, uninterrupted, train_file):
     """cluster.colocate: engine released / actor onloaded for training, the reverse for rollout, every step."""
     out = tmp_path / "colocated"
-    _run(out, base_mcore, num_steps=2, extra=["cluster.colocate=true", "run.save_every=0"], train_file=train_file)
+    calls = []
+
+    def record_phases(trainer):
+        # Every memory move of the engine and the actor, in order.
+        def recorded(name, method):
+            def call(*args, **kwargs):
+                calls.append(name)
+                return method(*args, **kwargs)
+            return call
+
+        for name in ("release_memory", "resume_weights", "resume_kv_cache", "begin_weight_update"):
+            setattr(trainer.engine, name, recorded(name, getattr(trainer.engine, name)))
+        run = trainer.group.run
+        trainer.group.run = lambda method, *args, **kwargs: (calls.append(method) if method in ("onload", "offload")
+                                                              else None) or run(method, *args, **kwargs)
+
+    _run(out, base_mcore, num_steps=2, extra=["cluster.colocate=true", "run.save_every=0"], train_file=train_file,
+         patch=record_phases)
+    # The engine frees its memory before the actor onloads; the weights return for the sync while the actor is
+    # still there; the KV cache only after the actor left. Once per step (2), once more for the final checkpoint.
+    assert calls == 3 * ["release_memory", "onload", "resume_weights", "begin_weight_update", "offload",
+                         "resume_kv_cache"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for record in records:
         assert record["onload_bytes_weights"] > 0 and record["offload_bytes_weights"] == record["onload_bytes_weights"]

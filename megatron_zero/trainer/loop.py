@@ -69,17 +69,27 @@ class Trainer:
         self.eval_problems = _load_eval(config, self.tokenizer)
         self.mcore_dir = config.mcore_path or _convert_base_model(config.model_path, self.output_dir / "base_mcore")
         self.grader = GraderPool(config.reward)
-        self.engine = engine or _build_engine(config, self.tokenizer)
-        self.placement, self.group = _start_actor_group(config, self.mcore_dir, self.output_dir / "logs")
+        log_dir = self.output_dir / "logs"
+        self.placement = _create_placement(config)
+        # The engine starts before the actor loads its weights: SGLang sizes its KV cache once, from the memory
+        # free at startup. Colocated, it then releases its memory until the actor is loaded.
+        self.engine = engine or _build_engine(config, self.tokenizer, self.placement, log_dir)
+        if config.cluster.colocate:
+            self.engine.release_memory()
+        self.group = _start_actor_group(config, self.placement, self.mcore_dir, log_dir)
         self.metrics = MetricsLogger(self.output_dir, config)
         self.step = 0
         self.weight_version = 0
         self.stop_requested = False
         self.progress = None  # the console's progress bar while fit() runs
-        self.resumed_from = self.maybe_resume()
         self.actor_offloaded = False
+        self.resumed_from = self.maybe_resume()
         if config.cluster.colocate:
             # Colocated: the engine owns the accelerators during rollout; the actor waits off-device.
+            if self.resumed_from is None:  # (a resume has synced its policy already)
+                # What release_memory() freed is gone: the engine takes its weights from the actor.
+                self.engine.resume_weights()
+                self.sync_weights()
             self.switch_to_rollout()
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -117,7 +127,7 @@ class Trainer:
             train_metrics = self.train(batch, rollout.max_response_length())
         with _timed(timings, "sync_weights", self.progress):
             if self.config.cluster.colocate:
-                self.engine.resume_memory()
+                self.engine.resume_weights()
             sync = self.sync_weights()
         if self.config.cluster.colocate:
             memory.update(self.switch_to_rollout())
@@ -236,9 +246,11 @@ class Trainer:
         return {f"onload_bytes_{kind}": float(nbytes) for kind, nbytes in onloaded.items()}
 
     def switch_to_rollout(self) -> dict[str, float]:
-        """After the sync (engine weights resumed and updated from the on-device actor), the actor leaves."""
+        """After the sync (engine weights resumed and updated from the on-device actor), the actor leaves, and
+        only then the engine's KV cache returns: actor, engine weights and KV cache never peak together."""
         offloaded = self.group.run("offload")[0]
         self.actor_offloaded = True
+        self.engine.resume_kv_cache()
         return {f"offload_bytes_{kind}": float(nbytes) for kind, nbytes in offloaded.items()}
 
     def sync_weights(self) -> dict[str, float]:
@@ -287,7 +299,7 @@ class Trainer:
             self.switch_to_training()  # the actor saves from the device
         self.group.run("save", str(path / "actor"))
         if offloaded:
-            self.engine.resume_memory()
+            self.engine.resume_weights()
             self.sync_weights()
             self.switch_to_rollout()
         checkpoint.save_driver_state(path, self.step, self.weight_version, self.sampler.state_dict())
@@ -306,6 +318,8 @@ class Trainer:
         self.step, self.weight_version = state["step"], state["weight_version"]
         self.sampler.load_state_dict(state["sampler"])
         # The engine starts from the base model: give it the resumed policy before the first rollout.
+        if self.config.cluster.colocate:
+            self.engine.resume_weights()
         self.sync_weights()
         logger.info("resumed from %s at step %d", path, self.step)
         return path
@@ -313,10 +327,12 @@ class Trainer:
     def close(self) -> None:
         from megatron_zero.trainer.placement import remove_placement
 
+        # The engine first: launched SGLang servers live in actors on the placement group, and removing it
+        # would kill them without a clean shutdown.
+        self.engine.shutdown()
         self.group.shutdown()
         remove_placement(self.placement)
         self.grader.close()
-        self.engine.shutdown()
         self.metrics.close()
 
 
@@ -396,25 +412,34 @@ def _convert_base_model(model_path: str, out_dir: Path) -> str:
     return str(out_dir)
 
 
-def _build_engine(config: TrainConfig, tokenizer) -> RolloutEngine:
+def _build_engine(config: TrainConfig, tokenizer, placement, log_dir: Path) -> RolloutEngine:
     if config.rollout.engine == "torch":
         from megatron_zero.rollout.torch_engine import TorchEngine
 
         return TorchEngine.from_pretrained(config.model_path, config.rollout.torch, tokenizer=tokenizer)
+    if config.rollout.sglang.launch:
+        from megatron_zero.rollout.sglang_servers import launch_sglang_router
+
+        # One server per sglang.tp_size GPUs of the placement, in Ray actors beside the Megatron ranks.
+        return launch_sglang_router(config.cluster, placement, config.rollout.sglang, log_dir)
     from megatron_zero.rollout.sglang_engine import SGLangEngine
 
     return SGLangEngine(config.rollout.sglang)
 
 
-def _start_actor_group(config: TrainConfig, mcore_dir: str, log_dir: Path):
-    from megatron_zero.trainer.actor_group import RayActorGroup
+def _create_placement(config: TrainConfig):
     from megatron_zero.trainer.placement import connect_ray, create_placement, wait_for_nodes
 
     connect_ray(config.cluster)
     wait_for_nodes(config.cluster)
-    placement = create_placement(config.cluster)
+    return create_placement(config.cluster)
+
+
+def _start_actor_group(config: TrainConfig, placement, mcore_dir: str, log_dir: Path):
+    from megatron_zero.trainer.actor_group import RayActorGroup
+
     group = RayActorGroup(config.cluster, placement, log_dir)
     group.initialize_parallel(config.parallel)
     group.setup("megatron_zero.trainer.actor_worker:ActorWorker", mcore_dir, config.actor, config.loss, config.model,
                 config.loss.kl_coef > 0)
-    return placement, group
+    return group
