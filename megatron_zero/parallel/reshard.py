@@ -40,8 +40,9 @@ bridge's ``weight_mappings``); for each name the owning stage's TP group of DP/C
 onto its TP rank 0, and if that stage is not the sender's, its TP rank 0 sends the full tensor to rank 0 (point-to-point,
 shape and dtype known from a metadata exchange at the start). Other data-parallel replicas do
 nothing but the metadata exchange. This suits one rollout engine fed from one process (the CPU
-torch engine, or an SGLang server reached from rank 0); it serialises the stages through rank 0,
-so for many GPUs per engine a per-stage sender (slime's colocated style) would be faster.
+torch engine). With ``all_ranks=True`` the owner instead broadcasts each full tensor to every rank, so
+every GPU holds each bucket and can hand it to the colocated SGLang server rank on the same GPU
+(``trainer/weight_push.py``, slime's colocated style).
 
 Buckets: tensors are packed in order into buckets of at most ``bucket_bytes``; a single HF tensor
 larger than that is sent alone in its own bucket (the only case a bucket exceeds the bound), since
@@ -156,7 +157,7 @@ class HFWeightStream:
     """Iterable of HF-named buckets on the sender; iterate (or ``drain``) on every rank of the actor job."""
 
     def __init__(self, model: torch.nn.Module, arch: DecoderArchitecture, bridge: ModelBridge, *,
-                 bucket_bytes: int) -> None:
+                 bucket_bytes: int, all_ranks: bool = False) -> None:
         from megatron.core import parallel_state
 
         if bucket_bytes < 1:
@@ -165,7 +166,10 @@ class HFWeightStream:
         self.mappings = bridge.mapping_by_mcore_name(arch)
         self.order = [m.mcore for m in bridge.weight_mappings(arch)]
         self.rank = dist.get_rank()
-        self.is_sender = self.rank == SENDER_RANK
+        # all_ranks: every rank gets every bucket (each owner broadcasts its tensors to the world), for engines
+        # fed from every GPU at once (weight_push.py); otherwise only SENDER_RANK does.
+        self.all_ranks = all_ranks
+        self.is_sender = all_ranks or self.rank == SENDER_RANK
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -222,6 +226,14 @@ class HFWeightStream:
                 full = _gather_tp(name, params[name], self.tp_group, self.tp_size, self.tp_rank)
                 if full is not None and tuple(full.shape) != owner.shape:
                     raise AssertionError(f"{name}: gathered {tuple(full.shape)}, expected {owner.shape}")
+            if self.all_ranks:
+                if owner.global_rank == self.rank:
+                    full = full.contiguous()
+                else:
+                    full = torch.empty(owner.shape, dtype=owner.dtype, device=device)
+                dist.broadcast(full, src=owner.global_rank)
+                yield name, full
+                continue
             if owner.global_rank == self.rank:
                 if not self.is_sender:
                     dist.send(full.contiguous(), dst=SENDER_RANK)

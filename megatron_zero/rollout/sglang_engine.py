@@ -379,6 +379,19 @@ class SGLangEngine(RolloutEngine):
         else:
             self._update_from_distributed(bucket)
             stats.num_buckets += 1
+        self._record(stats, bucket)
+
+    def update_weights_from_ranks(self, bucket: Sequence[tuple[str, torch.Tensor]], per_rank: Sequence[str]) -> None:
+        """Colocated update in which server TP rank i opens the buffer of the actor rank on its own GPU:
+        ``per_rank[i]`` is that rank's ``serialize_flattened_bucket(bucket)`` (``trainer/weight_push.py``).
+        ``bucket`` is this process's copy, for the same name bookkeeping as ``update_weights``."""
+        stats = self._check_bucket(bucket)
+        self.update_weights_from_serialized(per_rank)
+        stats.num_buckets += 1
+        self._record(stats, bucket)
+
+    @staticmethod
+    def _record(stats: WeightUpdateStats, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in bucket:
             stats.names.add(name)
             stats.num_tensors += 1

@@ -19,21 +19,27 @@ from megatron_zero.actor.batching import ActorBatch
 from megatron_zero.config.actor import ActorConfig
 from megatron_zero.config.algorithm import PolicyLossConfig
 from megatron_zero.config.model import ModelConfig
+from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.models.mcore_checkpoint import read_checkpoint_info
 from megatron_zero.parallel.reshard import HFWeightStream
+from megatron_zero.trainer.weight_push import ColocatedWeightPush
 
 logger = logging.getLogger(__name__)
 
 
 class ActorWorker:
     def __init__(self, mcore_dir: str, actor: ActorConfig, loss: PolicyLossConfig, model: ModelConfig,
-                 with_reference: bool) -> None:
+                 with_reference: bool, engine_urls: Optional[list[str]] = None,
+                 sglang: Optional[SGLangConfig] = None) -> None:
         self.info = read_checkpoint_info(mcore_dir)
         self.model_config = model
         self.actor = MegatronActor(actor, loss, model, mcore_dir)
         # The reference is only needed for the KL term; it stays frozen at the base weights.
         self.reference = ReferenceModel(mcore_dir, model, actor) if with_reference else None
         self.rank = torch.distributed.get_rank()
+        # Colocated SGLang servers (engine_urls, in engine order): weights go from every rank straight to the
+        # server rank on its GPU (weight_push.py), not through the driver.
+        self.weight_push = ColocatedWeightPush(engine_urls, sglang) if engine_urls else None
 
     def logprobs(self, batch: ActorBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         logp, entropy = self.actor.compute_logprobs(batch)
@@ -59,6 +65,17 @@ class ActorWorker:
         buckets = [[(name, tensor.detach().clone()) for name, tensor in bucket] for bucket in stream]
         stats = stream.stats
         return buckets, {"reshard_seconds": stats.seconds, "bytes": stats.num_bytes, "buckets": stats.num_buckets}
+
+    def push_weights(self, version: int, bucket_bytes: int) -> Optional[dict[str, float]]:
+        """Send the policy to the colocated SGLang engines (every rank takes part); stats on engine leaders."""
+        if self.weight_push is None:
+            raise RuntimeError("push_weights: this worker was built without colocated SGLang engines (engine_urls)")
+        stream = HFWeightStream(self.actor.model, self.info.arch, self.info.bridge, bucket_bytes=bucket_bytes,
+                                all_ranks=True)
+        stats = self.weight_push.push(stream, version)
+        if stats is None:
+            return None
+        return {"seconds": stats.seconds, "bytes": float(stats.num_bytes), "reshard_seconds": stream.stats.reshard_seconds}
 
     def offload(self) -> dict[str, int]:
         """Free the actor's device memory (weights, grads, optimizer state) for the colocated engine."""

@@ -76,7 +76,10 @@ class Trainer:
         self.engine = engine or _build_engine(config, self.tokenizer, self.placement, log_dir)
         if config.cluster.colocate:
             self.engine.release_memory()
-        self.group = _start_actor_group(config, self.placement, self.mcore_dir, log_dir)
+        # Launched SGLang servers sit on the ranks' GPUs: the ranks push the weights to them (weight_push.py).
+        servers = getattr(self.engine, "servers", None)
+        self.engine_urls = [info.url for info in servers.infos] if servers is not None else None
+        self.group = _start_actor_group(config, self.placement, self.mcore_dir, log_dir, self.engine_urls)
         self.metrics = MetricsLogger(self.output_dir, config)
         self.step = 0
         self.weight_version = 0
@@ -255,6 +258,12 @@ class Trainer:
 
     def sync_weights(self) -> dict[str, float]:
         self.weight_version += 1
+        if self.engine_urls:
+            per_rank = self.group.run("push_weights", self.weight_version,
+                                      self.config.rollout.sglang.weight_bucket_mb * 2**20)
+            leaders = [stats for stats in per_rank if stats is not None]
+            seconds = max(stats["seconds"] for stats in leaders)
+            return {"weight_sync_seconds": seconds, "weight_sync_gb_per_s": leaders[0]["bytes"] / 1e9 / max(seconds, 1e-9)}
         buckets, stats = self._on_all_ranks("weight_buckets", self.config.run.weight_sync_bucket_mb * 2**20)
         self.engine.flush_cache()
         engine_stats = self.engine.sync_weights(buckets, version=self.weight_version)
@@ -435,11 +444,12 @@ def _create_placement(config: TrainConfig):
     return create_placement(config.cluster)
 
 
-def _start_actor_group(config: TrainConfig, placement, mcore_dir: str, log_dir: Path):
+def _start_actor_group(config: TrainConfig, placement, mcore_dir: str, log_dir: Path,
+                       engine_urls: Optional[list[str]]):
     from megatron_zero.trainer.actor_group import RayActorGroup
 
     group = RayActorGroup(config.cluster, placement, log_dir)
     group.initialize_parallel(config.parallel)
     group.setup("megatron_zero.trainer.actor_worker:ActorWorker", mcore_dir, config.actor, config.loss, config.model,
-                config.loss.kl_coef > 0)
+                config.loss.kl_coef > 0, engine_urls, config.rollout.sglang)
     return group

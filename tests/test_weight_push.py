@@ -1,0 +1,128 @@
+"""Colocated weight push: every rank feeds the SGLang server rank on its own GPU (trainer/weight_push.py).
+
+CUDA IPC handles need GPUs, so the ranks here (gloo, CPU) serialise with a stand-in that pickles their bucket
+and rank; everything else is the production path: ``HFWeightStream(all_ranks=True)`` at TP=2 and PP=2, the gloo
+groups per engine, the gather of per-rank payloads to each engine's first rank, and ``SGLangEngine``'s requests
+and name bookkeeping against fake SGLang 0.5.10 servers (tests/test_sglang_engine.py). The payloads are checked
+against the HF checkpoint bit for bit.
+
+    python -m pytest tests/test_weight_push.py -q
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+import threading
+from http.server import ThreadingHTTPServer
+
+import pytest
+import torch
+
+from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.parallel.local_launch import run_local_workers
+from test_sglang_engine import FakeSGLang, make_handler
+
+BUCKET_BYTES = 3000  # several buckets for the tiny model
+
+
+def _cpu_serialize(bucket):
+    """Stand-in for CUDA IPC serialisation: this rank's copy of the bucket, by value."""
+    import torch.distributed as dist
+
+    payload = {"rank": dist.get_rank(), "tensors": [(name, tensor.clone()) for name, tensor in bucket]}
+    return base64.b64encode(pickle.dumps(payload)).decode(), torch.empty(0)
+
+
+def _push_job(mcore_dir: str, hf_dir: str, urls: list[str], tp_size: int):
+    from megatron_zero.actor.actor import load_model
+    from megatron_zero.config.model import ModelConfig
+    from megatron_zero.config.sglang import SGLangConfig
+    from megatron_zero.parallel.reshard import HFWeightStream
+    from megatron_zero.trainer.weight_push import ColocatedWeightPush
+
+    model, info = load_model(mcore_dir, ModelConfig(params_dtype="float32"))
+    push = ColocatedWeightPush(urls, SGLangConfig(model_path=hf_dir, tp_size=tp_size, retry_backoff_s=0.0),
+                               serialize=_cpu_serialize)
+    stream = HFWeightStream(model, info.arch, info.bridge, bucket_bytes=BUCKET_BYTES, all_ranks=True)
+    return push.push(stream, version=3)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore
+    from megatron_zero.models.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("push")
+    hf_dir = save_tiny_model("qwen2", root / "hf")  # tied embeddings: sent once, from the first stage
+    run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(hf_dir), str(root / "mcore")))
+    return str(hf_dir), str(root / "mcore")
+
+
+@pytest.fixture
+def fakes():
+    states, servers = [], []
+    for _ in range(2):
+        state = FakeSGLang()
+        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        state.port = server.server_address[1]
+        states.append(state)
+        servers.append(server)
+    yield states
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _hf_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(f"{hf_dir}/model.safetensors")
+
+
+def _check_engine(fake: FakeSGLang, leader: int, tp_size: int, expected: dict[str, torch.Tensor]) -> None:
+    updates = [body for path, body in fake.requests if path == "/update_weights_from_tensor"]
+    assert len(updates) > 1  # several buckets
+    received: dict[str, torch.Tensor] = {}
+    for body in updates:
+        assert body["load_format"] == "flattened_bucket" and body["flush_cache"] is False
+        entries = [pickle.loads(base64.b64decode(s)) for s in body["serialized_named_tensors"]]
+        # Entry j is opened by server rank j, which runs on the GPU of Megatron rank leader + j.
+        assert [entry["rank"] for entry in entries] == list(range(leader, leader + tp_size))
+        for other in entries[1:]:  # every rank holds the same full bucket
+            assert [n for n, _ in other["tensors"]] == [n for n, _ in entries[0]["tensors"]]
+            assert all(torch.equal(a, b) for (_, a), (_, b) in zip(other["tensors"], entries[0]["tensors"]))
+        for name, tensor in entries[0]["tensors"]:
+            assert name not in received, f"{name} sent twice"
+            received[name] = tensor
+    assert sorted(received) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(received[name], tensor.float()), name
+    assert fake.requests[-1][0] == "/flush_cache"  # after the last bucket, once
+
+
+@pytest.mark.parametrize("parallel, num_engines", [
+    (ParallelConfig(tensor_parallel_size=2), 1),    # one engine with tp 2: rank 0 gathers both payloads
+    (ParallelConfig(pipeline_parallel_size=2), 2),  # two engines with tp 1: stage 1 broadcasts its layers
+])
+def test_every_rank_feeds_its_server_rank(checkpoint, fakes, parallel, num_engines):
+    hf_dir, mcore_dir = checkpoint
+    tp_size = 2 // num_engines
+    urls = [f"http://127.0.0.1:{fake.port}" for fake in fakes[:num_engines]]
+    per_rank = run_local_workers(_push_job, parallel, args=(mcore_dir, hf_dir, urls, tp_size))
+    expected = _hf_tensors(hf_dir)
+    for index in range(num_engines):
+        leader = index * tp_size
+        _check_engine(fakes[index], leader, tp_size, expected)
+        stats = per_rank[leader]
+        assert stats.version == 3 and stats.names == set(expected)
+    assert [stats is None for stats in per_rank] == [rank % tp_size != 0 for rank in range(2)]
+
+
+def test_push_refuses_a_layout_without_one_server_rank_per_rank(checkpoint, fakes):
+    hf_dir, mcore_dir = checkpoint
+    with pytest.raises(Exception, match=r"1 engines x sglang.tp_size=1 GPUs != 2 Megatron ranks"):
+        run_local_workers(_push_job, ParallelConfig(tensor_parallel_size=2),
+                          args=(mcore_dir, hf_dir, [f"http://127.0.0.1:{fakes[0].port}"], 1))
