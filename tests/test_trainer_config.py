@@ -35,7 +35,7 @@ GPU_SGLANG = ["cluster.gpus_per_node=8", "cluster.cpu_workers_per_node=null", "c
 
 @pytest.mark.parametrize("overrides,message", [
     (["cluster.gpus_per_node=0", "cluster.cpu_workers_per_node=2"], r"cluster.gpus_per_node=0; use rollout.engine=torch"),
-    (["cluster.colocate=false"], r"cluster.colocate=False: .* set sglang.launch=False"),
+    (["cluster.colocate=false"], r"cluster.colocate=False: the Megatron ranks take their whole GPU"),
     (["rollout.sglang.tp_size=3"], r"sglang.tp_size=3 must divide cluster.gpus_per_node=8"),
     (["rollout.sglang.base_gpu_id=2"], r"sglang.base_gpu_id=2: launched servers see only"),
 ])
@@ -44,10 +44,10 @@ def test_bad_sglang_launch_config_names_the_field(overrides, message):
         load_config(None, ["model_path=/unused", *BASE[1:], *GPU_SGLANG, *overrides])
 
 
-def test_sglang_servers_started_by_hand_need_no_colocation():
-    config = load_config(None, ["model_path=/unused", *BASE[1:], *GPU_SGLANG, "cluster.colocate=false",
-                                "rollout.sglang.launch=false", "rollout.sglang.colocated=false"])
-    assert not config.rollout.sglang.launch
+def test_sglang_servers_started_by_hand_are_refused_until_weights_can_reach_them():
+    with pytest.raises(ValueError, match=r"rollout.sglang.launch=False .* cannot be trained against yet"):
+        load_config(None, ["model_path=/unused", *BASE[1:], *GPU_SGLANG, "cluster.colocate=false",
+                           "rollout.sglang.launch=false", "rollout.sglang.colocated=false"])
 
 
 def test_file_checks_run_before_workers(tmp_path):

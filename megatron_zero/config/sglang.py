@@ -28,7 +28,8 @@ class SGLangConfig:
     model_path: str = ""
     # true: the trainer launches one server per engine in Ray actors on the Megatron ranks' GPUs
     # (rollout/sglang_servers.py; host and port are then the node's IP and a free port found there).
-    # false: connect to the one server already running at host:port (started by hand).
+    # false: connect to the one server already running at host:port (started by hand); usable for evaluation,
+    # not yet for training (new weights reach only launched servers, see docs/sglang.md).
     launch: bool = True
     host: str = "127.0.0.1"
     port: int = 30000
@@ -108,8 +109,7 @@ class SGLangConfig:
         """Can the trainer launch these servers beside the Megatron ranks of ``cluster`` (``launch=true``)?"""
         if not cluster.colocate:
             raise ValueError("cluster.colocate=False: the Megatron ranks take their whole GPU, so SGLang servers on "
-                             "the same GPUs cannot be scheduled; set cluster.colocate=True, or start servers "
-                             "yourself and set sglang.launch=False")
+                             "the same GPUs cannot be scheduled; set cluster.colocate=True")
         if not self.colocated:
             raise ValueError("sglang.colocated=False, but servers on the actor's GPUs must release their memory "
                              "during training (--enable-memory-saver); set sglang.colocated=True")

@@ -108,7 +108,12 @@ class TrainConfig:
                 f"rollout.num_samples_per_prompt = {self.data.sampler.batch_size} x "
                 f"{self.rollout.num_samples_per_prompt} = {num_samples}; use one of "
                 f"{[d for d in range(1, num_samples + 1) if num_samples % d == 0][:12]}")
-        if self.rollout.engine == "sglang" and self.rollout.sglang.launch:
+        if self.rollout.engine == "sglang" and not self.rollout.sglang.launch:
+            raise ValueError("rollout.sglang.launch=False (a server started by hand) cannot be trained against yet: "
+                             "new weights reach only servers the trainer launched on its ranks' GPUs (CUDA IPC), "
+                             "the NCCL path for separate servers is not wired into the trainer; set "
+                             "rollout.sglang.launch=True")
+        if self.rollout.engine == "sglang":
             if not self.cluster.use_gpus:
                 raise ValueError("rollout.engine='sglang' launches SGLang servers on the cluster's GPUs, but "
                                  "cluster.gpus_per_node=0; use rollout.engine=torch on CPU")

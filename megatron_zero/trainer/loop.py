@@ -426,14 +426,11 @@ def _build_engine(config: TrainConfig, tokenizer, placement, log_dir: Path) -> R
         from megatron_zero.rollout.torch_engine import TorchEngine
 
         return TorchEngine.from_pretrained(config.model_path, config.rollout.torch, tokenizer=tokenizer)
-    if config.rollout.sglang.launch:
-        from megatron_zero.rollout.sglang_servers import launch_sglang_router
+    from megatron_zero.rollout.sglang_servers import launch_sglang_router
 
-        # One server per sglang.tp_size GPUs of the placement, in Ray actors beside the Megatron ranks.
-        return launch_sglang_router(config.cluster, placement, config.rollout.sglang, log_dir)
-    from megatron_zero.rollout.sglang_engine import SGLangEngine
-
-    return SGLangEngine(config.rollout.sglang)
+    # One server per sglang.tp_size GPUs of the placement, in Ray actors beside the Megatron ranks (the config
+    # refuses servers started by hand: weights could not reach them).
+    return launch_sglang_router(config.cluster, placement, config.rollout.sglang, log_dir)
 
 
 def _create_placement(config: TrainConfig):
