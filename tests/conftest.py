@@ -1,10 +1,35 @@
 """Shared test setup: tools/ on the import path, quiet megatron-core warnings, tiny converted models."""
 
 import sys
+import threading
 import warnings
 from pathlib import Path
+
+import pytest
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message="Apex is not installed")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+
+@pytest.fixture
+def fakes():
+    """Two fake SGLang servers on 127.0.0.1 (tests/test_sglang_engine.py), for routers and several engines."""
+    from http.server import ThreadingHTTPServer
+
+    from test_sglang_engine import FakeSGLang, make_handler
+
+    states, servers = [], []
+    for _ in range(2):
+        state = FakeSGLang()
+        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        state.port = server.server_address[1]
+        states.append(state)
+        servers.append(server)
+    yield states
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -16,9 +16,7 @@ import importlib.util
 import itertools
 import re
 import sys
-import threading
 import time
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ from megatron_zero.rollout.sglang_servers import (
     EngineRouter, SGLangServerError, plan_engines, server_env, split_by_prompt_runs, start_sglang_servers,
 )
 from megatron_zero.trainer.placement import Bundle, ClusterPlacement, create_placement, remove_placement
-from test_sglang_engine import FakeSGLang, make_handler, reference_logprob
+from test_sglang_engine import reference_logprob
 
 CPU_CLUSTER = ClusterConfig(gpus_per_node=0, cpu_workers_per_node=2, cpus_per_worker=1, colocate=True,
                             ray_call_timeout_s=60.0, startup_timeout_s=30.0)
@@ -246,23 +244,6 @@ def test_server_never_healthy_is_stopped_at_the_startup_deadline(placement, stan
 
 
 # --------------------------------------------------------------------------- the router
-
-
-@pytest.fixture
-def fakes():
-    states, servers = [], []
-    for _ in range(2):
-        state = FakeSGLang()
-        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        state.port = server.server_address[1]
-        states.append(state)
-        servers.append(server)
-    yield states
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def _engines(fakes) -> list[SGLangEngine]:

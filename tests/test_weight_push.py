@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import base64
 import pickle
-import threading
-from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
 
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.parallel.local_launch import run_local_workers
-from test_sglang_engine import FakeSGLang, make_handler
+from test_sglang_engine import FakeSGLang
 
 BUCKET_BYTES = 3000  # several buckets for the tiny model
 
@@ -57,23 +55,6 @@ def checkpoint(tmp_path_factory):
     hf_dir = save_tiny_model("qwen2", root / "hf")  # tied embeddings: sent once, from the first stage
     run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(hf_dir), str(root / "mcore")))
     return str(hf_dir), str(root / "mcore")
-
-
-@pytest.fixture
-def fakes():
-    states, servers = [], []
-    for _ in range(2):
-        state = FakeSGLang()
-        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        state.port = server.server_address[1]
-        states.append(state)
-        servers.append(server)
-    yield states
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def _hf_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
