@@ -79,10 +79,14 @@ def _export(args: argparse.Namespace) -> int:
 def _config_help() -> str:
     from omegaconf import OmegaConf
 
+    from megatron_zero.config.sglang import SGLangConfig
     from megatron_zero.config.trainer import TrainConfig
 
+    # rollout.sglang defaults to null (the torch engine needs none), so its fields are listed on their own.
     return ("every field, with its default (override any with key.sub=value):\n\n"
-            + OmegaConf.to_yaml(OmegaConf.structured(TrainConfig)))
+            + OmegaConf.to_yaml(OmegaConf.structured(TrainConfig))
+            + "\nrollout.sglang, required with rollout.engine=sglang (rollout.sglang.model_path=... etc.):\n\n"
+            + OmegaConf.to_yaml(OmegaConf.structured(SGLangConfig)))
 
 
 def build_parser() -> argparse.ArgumentParser:

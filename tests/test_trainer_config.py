@@ -81,3 +81,25 @@ def test_shipped_example_configs_validate():
     for path in sorted(Path(__file__).resolve().parents[1].glob("examples/configs/*.yaml")):
         config = load_config(str(path), [])
         assert config.run.num_steps >= 1, path
+
+
+def test_train_help_lists_every_field_with_its_default():
+    import dataclasses
+
+    from megatron_zero.cli import _config_help
+    from megatron_zero.config.sglang import SGLangConfig
+    from megatron_zero.config.trainer import TrainConfig
+
+    text = _config_help()
+
+    def leaves(cls):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                yield from leaves(type(default))
+            else:
+                yield f.name
+
+    for name in [*leaves(TrainConfig), *leaves(SGLangConfig)]:
+        assert f"{name}:" in text, name
+    assert "max_concurrent_requests: 512" in text and "pack_sequences: true" in text
