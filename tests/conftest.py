@@ -33,3 +33,17 @@ def fakes():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def gloo_group_of_one(tmp_path):
+    """A gloo process group holding only this process (rank 0 of 1), for code that broadcasts from rank 0."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a default process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        yield dist.new_group([0])
+    finally:
+        dist.destroy_process_group()

@@ -410,28 +410,21 @@ def test_split_by_bytes_keeps_order_and_cap():
     assert [t for chunk in chunks for t in chunk] == tensors
 
 
-def test_disaggregated_update_requests_and_broadcast(fake, tmp_path):
-    if torch.distributed.is_initialized():
-        pytest.skip("a default process group is already initialised in this process")
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        group = torch.distributed.new_group([0])
-        names = ["a.weight", "b.bias"]
-        engine = SGLangEngine(SGLangConfig(model_path="/ckpt/tiny", port=fake.port, colocated=False),
-                              expected_weight_names=names, weight_group=group)
-        future = engine.init_weights_update_group("10.0.0.1", 29600, rank_offset=1, world_size=2)
-        assert future.result(timeout=10)["success"] is True
-        engine.begin_weight_update(version=3)
-        engine.update_weights([("a.weight", torch.ones(2, 3, dtype=torch.bfloat16))])
-        with pytest.raises(ValueError, match="more than once"):
-            engine.update_weights([("a.weight", torch.ones(2, 3))])
-        with pytest.raises(RuntimeError, match=r"left 1 tensor\(s\) of the model stale: \['b.bias'\]"):
-            engine.finish_weight_update()
-        engine.begin_weight_update(version=4)
-        engine.update_weights([("a.weight", torch.ones(2, 3, dtype=torch.bfloat16)), ("b.bias", torch.ones(3))])
-        stats = engine.finish_weight_update()
-    finally:
-        torch.distributed.destroy_process_group()
+def test_disaggregated_update_requests_and_broadcast(fake, gloo_group_of_one):
+    names = ["a.weight", "b.bias"]
+    engine = SGLangEngine(SGLangConfig(model_path="/ckpt/tiny", port=fake.port, colocated=False),
+                          expected_weight_names=names, weight_group=gloo_group_of_one)
+    future = engine.init_weights_update_group("10.0.0.1", 29600, rank_offset=1, world_size=2)
+    assert future.result(timeout=10)["success"] is True
+    engine.begin_weight_update(version=3)
+    engine.update_weights([("a.weight", torch.ones(2, 3, dtype=torch.bfloat16))])
+    with pytest.raises(ValueError, match="more than once"):
+        engine.update_weights([("a.weight", torch.ones(2, 3))])
+    with pytest.raises(RuntimeError, match=r"left 1 tensor\(s\) of the model stale: \['b.bias'\]"):
+        engine.finish_weight_update()
+    engine.begin_weight_update(version=4)
+    engine.update_weights([("a.weight", torch.ones(2, 3, dtype=torch.bfloat16)), ("b.bias", torch.ones(3))])
+    stats = engine.finish_weight_update()
     assert stats.version == 4 and stats.num_tensors == 2 and stats.num_bytes == 12 + 12 and stats.names == set(names)
     updates = [body for path, body in fake.requests if path == "/update_weights_from_distributed"]
     assert updates[-1]["names"] == names and updates[-1]["dtypes"] == ["bfloat16", "float32"]

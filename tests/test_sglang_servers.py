@@ -308,19 +308,13 @@ def test_router_broadcasts_memory_cache_health_and_names_a_failing_engine(fakes)
     router.shutdown()
 
 
-def test_router_weight_sync_reaches_every_engine(fakes, tmp_path):
-    if torch.distributed.is_initialized():
-        pytest.skip("a default process group is already initialised in this process")
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        group = torch.distributed.new_group([0])
-        engines = [SGLangEngine(dataclasses.replace(CONFIG, port=fake.port, colocated=False),
-                                expected_weight_names=["a.weight", "b.bias"], weight_group=group) for fake in fakes]
-        router = EngineRouter(engines)
-        buckets = [[("a.weight", torch.ones(2, 3))], [("b.bias", torch.ones(3, dtype=torch.bfloat16))]]
-        stats = router.sync_weights(buckets, version=7)
-    finally:
-        torch.distributed.destroy_process_group()
+def test_router_weight_sync_reaches_every_engine(fakes, gloo_group_of_one):
+    engines = [SGLangEngine(dataclasses.replace(CONFIG, port=fake.port, colocated=False),
+                            expected_weight_names=["a.weight", "b.bias"], weight_group=gloo_group_of_one)
+               for fake in fakes]
+    router = EngineRouter(engines)
+    buckets = [[("a.weight", torch.ones(2, 3))], [("b.bias", torch.ones(3, dtype=torch.bfloat16))]]
+    stats = router.sync_weights(buckets, version=7)
     assert stats.version == 7 and stats.num_tensors == 2 and stats.num_bytes == 24 + 6
     assert stats.names == {"a.weight", "b.bias"} and stats.seconds > 0
     for fake in fakes:

@@ -30,6 +30,7 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -131,26 +132,25 @@ def _model_tokens(microbatch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _make_microbatches(batch: ActorBatch, max_tokens: int, packing: Optional[str]) -> tuple[list[list[int]], list]:
-    groups = split_by_token_budget(batch.lengths, max_tokens, packed=packing is not None)
+    """Row groups by token budget and their microbatches on the compute device, packed unless ``packing`` is None."""
+    packed = packing is not None
+    groups = split_by_token_budget(batch.lengths, max_tokens, packed=packed)
     device = compute_device()
-    microbatches = [{name: tensor.to(device) for name, tensor in batch.microbatch(group, packed=packing is not None).items()}
+    return groups, [{name: tensor.to(device) for name, tensor in batch.microbatch(group, packed=packed).items()}
                     for group in groups]
-    for microbatch in microbatches:
-        microbatch["packing"] = packing
-    return groups, microbatches
 
 
-def _call_model(model: torch.nn.Module, microbatch: dict[str, Any]) -> torch.Tensor:
+def _call_model(model: torch.nn.Module, microbatch: dict[str, torch.Tensor], packing: Optional[str]) -> torch.Tensor:
     tokens = _model_tokens(microbatch)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    if microbatch["packing"] is not None:
+    if packing is not None:
         return model(input_ids=tokens, position_ids=position_ids,
-                     **packed_attention_inputs(microbatch["cu_seqlens"], microbatch["packing"]))
+                     **packed_attention_inputs(microbatch["cu_seqlens"], packing))
     # attention_mask=None: megatron's causal mask is exact for right-padded rows (module docstring).
     return model(input_ids=tokens, position_ids=position_ids, attention_mask=None)
 
 
-def _token_logprobs(logits: torch.Tensor, microbatch: dict[str, Any], temperature: float,
+def _token_logprobs(logits: torch.Tensor, microbatch: dict[str, torch.Tensor], temperature: float,
                     vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy [b, s - 1] of tokens 1..s-1 of the padded rows, vocab-parallel over TP.
 
@@ -169,13 +169,13 @@ def _token_logprobs(logits: torch.Tensor, microbatch: dict[str, Any], temperatur
     return logp, entropy
 
 
-def _run_microbatches(model: torch.nn.Module, microbatches: list[dict[str, Any]],
+def _run_microbatches(model: torch.nn.Module, microbatches: list[dict[str, torch.Tensor]], packing: Optional[str],
                       output_fn: Callable, forward_only: bool) -> list[dict[str, Any]]:
     return forward_backward(
         model, microbatches,
         seq_length=max(_model_tokens(mb).shape[1] for mb in microbatches),
         micro_batch_size=max(_model_tokens(mb).shape[0] for mb in microbatches),
-        call_model=_call_model, output_fn=output_fn, forward_only=forward_only,
+        call_model=functools.partial(_call_model, packing=packing), output_fn=output_fn, forward_only=forward_only,
     )
 
 
@@ -197,7 +197,7 @@ def compute_logprobs(model: torch.nn.Module, batch: ActorBatch, *, temperature: 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        outputs = _run_microbatches(model, microbatches, output_fn, forward_only=True)
+        outputs = _run_microbatches(model, microbatches, packing, output_fn, forward_only=True)
     model.train(was_training)
 
     result = None
@@ -212,9 +212,6 @@ def compute_logprobs(model: torch.nn.Module, batch: ActorBatch, *, temperature: 
         mask = batch.response_mask.bool()
         result = (logp.masked_fill(~mask, 0.0), entropy.masked_fill(~mask, 0.0))
     return broadcast_from_last_stage(result)
-
-
-# --------------------------------------------------------------------------- memory phases
 
 
 # --------------------------------------------------------------------------- the actor
@@ -317,7 +314,7 @@ class MegatronActor:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = _run_microbatches(self.model, microbatches, output_fn, forward_only=False)
+        outputs = _run_microbatches(self.model, microbatches, self.packing, output_fn, forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]
         update_successful, grad_norm, _ = self.optimizer.step()
         if not update_successful:
@@ -348,8 +345,6 @@ class MegatronActor:
         metrics["num_tokens"] = num_tokens
         return metrics
 
-    # ---- memory phases ---------------------------------------------------------------------------
-
     # ---- checkpoints -----------------------------------------------------------------------------
 
     def save_checkpoint(self, checkpoint_dir: Path) -> None:
@@ -360,6 +355,13 @@ class MegatronActor:
     def load_checkpoint(self, checkpoint_dir: Path) -> None:
         self._check_on_device("load_checkpoint")
         load_actor_checkpoint(self, checkpoint_dir)
+
+    @property
+    def distributed_optimizers(self) -> list[Any]:
+        """megatron-core's DistributedOptimizer(s): one, or those a ChainedOptimizer holds (e.g. for experts)."""
+        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+
+    # ---- memory phases ---------------------------------------------------------------------------
 
     @property
     def offloaded(self) -> bool:
@@ -377,7 +379,7 @@ class MegatronActor:
             weights.append(buffer.param_data)
             grads.append(buffer.grad_data)
         optimizer_state = []
-        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for optimizer in self.distributed_optimizers:
             inner = optimizer.optimizer
             optimizer_state += [param.data for group in inner.param_groups for param in group["params"]]
             optimizer_state += [value for state in inner.state.values() for value in state.values()]

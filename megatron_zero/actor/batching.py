@@ -112,7 +112,8 @@ def split_by_token_budget(lengths: Sequence[int] | torch.Tensor, max_tokens: int
     is <= ``max_tokens``.
 
     Rows are taken longest first: padded, each group then holds rows of similar length (little padding);
-    packed, each row goes to the first group it fits (first-fit decreasing). Raises before any work if one row alone exceeds the budget.
+    packed, each row goes to the first group it fits (first-fit decreasing). Raises before any work if one row
+    alone exceeds the budget.
     """
     lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
     if not lengths:

@@ -61,10 +61,6 @@ logger = logging.getLogger(__name__)
 OPTIMIZER_SHARDING = "fully_reshardable"
 
 
-def _optimizers(actor: "MegatronActor") -> list[Any]:
-    return getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])
-
-
 def _current_layout() -> dict[str, int]:
     """This process's TP, PP and DP sizes (what a checkpoint records)."""
     from megatron.core import parallel_state
@@ -122,7 +118,7 @@ def _sharded_state_dict(actor: "MegatronActor", is_loading: bool) -> dict[str, A
     # What DistributedOptimizer.sharded_state_dict returns for OPTIMIZER_SHARDING, with our param state;
     # several chained optimizers (e.g. for expert parameters) give {index: state}, as in megatron-core.
     optimizer_states = [{**optimizer.state_dict(), "param_state": _param_state(optimizer, model_state, is_loading),
-                         "param_state_sharding_type": OPTIMIZER_SHARDING} for optimizer in _optimizers(actor)]
+                         "param_state_sharding_type": OPTIMIZER_SHARDING} for optimizer in actor.distributed_optimizers]
     return {
         "model": model_state,
         "optimizer": optimizer_states[0] if len(optimizer_states) == 1 else dict(enumerate(optimizer_states)),
@@ -135,7 +131,7 @@ def save_actor_checkpoint(actor: "MegatronActor", checkpoint_dir: Path) -> None:
     """Write the actor's weights, optimizer state, LR schedule and step as one torch_dist checkpoint."""
     from megatron.core import dist_checkpointing
 
-    if not all(optimizer.optimizer.state for optimizer in _optimizers(actor)):
+    if not all(optimizer.optimizer.state for optimizer in actor.distributed_optimizers):
         raise RuntimeError(f"save_checkpoint({checkpoint_dir}) before the first train_step: the optimizer has no "
                            "state yet, and the weights are those of the model checkpoint the actor was built from")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +171,7 @@ def load_actor_checkpoint(actor: "MegatronActor", checkpoint_dir: Path) -> None:
     saved_layout = _check_format(checkpoint_dir)
     # Resuming before any step: the optimizer has no Adam state yet for the checkpoint to load into.
     # megatron-core creates it with a zero-gradient dummy step (weights and state are then loaded).
-    for optimizer in _optimizers(actor):
+    for optimizer in actor.distributed_optimizers:
         if not optimizer.optimizer.state:
             optimizer._init_optimizer_states_with_dummy_values()
     try:
@@ -201,7 +197,7 @@ def _load_optimizer_state(actor: "MegatronActor", optimizer_state: dict[str, Any
     Phase 1 loads everything but the per-parameter tensors: the param groups, whose ``step`` megatron writes
     into torch Adam's per-parameter state. Phase 2 copies the tensors with that ``step`` set aside.
     """
-    optimizers = _optimizers(actor)
+    optimizers = actor.distributed_optimizers
     states = [optimizer_state] if len(optimizers) == 1 else [optimizer_state[i] for i in sorted(optimizer_state)]
     param_states = [state.pop("param_state") for state in states]
     # Without mixed precision the optimizer's "main" params are the model's own leaf tensors.

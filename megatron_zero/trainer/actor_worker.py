@@ -75,7 +75,7 @@ class ActorWorker:
         stats = self.weight_push.push(stream, version)
         if stats is None:
             return None
-        return {"seconds": stats.seconds, "bytes": float(stats.num_bytes), "reshard_seconds": stream.stats.reshard_seconds}
+        return {"seconds": stats.seconds, "bytes": float(stats.num_bytes)}
 
     def offload(self) -> dict[str, int]:
         """Free the actor's device memory (weights, grads, optimizer state) for the colocated engine."""

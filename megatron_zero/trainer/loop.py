@@ -259,16 +259,17 @@ class Trainer:
     def sync_weights(self) -> dict[str, float]:
         self.weight_version += 1
         if self.engine_urls:
+            # Every rank pushes to the server on its GPU; each engine's first rank reports (weight_push.py).
             per_rank = self.group.run("push_weights", self.weight_version,
                                       self.config.rollout.sglang.weight_bucket_mb * 2**20)
             leaders = [stats for stats in per_rank if stats is not None]
-            seconds = max(stats["seconds"] for stats in leaders)
-            return {"weight_sync_seconds": seconds, "weight_sync_gb_per_s": leaders[0]["bytes"] / 1e9 / max(seconds, 1e-9)}
-        buckets, stats = self._on_all_ranks("weight_buckets", self.config.run.weight_sync_bucket_mb * 2**20)
-        self.engine.flush_cache()
-        engine_stats = self.engine.sync_weights(buckets, version=self.weight_version)
-        return {"weight_sync_seconds": stats["reshard_seconds"] + engine_stats.seconds,
-                "weight_sync_gb_per_s": stats["bytes"] / 1e9 / max(stats["reshard_seconds"] + engine_stats.seconds, 1e-9)}
+            seconds, num_bytes = max(stats["seconds"] for stats in leaders), leaders[0]["bytes"]
+        else:
+            buckets, stats = self._on_all_ranks("weight_buckets", self.config.run.weight_sync_bucket_mb * 2**20)
+            self.engine.flush_cache()
+            engine_stats = self.engine.sync_weights(buckets, version=self.weight_version)
+            seconds, num_bytes = stats["reshard_seconds"] + engine_stats.seconds, stats["bytes"]
+        return {"weight_sync_seconds": seconds, "weight_sync_gb_per_s": num_bytes / 1e9 / max(seconds, 1e-9)}
 
     def sampling_params(self, seed: int) -> SamplingParams:
         rollout = self.config.rollout

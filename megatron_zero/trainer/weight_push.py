@@ -71,7 +71,8 @@ class ColocatedWeightPush:
     def push(self, stream: HFWeightStream, version: int) -> Optional[WeightUpdateStats]:
         """Send every bucket of ``stream`` (built with ``all_ranks=True``); the engine's stats on its first rank."""
         if not stream.all_ranks:
-            raise ValueError("ColocatedWeightPush needs HFWeightStream(all_ranks=True): every rank feeds its server rank")
+            raise ValueError("ColocatedWeightPush needs HFWeightStream(all_ranks=True): every rank feeds its "
+                             "server rank")
         if self.engine is not None:
             self.engine.begin_weight_update(version)
         for bucket in stream:
