@@ -1,4 +1,5 @@
-"""Shared test setup: tools/ on the import path, quiet megatron-core warnings, tiny converted models."""
+"""Shared test setup: tools/ on the import path, quiet megatron-core warnings, fake SGLang servers, the demo
+model converted once."""
 
 import sys
 import threading
@@ -47,3 +48,16 @@ def gloo_group_of_one(tmp_path):
         yield dist.new_group([0])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def base_mcore(tmp_path_factory):
+    """The demo model converted to Megatron once per session; trainer runs reuse it (mcore_path)."""
+    from megatron_zero.config.parallel import ParallelConfig
+    from megatron_zero.demo import BASE_MODEL_PATH
+    from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore
+    from megatron_zero.parallel.local_launch import run_local_workers
+
+    out = tmp_path_factory.mktemp("base") / "mcore"
+    run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(BASE_MODEL_PATH), str(out)))
+    return str(out)

@@ -97,6 +97,17 @@ def test_missing_node_message_names_found_missing_and_dead_nodes():
     assert "no live node" in find_missing_nodes([], cluster)
 
 
+def test_missing_rollout_gpus_are_named():
+    # 2 training nodes x 8 GPUs + 4 GPUs for disaggregated engines: the 4 may sit on any node.
+    cluster = ClusterConfig(num_nodes=2, gpus_per_node=8, rollout_num_gpus=4)
+    nodes = [_node("10.0.0.1", 8), _node("10.0.0.2", 8)]
+    message = find_missing_nodes(nodes, cluster)
+    assert "expected 2 node(s) x 8 GPUs + 4 GPUs for rollout engines" in message
+    assert "missing 4 GPUs for the rollout engines" in message
+    assert "missing 1 GPUs" in find_missing_nodes(nodes + [_node("10.0.0.3", 3)], cluster)
+    assert find_missing_nodes(nodes + [_node("10.0.0.3", 4)], cluster) is None
+
+
 def test_bundles_are_ordered_by_numeric_node_ip_then_gpu_id():
     ips = ["10.0.0.10", "10.0.0.2", "192.168.1.1", "10.0.1.1"]
     bundles = [Bundle(index=i, node_id=f"id-{ip}", node_ip=ip, gpu_id=gpu)

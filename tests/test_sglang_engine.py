@@ -106,10 +106,15 @@ class FakeSGLang:
 
 def _generate(state: FakeSGLang, body: dict) -> list[dict]:
     assert set(body) <= GENERATE_FIELDS, set(body) - GENERATE_FIELDS
-    sampling = body["sampling_params"]
-    assert set(sampling) <= SAMPLING_FIELDS, set(sampling) - SAMPLING_FIELDS
     batch = body["input_ids"]
     assert isinstance(batch, list) and all(isinstance(ids, list) for ids in batch)
+    # One dict for the whole batch, or one per prompt (io_struct.py: _normalize_sampling_params).
+    samplings = body["sampling_params"]
+    samplings = samplings if isinstance(samplings, list) else [samplings] * len(batch)
+    assert len(samplings) == len(batch) and all(set(s) <= SAMPLING_FIELDS for s in samplings)
+    sampling = samplings[0]
+    assert all(s == sampling or {**s, "sampling_seed": None} == {**sampling, "sampling_seed": None}
+               for s in samplings), "the fake model takes one sampling setting per batch (seeds may differ)"
     starts = body.get("logprob_start_len")
     starts = starts if isinstance(starts, list) else [starts] * len(batch)
     temperature = sampling.get("temperature", 1.0)
@@ -249,7 +254,7 @@ def test_generate_parses_tokens_logprobs_and_finish(fake, temperature):
     generations = engine.generate(prompts, params)
     sent = fake.requests[-1][1]
     assert sent["input_ids"] == prompts and sent["return_logprob"] is True
-    assert sent["sampling_params"]["no_stop_trim"] is True and sent["sampling_params"]["stop"] == ["\n"]
+    assert all(sampling["no_stop_trim"] is True and sampling["stop"] == ["\n"] for sampling in sent["sampling_params"])
     t_ref = temperature if temperature > 0 else 1.0  # SGLang's greedy log-probs are at T = 1
     for prompt, gen in zip(prompts, generations):
         assert gen.prompt_ids == prompt
@@ -328,8 +333,21 @@ def test_seed_needs_deterministic_server(fake):
     with pytest.raises(ValueError, match="enable_deterministic_inference"):
         make_engine(fake).generate([[1]], SamplingParams(seed=3))
     assert fake.requests == []
-    make_engine(fake, enable_deterministic_inference=True).generate([[1]], SamplingParams(seed=3, max_new_tokens=1))
-    assert fake.requests[-1][1]["sampling_params"]["sampling_seed"] == 3
+    engine = make_engine(fake, enable_deterministic_inference=True)
+
+    def seeds_sent(seed: int, prompts: list[list[int]], stream: bool) -> list[int]:
+        fake.requests.clear()
+        params = SamplingParams(seed=seed, max_new_tokens=1)
+        list(engine.generate_stream(prompts, params)) if stream else engine.generate(prompts, params)
+        bodies = sorted((body for path, body in fake.requests if path == "/generate"), key=lambda b: b["input_ids"])
+        return [sampling["sampling_seed"] for body in bodies for sampling in body["sampling_params"]]
+
+    # SGLang samples from (seed, position): the 4 samples of one prompt need 4 seeds, or they are 4 copies.
+    seeds = seeds_sent(3, [[1]] * 4, stream=False)
+    assert len(set(seeds)) == 4
+    assert seeds_sent(3, [[1]] * 4, stream=False) == seeds  # reproducible from the step's seed
+    assert sorted(seeds_sent(3, [[1]] * 4, stream=True)) == sorted(seeds)  # streamed: the same seeds, one each
+    assert not set(seeds_sent(4, [[1]] * 4, stream=False)) & set(seeds)  # the next step's are new
 
 
 # --- memory, cache, health ---------------------------------------------------------------------------

@@ -135,10 +135,13 @@ def test_split_by_prompt_runs_keeps_runs_whole_and_balances():
         assert max(len(p) for p in parts) <= best + max(run_lengths, default=0)
 
 
-def test_launch_refuses_configs_that_cannot_colocate():
+def test_launch_refuses_configs_that_cannot_place_servers():
     placement = ClusterPlacement(placement_group=None, bundles=(_bundle(0, "a", 0),))
-    with pytest.raises(ValueError, match="cluster.colocate=False"):
+    with pytest.raises(ValueError, match="the SGLang servers have no GPUs"):
         start_sglang_servers(dataclasses.replace(CPU_CLUSTER, colocate=False), placement, CONFIG, "logs")
+    disaggregated = dataclasses.replace(CPU_CLUSTER, colocate=False, rollout_num_gpus=1)
+    with pytest.raises(ValueError, match="sglang.colocated=True, but the engines run on cluster.rollout_num_gpus=1"):
+        start_sglang_servers(disaggregated, placement, CONFIG, "logs")
     with pytest.raises(ValueError, match="sglang.colocated=False"):
         start_sglang_servers(CPU_CLUSTER, placement, dataclasses.replace(CONFIG, colocated=False), "logs")
     with pytest.raises(ValueError, match="sglang.base_gpu_id=2"):

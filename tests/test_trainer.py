@@ -34,19 +34,6 @@ def train_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def base_mcore(tmp_path_factory):
-    """Convert the demo model once; every run below reuses it (mcore_path)."""
-    from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore
-    from megatron_zero.config.parallel import ParallelConfig
-    from megatron_zero.parallel.local_launch import run_local_workers
-
-    out = tmp_path_factory.mktemp("base") / "mcore"
-    config = demo_config(str(out.parent / "unused"))
-    run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(config.model_path, str(out)))
-    return str(out)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     import ray

@@ -33,21 +33,43 @@ GPU_SGLANG = ["cluster.gpus_per_node=8", "cluster.cpu_workers_per_node=null", "c
               "rollout.engine=sglang", "rollout.sglang.model_path=/m"]
 
 
+DISAGGREGATED = ["cluster.colocate=false", "cluster.rollout_num_gpus=8", "rollout.sglang.colocated=false"]
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["cluster.gpus_per_node=0", "cluster.cpu_workers_per_node=2"], r"cluster.gpus_per_node=0; use rollout.engine=torch"),
-    (["cluster.colocate=false"], r"cluster.colocate=False: the Megatron ranks take their whole GPU"),
+    (["cluster.colocate=false"], r"the SGLang servers have no GPUs: set cluster.colocate=True .* or "
+                                 r"cluster.rollout_num_gpus=N"),
+    (["rollout.sglang.colocated=false"], r"sglang.colocated=False, but servers on the actor's GPUs must release"),
     (["rollout.sglang.tp_size=3"], r"sglang.tp_size=3 must divide cluster.gpus_per_node=8"),
     (["rollout.sglang.base_gpu_id=2"], r"sglang.base_gpu_id=2: launched servers see only"),
+    # Disaggregated: engines on GPUs of their own.
+    (["cluster.rollout_num_gpus=8"], r"cluster.colocate=True puts the rollout engines on the ranks' GPUs, but "
+                                     r"cluster.rollout_num_gpus=8 gives them GPUs of their own"),
+    ([*DISAGGREGATED, "rollout.sglang.colocated=true"], r"sglang.colocated=True, but the engines run on "
+                                                        r"cluster.rollout_num_gpus=8 GPUs of their own"),
+    ([*DISAGGREGATED, "cluster.rollout_num_gpus=6", "rollout.sglang.tp_size=4"],
+     r"sglang.tp_size=4 must divide cluster.rollout_num_gpus=6"),
+    ([*DISAGGREGATED, "cluster.rollout_num_gpus=-1"], r"cluster.rollout_num_gpus=-1 must be an integer >= 0"),
+    ([*DISAGGREGATED, "rollout.engine=torch"], r"cluster.rollout_num_gpus=8 reserves GPUs for SGLang engines, but "
+                                               r"rollout.engine='torch'"),
+    # A server started by hand: weights by broadcast, no GPUs of the cluster.
+    (["cluster.colocate=false", "rollout.sglang.launch=false"], r"launch=False with sglang.colocated=True: the "
+                                                                r"server at http://127.0.0.1:30000 was started by hand"),
+    ([*DISAGGREGATED, "rollout.sglang.launch=false"], r"launch=False uses the server at .* cluster.rollout_num_gpus=8 "
+                                                      r"place launched engines"),
 ])
 def test_bad_sglang_launch_config_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, ["model_path=/unused", *BASE[1:], *GPU_SGLANG, *overrides])
 
 
-def test_sglang_servers_started_by_hand_are_refused_until_weights_can_reach_them():
-    with pytest.raises(ValueError, match=r"rollout.sglang.launch=False .* cannot be trained against yet"):
-        load_config(None, ["model_path=/unused", *BASE[1:], *GPU_SGLANG, "cluster.colocate=false",
-                           "rollout.sglang.launch=false", "rollout.sglang.colocated=false"])
+@pytest.mark.parametrize("overrides", [[], DISAGGREGATED, ["cluster.colocate=false", "rollout.sglang.launch=false",
+                                                           "rollout.sglang.colocated=false"]])
+def test_sglang_layouts_that_fit_validate(overrides):
+    """Colocated, disaggregated, and a server started by hand."""
+    config = load_config(None, ["model_path=/unused", *BASE[1:], *GPU_SGLANG, *overrides])
+    assert config.rollout.engine == "sglang"
 
 
 def test_file_checks_run_before_workers(tmp_path):

@@ -1,10 +1,15 @@
-"""Colocated weight push: every rank feeds the SGLang server rank on its own GPU (trainer/weight_push.py).
+"""Weight push from the Megatron ranks into SGLang servers (trainer/weight_push.py).
+
+Colocated: every rank feeds the SGLang server rank on its own GPU.
 
 CUDA IPC handles need GPUs, so the ranks here (gloo, CPU) serialise with a stand-in that pickles their bucket
 and rank; everything else is the production path: ``HFWeightStream(all_ranks=True)`` at TP=2 and PP=2, the gloo
 groups per engine, the gather of per-rank payloads to each engine's first rank, and ``SGLangEngine``'s requests
 and name bookkeeping against fake SGLang 0.5.10 servers (tests/test_sglang_engine.py). The payloads are checked
 against the HF checkpoint bit for bit.
+
+Disaggregated: rank 0 broadcasts over one gloo group to two CPU stand-in servers (tests/sglang_cpu_server.py),
+which start from another model; afterwards their log-probs must equal the pushed model's, computed in float64.
 
     python -m pytest tests/test_weight_push.py -q
 """
@@ -107,3 +112,68 @@ def test_push_refuses_a_layout_without_one_server_rank_per_rank(checkpoint, fake
     with pytest.raises(Exception, match=r"1 engines x sglang.tp_size=1 GPUs != 2 Megatron ranks"):
         run_local_workers(_push_job, ParallelConfig(tensor_parallel_size=2),
                           args=(mcore_dir, hf_dir, [f"http://127.0.0.1:{fakes[0].port}"], 1))
+
+
+# --------------------------------------------------------------------------- disaggregated: broadcast from rank 0
+
+
+def _broadcast_job(mcore_dir: str, server_model_dir: str, urls: list[str]):
+    from megatron_zero.actor.actor import load_model
+    from megatron_zero.config.model import ModelConfig
+    from megatron_zero.config.sglang import SGLangConfig
+    from megatron_zero.parallel.reshard import HFWeightStream
+    from megatron_zero.trainer.weight_push import BroadcastWeightPush
+
+    model, info = load_model(mcore_dir, ModelConfig(params_dtype="float32"))
+    config = SGLangConfig(model_path=server_model_dir, colocated=False, retry_backoff_s=0.0, control_timeout_s=60.0)
+    push = BroadcastWeightPush(urls, config, backend="gloo", master_address="127.0.0.1")
+    stats = [push.push(HFWeightStream(model, info.arch, info.bridge, bucket_bytes=BUCKET_BYTES), version)
+             for version in (1, 2)]  # the group serves every step's sync
+    return [(s.version, s.num_buckets, sorted(s.names)) if s is not None else None for s in stats]
+
+
+@pytest.fixture
+def stand_ins(tmp_path_factory):
+    """Two fresh CPU stand-in servers on another tiny model (seed 1, with the tokenizer a server loads)."""
+    from megatron_zero.demo.tokenizer import build_char_tokenizer
+    from megatron_zero.models.tiny import save_tiny_model
+    from test_sglang_cpu_server import start_server, wait_healthy
+
+    root = tmp_path_factory.mktemp("stand_ins")
+    model_dir = save_tiny_model("qwen2", root / "other", seed=1)
+    build_char_tokenizer().save_pretrained(str(model_dir))
+    started = [start_server(model_dir, root / f"server_{i}.log") for i in range(2)]
+    try:
+        for i, (process, port) in enumerate(started):
+            wait_healthy(process, port, root / f"server_{i}.log")
+        yield model_dir, [f"http://127.0.0.1:{port}" for _, port in started]
+    finally:
+        for process, _ in started:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("parallel", [ParallelConfig(tensor_parallel_size=2), ParallelConfig(pipeline_parallel_size=2)])
+def test_rank_zero_broadcasts_to_every_engine(checkpoint, stand_ins, parallel):
+    from megatron_zero.config.sglang import SGLangConfig
+    from megatron_zero.rollout.sglang_engine import SGLangEngine
+    from test_sglang_cpu_server import float64_logprobs
+
+    hf_dir, mcore_dir = checkpoint
+    server_model_dir, urls = stand_ins
+    prompt, response = [5, 17, 3, 99], [42, 7, 250, 1, 64]
+
+    def served_logprobs() -> list[list[float]]:
+        configs = [SGLangConfig(model_path=str(server_model_dir), port=int(url.rsplit(":", 1)[1]), colocated=False)
+                   for url in urls]
+        return [SGLangEngine(config).compute_logprobs([prompt], [response], 1.0)[0] for config in configs]
+
+    pushed = float64_logprobs(hf_dir, prompt, response)
+    # Before the push every server runs its own model, which is far from the pushed one (the check can fail).
+    assert all(max(abs(a - b) for a, b in zip(values, pushed)) > 0.1 for values in served_logprobs())
+    per_rank = run_local_workers(_broadcast_job, parallel, args=(mcore_dir, str(server_model_dir), urls))
+    names = sorted(_hf_tensors(hf_dir))
+    assert [(version, names) for version, num_buckets, names in per_rank[0]] == [(1, names), (2, names)]
+    assert per_rank[0][0][1] > 1 and per_rank[1] == [None, None]  # several buckets; stats on rank 0 only
+    for values in served_logprobs():
+        assert values == pytest.approx(pushed, abs=1e-5)

@@ -37,6 +37,11 @@ class ClusterConfig:
     # Share each rank's GPU with a rollout engine actor (colocated RL): the rank takes only a fraction of its
     # bundle (see trainer/actor_group.py) so an engine actor fits on the same bundle.
     colocate: bool = False
+    # Disaggregated rollout: GPUs of their own for the SGLang engines (a second placement group, filled node by
+    # node after the ranks'; weights reach them by NCCL broadcast). 0: no such GPUs (the engines share the
+    # ranks' GPUs with colocate=True, or the torch engine runs in the driver). CPU mode: bundles of
+    # cpus_per_worker CPUs (tests start stand-in servers there).
+    rollout_num_gpus: int = 0
     # Deadline of one call on all ranks (a train step, a log-prob pass). Must exceed parallel.timeout_s so a hung
     # collective raises its own error, with its traceback, before the Ray deadline fires.
     ray_call_timeout_s: float = 3600.0
@@ -68,6 +73,14 @@ class ClusterConfig:
                 f"cluster.ray_address={self.ray_address!r} is empty; use {RAY_ADDRESS_AUTO!r}, "
                 f"{RAY_ADDRESS_LOCAL!r} or a cluster address such as '10.0.0.1:6379'"
             )
+        if not (isinstance(self.rollout_num_gpus, int) and self.rollout_num_gpus >= 0):
+            raise ValueError(f"cluster.rollout_num_gpus={self.rollout_num_gpus!r} must be an integer >= 0")
+        if self.colocate and self.rollout_num_gpus:
+            raise ValueError(
+                f"cluster.colocate=True puts the rollout engines on the ranks' GPUs, but cluster.rollout_num_gpus="
+                f"{self.rollout_num_gpus} gives them GPUs of their own; choose one: colocate=False for separate "
+                "rollout GPUs, or rollout_num_gpus=0 for colocated engines"
+            )
         for name in ("ray_call_timeout_s", "startup_timeout_s"):
             value = getattr(self, name)
             if not value > 0:
@@ -88,7 +101,8 @@ class ClusterConfig:
 
     def describe(self) -> str:
         unit = "GPUs" if self.use_gpus else "CPU workers"
-        return f"{self.num_nodes} node(s) x {self.workers_per_node} {unit} = {self.num_workers} {unit}"
+        text = f"{self.num_nodes} node(s) x {self.workers_per_node} {unit} = {self.num_workers} {unit}"
+        return text + (f" + {self.rollout_num_gpus} rollout {unit}" if self.rollout_num_gpus else "")
 
     def check_layout(self, parallel: ParallelConfig) -> int:
         """Check that TP x PP x CP x DP fills the cluster exactly and the deadlines nest; return DP."""

@@ -26,8 +26,9 @@ SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 class SGLangConfig:
     # HF checkpoint directory the server loads; weight syncs must name exactly the tensors it holds.
     model_path: str = ""
-    # true: the trainer launches one server per engine in Ray actors on the Megatron ranks' GPUs
-    # (rollout/sglang_servers.py; host and port are then the node's IP and a free port found there).
+    # true: the trainer launches one server per engine in Ray actors, on the Megatron ranks' GPUs (colocated) or on
+    # GPUs of their own (disaggregated); rollout/sglang_servers.py; host and port are then the node's IP and a
+    # free port found there.
     # false: connect to the one server already running at host:port (started by hand); usable for evaluation,
     # not yet for training (new weights reach only launched servers, see docs/sglang.md).
     launch: bool = True
@@ -40,9 +41,9 @@ class SGLangConfig:
     # released during rollout, so this is the share while the actor is offloaded.
     mem_fraction_static: float = 0.7
     dtype: str = "bfloat16"
-    # Colocated: weights arrive as CUDA IPC handles (/update_weights_from_tensor) and GPU memory is released
-    # during training (needs --enable-memory-saver). Disaggregated: weights arrive by NCCL broadcast
-    # (/update_weights_from_distributed) and memory is never released.
+    # Colocated (cluster.colocate): weights arrive as CUDA IPC handles (/update_weights_from_tensor) and GPU memory
+    # is released during training (needs --enable-memory-saver). Disaggregated (cluster.rollout_num_gpus): weights
+    # arrive by NCCL broadcast (/update_weights_from_distributed) and memory is never released.
     colocated: bool = True
     # Prefix caching across requests; prompts repeat n times per step, so keep it on unless debugging.
     disable_radix_cache: bool = False
@@ -106,13 +107,23 @@ class SGLangConfig:
         return f"http://{self.host}:{self.port}"
 
     def check_launch(self, cluster: "ClusterConfig") -> None:
-        """Can the trainer launch these servers beside the Megatron ranks of ``cluster`` (``launch=true``)?"""
-        if not cluster.colocate:
-            raise ValueError("cluster.colocate=False: the Megatron ranks take their whole GPU, so SGLang servers on "
-                             "the same GPUs cannot be scheduled; set cluster.colocate=True")
-        if not self.colocated:
-            raise ValueError("sglang.colocated=False, but servers on the actor's GPUs must release their memory "
-                             "during training (--enable-memory-saver); set sglang.colocated=True")
+        """Can the trainer launch these servers on ``cluster`` (``launch=true``)? Colocated on the Megatron ranks'
+        GPUs (``cluster.colocate``) or disaggregated on GPUs of their own (``cluster.rollout_num_gpus``)."""
+        if cluster.colocate:
+            if not self.colocated:
+                raise ValueError("sglang.colocated=False, but servers on the actor's GPUs must release their memory "
+                                 "during training (--enable-memory-saver); set sglang.colocated=True")
+        elif cluster.rollout_num_gpus:
+            if self.colocated:
+                raise ValueError(f"sglang.colocated=True, but the engines run on cluster.rollout_num_gpus="
+                                 f"{cluster.rollout_num_gpus} GPUs of their own, where CUDA IPC weight updates cannot "
+                                 "reach them; set sglang.colocated=False (weights by NCCL broadcast)")
+            if cluster.rollout_num_gpus % self.tp_size:
+                raise ValueError(f"sglang.tp_size={self.tp_size} must divide cluster.rollout_num_gpus="
+                                 f"{cluster.rollout_num_gpus} (one engine per tp_size GPUs)")
+        else:
+            raise ValueError("the SGLang servers have no GPUs: set cluster.colocate=True to share the Megatron ranks' "
+                             "GPUs, or cluster.rollout_num_gpus=N (with sglang.colocated=False) for GPUs of their own")
         if self.base_gpu_id != 0:
             raise ValueError(f"sglang.base_gpu_id={self.base_gpu_id}: launched servers see only their engine's GPUs "
                              "(CUDA_VISIBLE_DEVICES from the placement), numbered from 0; leave base_gpu_id at 0")

@@ -20,6 +20,7 @@ from megatron_zero.config.model import ModelConfig
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.config.reward import RewardConfig
 from megatron_zero.config.rollout import RolloutConfig
+from megatron_zero.config.sglang import SGLangConfig
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -108,22 +109,36 @@ class TrainConfig:
                 f"rollout.num_samples_per_prompt = {self.data.sampler.batch_size} x "
                 f"{self.rollout.num_samples_per_prompt} = {num_samples}; use one of "
                 f"{[d for d in range(1, num_samples + 1) if num_samples % d == 0][:12]}")
-        if self.rollout.engine == "sglang" and not self.rollout.sglang.launch:
-            raise ValueError("rollout.sglang.launch=False (a server started by hand) cannot be trained against yet: "
-                             "new weights reach only servers the trainer launched on its ranks' GPUs (CUDA IPC), "
-                             "the NCCL path for separate servers is not wired into the trainer; set "
-                             "rollout.sglang.launch=True")
         if self.rollout.engine == "sglang":
-            if not self.cluster.use_gpus:
-                raise ValueError("rollout.engine='sglang' launches SGLang servers on the cluster's GPUs, but "
-                                 "cluster.gpus_per_node=0; use rollout.engine=torch on CPU")
-            self.rollout.sglang.check_launch(self.cluster)
+            self._check_sglang(self.rollout.sglang)
+        elif self.cluster.rollout_num_gpus:
+            raise ValueError(f"cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} reserves GPUs for SGLang engines, "
+                             f"but rollout.engine={self.rollout.engine!r}; set rollout.engine=sglang or "
+                             "cluster.rollout_num_gpus=0")
         if self.actor.temperature != self.rollout.temperature:
             raise ValueError(f"actor.temperature={self.actor.temperature} must equal rollout.temperature="
                              f"{self.rollout.temperature}: the loss's log-probs must use the sampling distribution")
         if self.rollout.max_new_tokens * 1 > self.actor.max_tokens_per_microbatch:
             raise ValueError(f"actor.max_tokens_per_microbatch={self.actor.max_tokens_per_microbatch} is smaller than "
                              f"one response of rollout.max_new_tokens={self.rollout.max_new_tokens}; raise it")
+
+    def _check_sglang(self, sglang: SGLangConfig) -> None:
+        if sglang.launch:
+            if not self.cluster.use_gpus:
+                raise ValueError("rollout.engine='sglang' launches SGLang servers on the cluster's GPUs, but "
+                                 "cluster.gpus_per_node=0; use rollout.engine=torch on CPU")
+            sglang.check_launch(self.cluster)
+            return
+        # A server started by hand (rollout.sglang.host:port) sits on GPUs the trainer does not manage: it takes
+        # weights by NCCL broadcast from rank 0, like launched disaggregated engines, and keeps its memory.
+        if sglang.colocated:
+            raise ValueError(f"rollout.sglang.launch=False with sglang.colocated=True: the server at {sglang.url} was "
+                             "started by hand, so CUDA IPC updates from the ranks' GPUs cannot reach it; set "
+                             "sglang.colocated=False (weights by NCCL broadcast; start it without --enable-memory-saver)")
+        if self.cluster.colocate or self.cluster.rollout_num_gpus:
+            raise ValueError(f"rollout.sglang.launch=False uses the server at {sglang.url}, but cluster.colocate="
+                             f"{self.cluster.colocate} / cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} place "
+                             "launched engines; set cluster.colocate=False and cluster.rollout_num_gpus=0")
 
     def check_inputs(self) -> None:
         """File checks, run before any worker starts; raise naming the field and the path."""

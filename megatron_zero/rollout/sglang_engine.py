@@ -43,6 +43,7 @@ import threading
 import time
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 from megatron_zero.config.sglang import SGLangConfig
@@ -121,6 +122,12 @@ def sglang_sampling_params(params: SamplingParams, *, deterministic: bool) -> di
     return sampling
 
 
+def request_seeds(seed: int, count: int) -> list[int]:
+    """One sampling seed per request, all derived from ``seed``. SGLang's seeded sampler draws from (seed, token
+    position) alone, so the n samples of a prompt sent with one shared seed would be n copies of one response."""
+    return [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(count)]
+
+
 def _logprob_values(entries: list, url: str, what: str) -> tuple[list[float], list[int]]:
     """Split SGLang's (logprob, token_id, text) tuples; orjson writes -inf and NaN as null, so null is refused."""
     values, ids = [], []
@@ -195,6 +202,35 @@ def split_by_bytes(bucket: Sequence[tuple[str, torch.Tensor]],
     return chunks
 
 
+def broadcast_bucket(bucket: Sequence[tuple[str, torch.Tensor]], group: torch.distributed.ProcessGroup,
+                     answers: Sequence[tuple[str, concurrent.futures.Future]], timeout_s: float) -> None:
+    """Broadcast ``bucket``'s tensors from rank 0 of ``group``, in order, to the servers whose announcements
+    (``post_weights_from_distributed``) are ``answers`` (url, future), and wait for every answer.
+
+    A server that refuses the bucket (HTTP 400) stops receiving, and a broadcast it never joins would block until
+    the group's timeout; so the answers are watched while the broadcasts run, and the first refusal is raised at
+    once, naming the server (the group is then unusable: the run must stop).
+    """
+    works = [torch.distributed.broadcast(tensor, src=0, group=group, async_op=True) for _, tensor in bucket]
+    pending = {future: url for url, future in answers}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        done, _ = concurrent.futures.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        if not done:
+            raise TimeoutError(f"SGLang server(s) {sorted(pending.values())} did not confirm a weight bucket of "
+                               f"{len(bucket)} tensor(s) within {timeout_s} s (sglang.control_timeout_s)")
+        for future in done:
+            url = pending.pop(future)
+            try:
+                future.result()
+            except Exception as error:
+                error.add_note(f"while broadcasting {[name for name, _ in bucket][:3]}... to {url}")
+                raise
+    for work in works:
+        work.wait()
+
+
 class SGLangEngine(RolloutEngine):
     """One SGLang server behind the ``RolloutEngine`` contract; see the module docstring.
 
@@ -248,7 +284,8 @@ class SGLangEngine(RolloutEngine):
             return []
         outputs = _check_batch(self._client.post("/generate", payload, timeout_s=self.config.generate_timeout_s),
                                len(prompts), self.url)
-        return [self._parse_generation(i, prompt, out) for i, (prompt, out) in enumerate(zip(prompts, outputs))]
+        return [self._parse_generation(i, prompt, out, sampling)
+                for i, (prompt, out, sampling) in enumerate(zip(prompts, outputs, payload["sampling_params"]))]
 
     def generate_stream(self, prompts: Sequence[Sequence[int]],
                         params: SamplingParams) -> Iterator[tuple[int, Generation]]:
@@ -266,9 +303,12 @@ class SGLangEngine(RolloutEngine):
         empty = [i for i, prompt in enumerate(prompts) if not prompt]
         if empty:
             raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token")
+        sampling = sglang_sampling_params(params, deterministic=self.config.enable_deterministic_inference)
         payload = {
             "input_ids": prompts,
-            "sampling_params": sglang_sampling_params(params, deterministic=self.config.enable_deterministic_inference),
+            # A list: one entry per prompt, each with a seed of its own when seeded (see request_seeds).
+            "sampling_params": [sampling] * len(prompts) if params.seed is None else [
+                {**sampling, "sampling_seed": seed} for seed in request_seeds(params.seed, len(prompts))],
             "return_logprob": True,
             # -1: log-probs of the generated tokens only.
             "logprob_start_len": -1,
@@ -286,9 +326,12 @@ class SGLangEngine(RolloutEngine):
             if not hasattr(local, "client"):
                 local.client = SGLangHTTPClient(self.url, max_retries=self.config.max_retries,
                                                 retry_backoff_s=self.config.retry_backoff_s)
-            one = {**payload, "input_ids": [prompts[index]]}  # a batch of one: same answer shape as `generate`
+            # A batch of one: the same answer shape as `generate`.
+            sampling = payload["sampling_params"][index]
+            one = {**payload, "input_ids": [prompts[index]], "sampling_params": [sampling]}
             outputs = local.client.post("/generate", one, timeout_s=self.config.generate_timeout_s)
-            return index, self._parse_generation(index, prompts[index], _check_batch(outputs, 1, self.url)[0])
+            return index, self._parse_generation(index, prompts[index], _check_batch(outputs, 1, self.url)[0],
+                                                 sampling)
 
         executor = concurrent.futures.ThreadPoolExecutor(min(len(prompts), self.config.max_concurrent_requests),
                                                          thread_name_prefix="sglang-generate")
@@ -301,7 +344,7 @@ class SGLangEngine(RolloutEngine):
             # on their own (the server finishes them), their threads exit and drop their clients.
             executor.shutdown(wait=False, cancel_futures=True)
 
-    def _parse_generation(self, index: int, prompt: list[int], out: dict) -> Generation:
+    def _parse_generation(self, index: int, prompt: list[int], out: dict, sampling: dict) -> Generation:
         meta_info = out["meta_info"]
         finish_reason = _finish_reason(meta_info, self.url, index)
         logprobs, logprob_ids = _logprob_values(meta_info["output_token_logprobs"], self.url, "output")
@@ -309,8 +352,15 @@ class SGLangEngine(RolloutEngine):
         if logprob_ids != token_ids:
             raise RuntimeError(f"SGLang server {self.url} /generate request {index}: output_token_logprobs name "
                                f"tokens {logprob_ids[:8]}... but output_ids are {token_ids[:8]}...")
-        return Generation(prompt_ids=prompt, token_ids=token_ids, logprobs=logprobs,
-                          finish_reason=finish_reason, text=out.get("text", ""))
+        text = out.get("text", "")
+        # SGLang checks the length limit before stop tokens and strings (schedule_batch.py Req.check_finished), so a
+        # response whose last allowed token stops it comes back as "length"; the contract calls it "stop" (it is
+        # complete, not truncated). The matched stop string stays in the text (no_stop_trim).
+        if finish_reason == "length" and token_ids and (token_ids[-1] in sampling["stop_token_ids"]
+                                                        or any(text.endswith(stop) for stop in sampling["stop"])):
+            finish_reason = "stop"
+        return Generation(prompt_ids=prompt, token_ids=token_ids, logprobs=logprobs, finish_reason=finish_reason,
+                          text=text)
 
     def compute_logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                          temperature: float) -> list[list[float]]:
@@ -377,9 +427,25 @@ class SGLangEngine(RolloutEngine):
                 self._update_from_tensor(chunk)
                 stats.num_buckets += 1
         else:
-            self._update_from_distributed(bucket)
+            if self.weight_group is None:
+                raise RuntimeError(f"sglang.colocated=False needs a weight_group: call init_weights_update_group on "
+                                   f"{self.url}, create this side's group (parallel/weight_broadcast.py), and pass it "
+                                   "as SGLangEngine(weight_group=...)")
+            broadcast_bucket(bucket, self.weight_group, [(self.url, self._post_distributed(bucket))],
+                             self.config.control_timeout_s)
             stats.num_buckets += 1
         self._record(stats, bucket)
+
+    def post_weights_from_distributed(self, bucket: Sequence[tuple[str, torch.Tensor]]
+                                      ) -> concurrent.futures.Future:
+        """Announce ``bucket`` to the server (POST /update_weights_from_distributed) and return at once with the
+        answer's future; the caller then broadcasts the tensors (``broadcast_bucket``) on the group the server
+        joined. Several servers on one group get the same announcement and receive one broadcast."""
+        stats = self._check_bucket(bucket)
+        answer = self._post_distributed(bucket)
+        stats.num_buckets += 1
+        self._record(stats, bucket)
+        return answer
 
     def update_weights_from_ranks(self, bucket: Sequence[tuple[str, torch.Tensor]], per_rank: Sequence[str]) -> None:
         """Colocated update in which server TP rank i opens the buffer of the actor rank on its own GPU:
@@ -448,10 +514,7 @@ class SGLangEngine(RolloutEngine):
         executor.shutdown(wait=False)
         return future
 
-    def _update_from_distributed(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
-        if self.weight_group is None:
-            raise RuntimeError(f"sglang.colocated=False needs a weight_group: call init_weights_update_group on "
-                               f"{self.url}, create this side's group, and pass it as SGLangEngine(weight_group=...)")
+    def _post_distributed(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> concurrent.futures.Future:
         payload = {
             "names": [name for name, _ in bucket],
             "dtypes": [str(tensor.dtype).removeprefix("torch.") for _, tensor in bucket],
@@ -459,14 +522,13 @@ class SGLangEngine(RolloutEngine):
             "group_name": WEIGHT_GROUP_NAME,
             "flush_cache": False,
         }
-        # The server answers only after it has received every broadcast, so post first, then broadcast in the
-        # same order as ``names`` (sglang/srt/model_executor/model_runner.py:update_weights_from_distributed).
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
-            answer = executor.submit(self._client.post, "/update_weights_from_distributed", payload,
-                                     timeout_s=self.config.control_timeout_s, retry=False)
-            for _, tensor in bucket:
-                torch.distributed.broadcast(tensor, src=0, group=self.weight_group)
-            answer.result()
+        # The server answers only after it has received every broadcast, so the request runs in a thread of its
+        # own while the caller broadcasts.
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-weights")
+        answer = executor.submit(self._client.post, "/update_weights_from_distributed", payload,
+                                 timeout_s=self.config.control_timeout_s, retry=False)
+        executor.shutdown(wait=False)
+        return answer
 
     def finish_weight_update(self) -> WeightUpdateStats:
         if self._stats is None:

@@ -22,7 +22,7 @@ from megatron_zero.config.model import ModelConfig
 from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.models.mcore_checkpoint import read_checkpoint_info
 from megatron_zero.parallel.reshard import HFWeightStream
-from megatron_zero.trainer.weight_push import ColocatedWeightPush
+from megatron_zero.trainer.weight_push import BroadcastWeightPush, ColocatedWeightPush
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,15 @@ class ActorWorker:
         # The reference is only needed for the KL term; it stays frozen at the base weights.
         self.reference = ReferenceModel(mcore_dir, model, actor) if with_reference else None
         self.rank = torch.distributed.get_rank()
-        # Colocated SGLang servers (engine_urls, in engine order): weights go from every rank straight to the
-        # server rank on its GPU (weight_push.py), not through the driver.
-        self.weight_push = ColocatedWeightPush(engine_urls, sglang) if engine_urls else None
+        # SGLang servers (engine_urls, in engine order) take weights from the ranks, not through the driver
+        # (weight_push.py): colocated, every rank feeds the server rank on its GPU; disaggregated, rank 0
+        # broadcasts to all of them (NCCL; gloo when the tensors are on CPU, as in the tests).
+        self.weight_push: Optional[ColocatedWeightPush | BroadcastWeightPush] = None
+        if engine_urls and sglang.colocated:
+            self.weight_push = ColocatedWeightPush(engine_urls, sglang)
+        elif engine_urls:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            self.weight_push = BroadcastWeightPush(engine_urls, sglang, backend=backend)
 
     def logprobs(self, batch: ActorBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         logp, entropy = self.actor.compute_logprobs(batch)
@@ -67,11 +73,11 @@ class ActorWorker:
         return buckets, {"reshard_seconds": stats.seconds, "bytes": stats.num_bytes, "buckets": stats.num_buckets}
 
     def push_weights(self, version: int, bucket_bytes: int) -> Optional[dict[str, float]]:
-        """Send the policy to the colocated SGLang engines (every rank takes part); stats on engine leaders."""
+        """Send the policy to the SGLang engines (every rank takes part); stats where an engine reported."""
         if self.weight_push is None:
-            raise RuntimeError("push_weights: this worker was built without colocated SGLang engines (engine_urls)")
+            raise RuntimeError("push_weights: this worker was built without SGLang engines (engine_urls)")
         stream = HFWeightStream(self.actor.model, self.info.arch, self.info.bridge, bucket_bytes=bucket_bytes,
-                                all_ranks=True)
+                                all_ranks=isinstance(self.weight_push, ColocatedWeightPush))
         stats = self.weight_push.push(stream, version)
         if stats is None:
             return None

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
@@ -56,7 +56,9 @@ def generate_graded(engine: RolloutEngine, prompts: list[list[int]], params: Sam
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, engine: Optional[RolloutEngine] = None) -> None:
+    def __init__(self, config: TrainConfig, *, sglang_server_command: Optional[Sequence[str]] = None) -> None:
+        """``sglang_server_command``: an argv template started instead of ``python -m sglang.launch_server``
+        (``{host}`` and ``{port}`` filled in; see rollout/sglang_servers.py), e.g. a CPU stand-in in tests."""
         from megatron_zero.rewards import GraderPool
         from megatron_zero.trainer.metrics import MetricsLogger
 
@@ -70,15 +72,15 @@ class Trainer:
         self.mcore_dir = config.mcore_path or _convert_base_model(config.model_path, self.output_dir / "base_mcore")
         self.grader = GraderPool(config.reward)
         log_dir = self.output_dir / "logs"
-        self.placement = _create_placement(config)
+        self.placement, self.rollout_placement = _create_placements(config)
         # The engine starts before the actor loads its weights: SGLang sizes its KV cache once, from the memory
         # free at startup. Colocated, it then releases its memory until the actor is loaded.
-        self.engine = engine or _build_engine(config, self.tokenizer, self.placement, log_dir)
+        self.engine = _build_engine(config, self.tokenizer, self.rollout_placement or self.placement, log_dir,
+                                    sglang_server_command)
         if config.cluster.colocate:
             self.engine.release_memory()
-        # Launched SGLang servers sit on the ranks' GPUs: the ranks push the weights to them (weight_push.py).
-        servers = getattr(self.engine, "servers", None)
-        self.engine_urls = [info.url for info in servers.infos] if servers is not None else None
+        # SGLang servers take their weights from the ranks (weight_push.py), never through the driver.
+        self.engine_urls = [engine.url for engine in self.engine.engines] if config.rollout.engine == "sglang" else None
         self.group = _start_actor_group(config, self.placement, self.mcore_dir, log_dir, self.engine_urls)
         self.metrics = MetricsLogger(self.output_dir, config)
         self.step = 0
@@ -87,12 +89,15 @@ class Trainer:
         self.progress = None  # the console's progress bar while fit() runs
         self.actor_offloaded = False
         self.resumed_from = self.maybe_resume()
+        # A resume has synced its policy already. Otherwise colocated engines need the weights release_memory()
+        # dropped, and SGLang servers of their own get a first sync anyway: it proves the broadcast path before
+        # the first rollout rather than after it.
+        if self.resumed_from is None and (config.cluster.colocate or self.engine_urls):
+            if config.cluster.colocate:
+                self.engine.resume_weights()
+            self.sync_weights()
         if config.cluster.colocate:
             # Colocated: the engine owns the accelerators during rollout; the actor waits off-device.
-            if self.resumed_from is None:  # (a resume has synced its policy already)
-                # What release_memory() freed is gone: the engine takes its weights from the actor.
-                self.engine.resume_weights()
-                self.sync_weights()
             self.switch_to_rollout()
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -341,7 +346,9 @@ class Trainer:
         # would kill them without a clean shutdown.
         self.engine.shutdown()
         self.group.shutdown()
-        remove_placement(self.placement)
+        for placement in (self.placement, self.rollout_placement):
+            if placement is not None:
+                remove_placement(placement)
         self.grader.close()
         self.metrics.close()
 
@@ -422,24 +429,34 @@ def _convert_base_model(model_path: str, out_dir: Path) -> str:
     return str(out_dir)
 
 
-def _build_engine(config: TrainConfig, tokenizer, placement, log_dir: Path) -> RolloutEngine:
+def _build_engine(config: TrainConfig, tokenizer, placement, log_dir: Path,
+                  sglang_server_command: Optional[Sequence[str]]) -> RolloutEngine:
     if config.rollout.engine == "torch":
         from megatron_zero.rollout.torch_engine import TorchEngine
 
         return TorchEngine.from_pretrained(config.model_path, config.rollout.torch, tokenizer=tokenizer)
-    from megatron_zero.rollout.sglang_servers import launch_sglang_router
+    from megatron_zero.rollout.sglang_servers import EngineRouter, launch_sglang_router
 
-    # One server per sglang.tp_size GPUs of the placement, in Ray actors beside the Megatron ranks (the config
-    # refuses servers started by hand: weights could not reach them).
-    return launch_sglang_router(config.cluster, placement, config.rollout.sglang, log_dir)
+    sglang = config.rollout.sglang
+    if not sglang.launch:
+        from megatron_zero.rollout.sglang_engine import SGLangEngine
+
+        engine = SGLangEngine(sglang)  # started by hand at sglang.host:port
+        engine.wait_until_ready()
+        return EngineRouter([engine])
+    # One server per sglang.tp_size GPUs of the placement, in Ray actors: on the ranks' GPUs (colocated) or on
+    # the rollout placement's.
+    return launch_sglang_router(config.cluster, placement, sglang, log_dir, server_command=sglang_server_command)
 
 
-def _create_placement(config: TrainConfig):
-    from megatron_zero.trainer.placement import connect_ray, create_placement, wait_for_nodes
+def _create_placements(config: TrainConfig):
+    """The ranks' placement, and the disaggregated engines' (None without cluster.rollout_num_gpus)."""
+    from megatron_zero.trainer.placement import connect_ray, create_placement, create_rollout_placement, wait_for_nodes
 
     connect_ray(config.cluster)
     wait_for_nodes(config.cluster)
-    return create_placement(config.cluster)
+    placement = create_placement(config.cluster)
+    return placement, create_rollout_placement(config.cluster) if config.cluster.rollout_num_gpus else None
 
 
 def _start_actor_group(config: TrainConfig, placement, mcore_dir: str, log_dir: Path,

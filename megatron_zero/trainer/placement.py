@@ -10,6 +10,7 @@ How::
     connect_ray(cluster)                     # ClusterConfig.ray_address: join a running cluster or start one
     placement = create_placement(cluster)    # waits for the nodes, then for the bundles (startup_timeout_s)
     ...RayActorGroup(cluster, placement, log_dir)...
+    rollout = create_rollout_placement(cluster)   # disaggregated SGLang engines (cluster.rollout_num_gpus)
     remove_placement(placement)
 
 Layout: one bundle per rank, ``{"GPU": 1, "CPU": cpus_per_worker}`` (``{"CPU": cpus_per_worker}`` in CPU
@@ -109,15 +110,23 @@ def find_missing_nodes(nodes: list[dict[str, Any]], cluster: ClusterConfig) -> O
     needed = cluster.gpus_per_node if cluster.use_gpus else cluster.workers_per_node * cluster.cpus_per_worker
     alive = sorted((node for node in nodes if node["Alive"]), key=lambda node: _ip_sort_key(node["NodeManagerAddress"]))
     usable = [node for node in alive if node["Resources"].get(resource, 0) >= needed]
-    if len(usable) >= cluster.num_nodes:
+    # Disaggregated rollout engines need GPUs (CPU mode: CPUs) beyond the ranks', on any node.
+    per_rollout_gpu = 1 if cluster.use_gpus else cluster.cpus_per_worker
+    total_needed = cluster.num_nodes * needed + cluster.rollout_num_gpus * per_rollout_gpu
+    total = sum(node["Resources"].get(resource, 0) for node in alive)
+    if len(usable) >= cluster.num_nodes and total >= total_needed:
         return None
     found = ", ".join(
         f"node {node['NodeManagerAddress']} with {node['Resources'].get(resource, 0):g} {unit}" for node in alive
     ) or "no live node"
-    message = (
-        f"expected {cluster.num_nodes} node(s) x {needed} {unit}, found {found}; "
-        f"missing {cluster.num_nodes - len(usable)} node(s) with >= {needed} {unit}"
-    )
+    message = f"expected {cluster.num_nodes} node(s) x {needed} {unit}"
+    if cluster.rollout_num_gpus:
+        message += f" + {cluster.rollout_num_gpus * per_rollout_gpu:g} {unit} for rollout engines"
+    message += f", found {found}; missing "
+    if len(usable) < cluster.num_nodes:
+        message += f"{cluster.num_nodes - len(usable)} node(s) with >= {needed} {unit}"
+    else:
+        message += f"{total_needed - total:g} {unit} for the rollout engines"
     dead = sorted(node["NodeManagerAddress"] for node in nodes if not node["Alive"])
     if dead:
         message += f"; dead node(s): {', '.join(dead)}"
@@ -157,36 +166,49 @@ def order_bundles(bundles: list[Bundle]) -> tuple[Bundle, ...]:
 def create_placement(cluster: ClusterConfig) -> ClusterPlacement:
     """Wait for the nodes, reserve one bundle per rank, and order the bundles into ranks."""
     wait_for_nodes(cluster)
+    strategy = "STRICT_PACK" if cluster.num_nodes == 1 else "PACK"
+    return _place_bundles(cluster, cluster.num_workers, strategy, "Megatron ranks")
+
+
+def create_rollout_placement(cluster: ClusterConfig) -> ClusterPlacement:
+    """One bundle per GPU of the disaggregated rollout engines (``cluster.rollout_num_gpus``), after the ranks'
+    placement took its nodes. PACK fills a node before the next, so engines whose tp_size divides the GPUs per
+    node stay on one node (``plan_engines`` checks it)."""
+    if not cluster.rollout_num_gpus:
+        raise ValueError("cluster.rollout_num_gpus=0: no rollout GPUs to place")
+    return _place_bundles(cluster, cluster.rollout_num_gpus, "PACK", "rollout engines")
+
+
+def _place_bundles(cluster: ClusterConfig, num_bundles: int, strategy: str, purpose: str) -> ClusterPlacement:
     bundle_spec: dict[str, float] = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpus:
         bundle_spec["GPU"] = 1
-    strategy = "STRICT_PACK" if cluster.num_nodes == 1 else "PACK"
-    group = placement_group([dict(bundle_spec) for _ in range(cluster.num_workers)], strategy=strategy)
+    group = placement_group([dict(bundle_spec) for _ in range(num_bundles)], strategy=strategy)
     ready, _ = ray.wait([group.ready()], timeout=cluster.startup_timeout_s)
     if not ready:
         remove_placement_group(group)
         raise ClusterNotReadyError(
-            f"placement group of {cluster.num_workers} bundles {bundle_spec} ({strategy}) was not placed within "
-            f"{cluster.startup_timeout_s:.0f} s; Ray reports total {ray.cluster_resources()} and available "
+            f"placement group of {num_bundles} bundles {bundle_spec} ({strategy}) for the {purpose} was not placed "
+            f"within {cluster.startup_timeout_s:.0f} s; Ray reports total {ray.cluster_resources()} and available "
             f"{ray.available_resources()}: another job may hold the resources, or a node lacks them"
         )
     node_ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
     node_of_bundle = placement_group_table(group)["bundles_to_node_id"]
-    gpu_ids: list[Optional[int]] = [None] * cluster.num_workers
+    gpu_ids: list[Optional[int]] = [None] * num_bundles
     if cluster.use_gpus:
         probes = [
             _assigned_gpu_ids.options(
                 num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
             ).remote()
-            for i in range(cluster.num_workers)
+            for i in range(num_bundles)
         ]
         gpu_ids = [ids[0] for ids in ray.get(probes, timeout=cluster.startup_timeout_s)]
     bundles = order_bundles([
         Bundle(index=i, node_id=node_of_bundle[i], node_ip=node_ips[node_of_bundle[i]], gpu_id=gpu_ids[i])
-        for i in range(cluster.num_workers)
+        for i in range(num_bundles)
     ])
     per_node = Counter(bundle.node_ip for bundle in bundles)
-    logger.info("placed %d bundles (%s): %s", len(bundles), strategy,
+    logger.info("placed %d bundles for the %s (%s): %s", len(bundles), purpose, strategy,
                 ", ".join(f"{ip}: {count}" for ip, count in per_node.items()))
     return ClusterPlacement(placement_group=group, bundles=bundles)
 

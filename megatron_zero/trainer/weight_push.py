@@ -1,6 +1,6 @@
-"""Colocated weight sync from every Megatron rank straight into the SGLang server on its own GPU.
+"""Weight sync from the Megatron ranks straight into the SGLang servers, colocated or disaggregated.
 
-Why: colocated SGLang servers take new weights as CUDA IPC handles (``/update_weights_from_tensor``), which only
+Why (colocated, ``ColocatedWeightPush``): colocated SGLang servers take new weights as CUDA IPC handles (``/update_weights_from_tensor``), which only
 a process holding the tensors on a GPU can create, and which a server rank opens cheaply only for a buffer on
 its own GPU. Routing buckets through the driver would copy the model through host memory and needs CUDA in
 the driver. So, as in slime's colocated mode, every rank receives every HF bucket
@@ -12,25 +12,42 @@ Layout (from ``rollout/sglang_servers.plan_engines``): engine i runs on the GPUs
 ``[i * tp, (i + 1) * tp)``; its server rank j on the GPU of rank ``i * tp + j``, so entry j of the request is rank
 ``i * tp + j``'s payload.
 
-How (on every rank, inside the rank workers)::
+Why (disaggregated, ``BroadcastWeightPush``): servers on GPUs of their own cannot open CUDA IPC handles of the
+trainer's GPUs; they join one process group with Megatron rank 0 (``parallel/weight_broadcast.py``; engine i's
+server rank j is group rank ``1 + i * tp + j``), every engine is told the names, dtypes and shapes of a bucket,
+and rank 0 broadcasts each tensor once to all of them (NCCL on GPUs). Only rank 0 needs the full bucket
+(``HFWeightStream`` with its default ``all_ranks=False``); the other ranks take part in the TP gather.
 
-    push = ColocatedWeightPush(urls, sglang_config)          # collective: creates one gloo group per engine
+How (on every rank, inside the rank workers; both are collectives)::
+
+    push = ColocatedWeightPush(urls, sglang_config)          # creates one gloo group per engine
     stats = push.push(HFWeightStream(model, arch, bridge, bucket_bytes=b, all_ranks=True), version)
+
+    push = BroadcastWeightPush(urls, sglang_config)          # rank 0 and the servers form the broadcast group
+    stats = push.push(HFWeightStream(model, arch, bridge, bucket_bytes=b), version)
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import time
 from typing import Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
+import ray.util
 import torch
 import torch.distributed as dist
 
 from megatron_zero.config.sglang import SGLangConfig
-from megatron_zero.parallel.reshard import HFWeightStream
+from megatron_zero.parallel.reshard import SENDER_RANK, HFWeightStream
+from megatron_zero.parallel.weight_broadcast import init_weight_broadcast_group
 from megatron_zero.rollout.engine import WeightUpdateStats
+from megatron_zero.rollout.sglang_engine import (
+    WEIGHT_GROUP_NAME, SGLangEngine, broadcast_bucket, serialize_flattened_bucket,
+)
+from megatron_zero.trainer.worker import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +55,11 @@ logger = logging.getLogger(__name__)
 Serializer = Callable[[Sequence[tuple[str, torch.Tensor]]], tuple[str, torch.Tensor]]
 
 
-def _serialize_for_sglang(bucket: Sequence[tuple[str, torch.Tensor]]) -> tuple[str, torch.Tensor]:
-    from megatron_zero.rollout.sglang_engine import serialize_flattened_bucket
-
-    return serialize_flattened_bucket(bucket)
-
-
 class ColocatedWeightPush:
     """This rank's part in pushing weights to the colocated SGLang engines at ``engine_urls`` (engine order)."""
 
     def __init__(self, engine_urls: Sequence[str], config: SGLangConfig,
-                 serialize: Serializer = _serialize_for_sglang) -> None:
-        from megatron_zero.rollout.sglang_engine import SGLangEngine
-
+                 serialize: Serializer = serialize_flattened_bucket) -> None:
         tp, world = config.tp_size, dist.get_world_size()
         if len(engine_urls) * tp != world:
             raise ValueError(f"{len(engine_urls)} engines x sglang.tp_size={tp} GPUs != {world} Megatron ranks: "
@@ -65,8 +74,7 @@ class ColocatedWeightPush:
         self.serialize = serialize
         self.engine: Optional[SGLangEngine] = None
         if self.rank == self.leader:
-            url = urlsplit(engine_urls[self.engine_index])
-            self.engine = SGLangEngine(dataclasses.replace(config, host=url.hostname, port=url.port))
+            self.engine = _engine_at(engine_urls[self.engine_index], config)
 
     def push(self, stream: HFWeightStream, version: int) -> Optional[WeightUpdateStats]:
         """Send every bucket of ``stream`` (built with ``all_ranks=True``); the engine's stats on its first rank."""
@@ -85,3 +93,76 @@ class ColocatedWeightPush:
             dist.barrier(group=self.group)
             del buffer
         return self.engine.finish_weight_update() if self.engine is not None else None
+
+
+def _engine_at(url: str, config: SGLangConfig) -> SGLangEngine:
+    parts = urlsplit(url)
+    return SGLangEngine(dataclasses.replace(config, host=parts.hostname, port=parts.port))
+
+
+class BroadcastWeightPush:
+    """Rank 0 broadcasts the policy to disaggregated SGLang engines at ``engine_urls``; see the module docstring.
+
+    Built on every rank (collective construction); only rank 0 opens the group: it picks a free port on its node
+    (``master_address``: this node's IP by default), asks every engine to join, joins itself, and fails at the first
+    engine that refuses instead of waiting for the rendezvous timeout. ``backend``: "nccl" (GPU tensors) or
+    "gloo" (CPU tensors, tests).
+    """
+
+    def __init__(self, engine_urls: Sequence[str], config: SGLangConfig, *, backend: str,
+                 master_address: Optional[str] = None) -> None:
+        if not engine_urls:
+            raise ValueError("BroadcastWeightPush needs at least one engine url")
+        self.config = config
+        self.engines = []
+        self.group: Optional[dist.ProcessGroup] = None
+        if dist.get_rank() != SENDER_RANK:
+            return
+        if master_address is None:
+            master_address = ray.util.get_node_ip_address()
+        master_port = free_port()
+        world_size = 1 + len(engine_urls) * config.tp_size
+        self.engines = [_engine_at(url, config) for url in engine_urls]
+        joined = {engine.init_weights_update_group(master_address, master_port, rank_offset=1 + i * config.tp_size,
+                                                   world_size=world_size, backend=backend): engine.url
+                  for i, engine in enumerate(self.engines)}
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-group")
+        own = executor.submit(init_weight_broadcast_group, master_address, master_port, 0, world_size,
+                              backend=backend, timeout_s=config.control_timeout_s, group_name=WEIGHT_GROUP_NAME)
+        executor.shutdown(wait=False)
+        joined[own] = f"the trainer (rank 0, {master_address}:{master_port})"
+        deadline = time.monotonic() + config.control_timeout_s
+        pending = dict(joined)
+        while pending:
+            done, _ = concurrent.futures.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                raise TimeoutError(f"weight broadcast group of {world_size} ranks at {master_address}:{master_port}: "
+                                   f"{sorted(pending.values())} did not join within sglang.control_timeout_s="
+                                   f"{config.control_timeout_s} s")
+            for future in done:
+                where = pending.pop(future)
+                try:
+                    future.result()
+                except Exception as error:
+                    error.add_note(f"while {where} joined the weight broadcast group at {master_address}:{master_port}")
+                    raise
+        self.group = own.result()
+        logger.info("weight broadcast group up: rank 0 + %d engine(s) x %d server rank(s), %s at %s:%d",
+                    len(self.engines), config.tp_size, backend, master_address, master_port)
+
+    def push(self, stream: HFWeightStream, version: int) -> Optional[WeightUpdateStats]:
+        """Send every bucket of ``stream`` (built with ``all_ranks=False``); the sync's stats on rank 0."""
+        if stream.all_ranks:
+            raise ValueError("BroadcastWeightPush sends from rank 0 only: build HFWeightStream(all_ranks=False)")
+        if self.group is None:
+            stream.drain()  # this rank's part in the gathers
+            return None
+        start = time.perf_counter()
+        for engine in self.engines:
+            engine.begin_weight_update(version)
+        for bucket in stream:
+            answers = [(engine.url, engine.post_weights_from_distributed(bucket)) for engine in self.engines]
+            broadcast_bucket(bucket, self.group, answers, self.config.control_timeout_s)
+        per_engine = [engine.finish_weight_update() for engine in self.engines]
+        return dataclasses.replace(per_engine[0], seconds=time.perf_counter() - start)

@@ -1,0 +1,552 @@
+"""A CPU stand-in for an SGLang 0.5.10.post1 server: a real HF model served through ``TorchEngine`` over SGLang's
+HTTP API, for end-to-end tests of ``megatron_zero/rollout/sglang_engine.py`` without a GPU or sglang.
+
+Why: the fake in tests/test_sglang_engine.py checks request shapes against a toy "model"; this one serves a real
+checkpoint, so generations, log-probs and the disaggregated weight sync (``/init_weights_update_group`` +
+``/update_weights_from_distributed``, over gloo here instead of NCCL) can be compared with an independent
+computation. Request bodies are checked against the field names of 0.5.10.post1 copied in that test file
+(unknown field -> HTTP 400); status codes and response shapes follow sglang/srt/entrypoints/http_server.py.
+
+How::
+
+    python tests/sglang_cpu_server.py --model-path DIR --host 127.0.0.1 --port 30000 --dtype float32 \
+        --enable-deterministic-inference [--ignore-weight-updates]
+
+``--ignore-weight-updates`` receives broadcast weights but does not load them: a negative control, a server
+whose weight sync silently does nothing. The other flags ``launch_server_command`` emits are accepted and
+ignored (they concern GPU memory and caching, which have no meaning here).
+
+Behaviour that follows SGLang 0.5.10.post1 (checked in its source):
+- temperature < 1e-6 is greedy (SGLang: temperature 1, top_k 1), so greedy log-probs are at temperature 1;
+  input (prompt) log-probs are always at temperature 1.
+- A request stops at its stop_token_ids and, unless ``ignore_eos``, at the eos ids of config.json,
+  generation_config.json and the tokenizer; ``ignore_eos`` disables stop tokens altogether (as SGLang's
+  ``_check_token_based_finish`` does). Length is checked first: a response that reaches max_new_tokens finishes
+  with "length" even if its last token is a stop token or completes a stop string (our ``TorchEngine`` and the
+  contract of rollout/engine.py call that "stop").
+- ``sampling_seed`` is honoured only with --enable-deterministic-inference, where a request without one uses
+  seed 42 (sampling_batch_info.py); without the flag every request samples with a fresh random seed.
+- ``no_stop_trim`` false trims the matched stop string (or the matched stop token) from ``text`` only.
+- ``sampling_params`` is one dict for the batch or a list with one per prompt (our client sends a list, each
+  prompt with a seed of its own); ``logprob_start_len`` likewise an int or a list.
+- ``logprob_start_len`` -1 means output log-probs only; k >= 0 returns input log-probs from position k, the first
+  entry ``[None, ids[k], None]``.
+
+Differences from real SGLang the lead should know:
+- Sampling uses TorchEngine's sampler (inverse CDF with its own seeded uniforms), not SGLang's; for one seed the
+  tokens differ from a real server's, but the same prompt and seed give the same tokens.
+- Requests run one at a time under one lock (no continuous batching, no radix cache: ``cached_tokens`` is 0,
+  /flush_cache always succeeds).
+- Errors SGLang does not answer as HTTP 400 are answered 400 here with a message: an unknown sampling field
+  (SGLang: TypeError, HTTP 500), a known SGLang field this stand-in does not implement, a negative token id,
+  logprob_start_len beyond the prompt (SGLang: an aborted request), /generate while "weights" or "kv_cache" is
+  released (SGLang: undefined, the memory is gone), resuming a tag that is not released (SGLang: KeyError in the
+  scheduler), /update_weights_from_distributed on a group never created (SGLang: assertion in the scheduler).
+- An unexpected failure inside a request is answered 500 with {"error": {"message": ...}} (not retried by
+  our client), where SGLang would log it and usually abort the request.
+- /health answers 200 without a generation (SGLang 0.5.10 runs one by default); /health_generate runs a one-token
+  greedy generation and answers 503 while the weights are released.
+- A weight update is checked as a whole (names, shapes) after all broadcasts are received and loads nothing if any
+  tensor is bad; SGLang loads tensor by tensor and may leave the weights partly updated.
+- ``--tp-size`` must be 1 (one process is one server rank); ``--dtype`` float16/half is refused (TorchEngine
+  supports float32 and bfloat16 only). /update_weights_from_tensor (CUDA IPC) is refused with 400.
+- No default torch.distributed group: SGLang's model runner asserts one exists, but torch 2.13's
+  ``_new_process_group_helper`` builds a group from a TCP rendezvous without it (checked), so none is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+
+import torch
+from torch.distributed import distributed_c10d as c10d
+
+from megatron_zero.config.rollout import TorchEngineConfig
+from megatron_zero.rollout.engine import SamplingParams
+from megatron_zero.rollout.torch_engine import TorchEngine
+from test_sglang_engine import GENERATE_FIELDS, MEMORY_TAGS, REQUEST_FIELDS, SAMPLING_FIELDS
+
+logger = logging.getLogger(__name__)
+
+# --dtype of sglang/srt/server_args.py -> the TorchEngine dtype ("auto" keeps the float32 of a CPU run).
+DTYPES = {"auto": "float32", "float": "float32", "float32": "float32", "bfloat16": "bfloat16"}
+# sglang/srt/sampling/sampling_params.py: temperatures below this are greedy.
+SAMPLING_EPS = 1e-6
+# sglang/srt/sampling/sampling_batch_info.py: the seed of a deterministic request without sampling_seed.
+DEFAULT_DETERMINISTIC_SEED = 42
+# sglang/srt/managers/io_struct.py defaults.
+DEFAULT_GROUP_NAME = "weight_update_group"
+DEFAULT_MAX_NEW_TOKENS = 128
+# Finite rendezvous and collective timeout of the weight group (SGLang uses torch's default, 30 min for gloo).
+GROUP_TIMEOUT = datetime.timedelta(seconds=300)
+# Sampling fields (of SAMPLING_FIELDS) this stand-in implements; the others are refused unless at their default.
+SUPPORTED_SAMPLING = {"max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "no_stop_trim",
+                      "ignore_eos", "skip_special_tokens", "sampling_seed"}
+UNSUPPORTED_SAMPLING_DEFAULTS = {
+    "stop_regex": None, "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+    "min_new_tokens": 0, "n": 1, "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None,
+    "spaces_between_special_tokens": True, "custom_params": None, "stream_interval": None, "logit_bias": None,
+}
+assert SUPPORTED_SAMPLING | set(UNSUPPORTED_SAMPLING_DEFAULTS) == SAMPLING_FIELDS, "every SGLang field is handled"
+# Top-level /generate fields (of GENERATE_FIELDS) this stand-in reads (rid names the answer, log_metrics is moot);
+# the others (stream, text, top_logprobs_num, return_hidden_states, ...) must be absent, null, false or 0.
+SUPPORTED_GENERATE = {"input_ids", "sampling_params", "return_logprob", "logprob_start_len", "rid", "log_metrics"}
+
+
+class BadRequest(Exception):
+    """Answered HTTP 400 with SGLang's error body (http_server.py: _create_error_response)."""
+
+
+def check_fields(body: Any, allowed: set[str], where: str, required: frozenset[str] = frozenset()) -> dict:
+    if not isinstance(body, dict):
+        raise BadRequest(f"{where}: the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"{where}: unknown field(s) {unknown}; SGLang 0.5.10.post1 accepts {sorted(allowed)}")
+    missing = sorted(required - set(body))
+    if missing:
+        raise BadRequest(f"{where}: missing required field(s) {missing}")
+    return body
+
+
+def check_implemented(body: dict, defaults: dict, where: str) -> None:
+    unsupported = sorted(name for name, default in defaults.items()
+                         if name in body and body[name] is not None and body[name] != default)
+    if unsupported:
+        raise BadRequest(f"{where}: {unsupported} are SGLang fields this CPU stand-in does not implement; "
+                         "leave them at their defaults")
+
+
+class CPUServer:
+    """The state behind the HTTP handler: the model, its engine and the server's bookkeeping."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, dtype: str, *, deterministic: bool,
+                 ignore_weight_updates: bool):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.engine = TorchEngine(model, TorchEngineConfig(dtype=dtype, device="cpu"), tokenizer=tokenizer)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.deterministic = deterministic
+        self.ignore_weight_updates = ignore_weight_updates
+        # An eos id beyond the model's vocabulary (a tokenizer larger than the model) can never be sampled.
+        self.eos_ids = {i for i in eos_token_ids(model, tokenizer) if i < self.vocab_size}
+        self.weight_version = "default"  # server_args.weight_version
+        self.released: set[str] = set()
+        self.groups: dict[str, torch.distributed.ProcessGroup] = {}
+        # TorchEngine is not thread-safe; requests, weight loads and memory calls run one at a time.
+        self.lock = threading.Lock()
+
+    # -- /generate -------------------------------------------------------------------------------------
+
+    def generate(self, body: Any) -> Any:
+        check_fields(body, GENERATE_FIELDS, "/generate")
+        unsupported = sorted(name for name in set(body) - SUPPORTED_GENERATE if body[name] not in (None, False))
+        if unsupported:
+            raise BadRequest(f"/generate: {unsupported} are SGLang fields this CPU stand-in does not implement; "
+                             "leave them out")
+        batch = body.get("input_ids")
+        if not isinstance(batch, list) or not batch:
+            raise BadRequest("/generate: input_ids must be a non-empty list of token ids or of token-id lists "
+                             "(this stand-in takes no text)")
+        single = not isinstance(batch[0], list)
+        prompts = [batch] if single else batch
+        for index, ids in enumerate(prompts):
+            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+                raise BadRequest(f"/generate: input_ids[{index}] must be a non-empty list of integers")
+            if max(ids) >= self.vocab_size:
+                # tokenizer_manager.py: _validate_input_ids_in_vocab
+                raise BadRequest(f"The input_ids {ids} contains values greater than the vocab size "
+                                 f"({self.vocab_size}).")
+            if min(ids) < 0:
+                raise BadRequest(f"The input_ids {ids} contains negative values.")
+        # One dict for the whole batch or a list with one per prompt (io_struct.py GenerateReqInput).
+        sampling = body.get("sampling_params") or {}
+        if isinstance(sampling, list):
+            if len(sampling) != len(prompts):
+                raise BadRequest(f"/generate: {len(sampling)} sampling_params for {len(prompts)} prompts")
+            samplings = [self._sampling(entry) for entry in sampling]
+        else:
+            samplings = [self._sampling(sampling)] * len(prompts)
+        starts = body.get("logprob_start_len", -1)
+        starts = starts if isinstance(starts, list) else [starts] * len(prompts)
+        if len(starts) != len(prompts) or not all(isinstance(s, int) and s >= -1 for s in starts):
+            raise BadRequest(f"/generate: logprob_start_len={body.get('logprob_start_len')!r} must be an integer "
+                             f">= -1 or a list of {len(prompts)} of them")
+        for ids, start in zip(prompts, starts):
+            if start > len(ids):
+                raise BadRequest(f"req.logprob_start_len={start} is higher than the number of input tokens "
+                                 f"len(req.origin_input_ids)={len(ids)}. Please use a smaller logprob_start_len.")
+        rids = body.get("rid")
+        rids = rids if isinstance(rids, list) else [rids] * len(prompts)
+        return_logprob = bool(body.get("return_logprob", False))
+        with self.lock:
+            self._check_memory("/generate")
+            outputs = [self._generate_one(ids, sampling, start, rid, return_logprob)
+                       for ids, sampling, start, rid in zip(prompts, samplings, starts, rids)]
+        return outputs[0] if single else outputs
+
+    def _sampling(self, sampling: Any) -> dict:
+        check_fields(sampling, SAMPLING_FIELDS, "/generate sampling_params")
+        check_implemented(sampling, UNSUPPORTED_SAMPLING_DEFAULTS, "/generate sampling_params")
+        # sampling_params.py: SamplingParams.__init__ defaults and verify().
+        parsed = {
+            "temperature": sampling.get("temperature", 1.0), "top_p": sampling.get("top_p", 1.0),
+            "top_k": sampling.get("top_k", -1),
+            "max_new_tokens": sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+            "stop": sampling.get("stop") or [], "stop_token_ids": sampling.get("stop_token_ids") or [],
+            "no_stop_trim": sampling.get("no_stop_trim", False), "ignore_eos": sampling.get("ignore_eos", False),
+            "skip_special_tokens": sampling.get("skip_special_tokens", True), "seed": sampling.get("sampling_seed"),
+        }
+        if isinstance(parsed["stop"], str):
+            parsed["stop"] = [parsed["stop"]]
+        if parsed["temperature"] < 0:
+            raise BadRequest(f"temperature must be non-negative, got {parsed['temperature']}.")
+        if not 0.0 < parsed["top_p"] <= 1.0:
+            raise BadRequest(f"top_p must be in (0, 1], got {parsed['top_p']}.")
+        if parsed["top_k"] < 1 and parsed["top_k"] != -1:
+            raise BadRequest(f"top_k must be -1 (disable) or at least 1, got {parsed['top_k']}.")
+        if not isinstance(parsed["max_new_tokens"], int) or parsed["max_new_tokens"] < 0:
+            raise BadRequest(f"max_new_tokens must be at least 0, got {parsed['max_new_tokens']}.")
+        bad_stop_ids = [t for t in parsed["stop_token_ids"] if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad_stop_ids:
+            raise BadRequest(f"stop_token_ids {bad_stop_ids} are outside the vocabulary [0, {self.vocab_size})")
+        return parsed
+
+    def _check_memory(self, where: str) -> None:
+        released = sorted(self.released & {"weights", "kv_cache"})
+        if released:
+            raise BadRequest(f"{where}: memory {released} is released (/release_memory_occupation); "
+                             "call /resume_memory_occupation first")
+
+    def _generate_one(self, ids: list[int], sampling: dict, start: int, rid: Optional[str],
+                      return_logprob: bool) -> dict:
+        started = time.perf_counter()
+        max_new_tokens = sampling["max_new_tokens"]
+        output_ids: list[int] = []
+        output_logprobs: list[float] = []
+        finish: dict = {"type": "length", "length": max_new_tokens}
+        if max_new_tokens > 0:
+            output_ids, output_logprobs, finish = self._sample(ids, sampling)
+        text = self._text(output_ids, finish, sampling)
+        meta_info = {
+            "id": rid if rid is not None else uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(ids),
+            "weight_version": self.weight_version, "total_retractions": 0,
+        }
+        if return_logprob:
+            # Tuples (logprob, token_id, text); text is None without return_text_in_logprobs.
+            meta_info["input_token_logprobs"] = self._input_logprobs(ids, start)
+            meta_info["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(output_logprobs, output_ids)]
+            meta_info["output_token_logprobs_length"] = len(output_ids)
+        meta_info.update({"reasoning_tokens": 0, "completion_tokens": len(output_ids), "cached_tokens": 0,
+                          "e2e_latency": time.perf_counter() - started})
+        return {"text": text, "output_ids": output_ids, "meta_info": meta_info}
+
+    def _sample(self, ids: list[int], sampling: dict) -> tuple[list[int], list[float], dict]:
+        stop_ids = () if sampling["ignore_eos"] else tuple(sorted(set(sampling["stop_token_ids"]) | self.eos_ids))
+        seed = None
+        if self.deterministic:
+            seed = sampling["seed"] if sampling["seed"] is not None else DEFAULT_DETERMINISTIC_SEED
+        params = SamplingParams(
+            temperature=0.0 if sampling["temperature"] < SAMPLING_EPS else float(sampling["temperature"]),
+            top_p=float(sampling["top_p"]), top_k=int(sampling["top_k"]), max_new_tokens=sampling["max_new_tokens"],
+            stop=tuple(sampling["stop"]), stop_token_ids=stop_ids, seed=seed)
+        # One prompt per engine call: its random numbers depend only on the seed, like SGLang's seeded sampler.
+        generation = self.engine.generate([ids], params)[0]
+        tokens = generation.token_ids
+        # schedule_batch.py Req.check_finished: length first, then stop tokens, then stop strings.
+        if len(tokens) >= sampling["max_new_tokens"]:
+            finish = {"type": "length", "length": sampling["max_new_tokens"]}
+        elif tokens[-1] in stop_ids:
+            finish = {"type": "stop", "matched": tokens[-1]}
+        else:
+            decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            finish = {"type": "stop", "matched": next(stop for stop in sampling["stop"] if stop in decoded)}
+        return tokens, generation.logprobs, finish
+
+    def _text(self, output_ids: list[int], finish: dict, sampling: dict) -> str:
+        matched = finish.get("matched")
+        # detokenizer_manager.py trim_matched_stop: the matched token is left out of the text, the string cut off.
+        trim = not sampling["no_stop_trim"] and matched is not None
+        ids = output_ids[:-1] if trim and isinstance(matched, int) else output_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=sampling["skip_special_tokens"])
+        if trim and isinstance(matched, str) and matched in text:
+            text = text[:text.find(matched)]
+        return text
+
+    def _input_logprobs(self, ids: list[int], start: int) -> list[list]:
+        if start < 0 or start >= len(ids):
+            return []
+        # Entry 0 has no log-prob (scheduler_output_processor_mixin.py: [None] + logprobs[:-1]); prompt log-probs
+        # are at temperature 1 in 0.5.10.
+        values = self.engine.compute_logprobs([ids[:start + 1]], [ids[start + 1:]], 1.0)[0]
+        return [[None, ids[start], None]] + [[lp, t, None] for lp, t in zip(values, ids[start + 1:])]
+
+    def health_generate(self) -> bool:
+        with self.lock:
+            if "weights" in self.released:
+                return False
+            self.engine.generate([[0]], SamplingParams(temperature=0.0, max_new_tokens=1))
+        return True
+
+    # -- memory ----------------------------------------------------------------------------------------
+
+    def memory(self, path: str, body: Any) -> None:
+        required, allowed = REQUEST_FIELDS[path]
+        check_fields(body, allowed, path, frozenset(required))
+        # scheduler_update_weights_mixin.py: no tags means all of them.
+        tags = body.get("tags") or sorted(MEMORY_TAGS)
+        unknown = sorted(set(tags) - MEMORY_TAGS)
+        if unknown:
+            raise BadRequest(f"{path}: unknown memory tag(s) {unknown}; SGLang's are {sorted(MEMORY_TAGS)}")
+        with self.lock:
+            if path == "/release_memory_occupation":
+                self.released |= set(tags)
+            else:
+                missing = sorted(set(tags) - self.released)
+                if missing:
+                    # SGLang: self.offload_tags.remove(tag) raises KeyError in the scheduler.
+                    raise BadRequest(f"KeyError: {missing[0]!r} (memory tag(s) {missing} are not released)")
+                self.released -= set(tags)
+
+    # -- weights ---------------------------------------------------------------------------------------
+
+    def init_weights_update_group(self, body: Any) -> tuple[bool, str]:
+        path = "/init_weights_update_group"
+        required, allowed = REQUEST_FIELDS[path]
+        check_fields(body, allowed, path, frozenset(required))
+        group_name = body.get("group_name", DEFAULT_GROUP_NAME)
+        backend = body.get("backend", "nccl")
+        rank = body["rank_offset"] + 0  # this process is TP rank 0 of a tp_size-1 server
+        logger.info("init custom process group: master_address=%s, master_port=%s, rank=%d, world_size=%d, "
+                    "group_name=%s, backend=%s", body["master_address"], body["master_port"], rank,
+                    body["world_size"], group_name, backend)
+        try:
+            if group_name in self.groups:
+                raise ValueError(f"a group named {group_name!r} already exists in this server")
+            self.groups[group_name] = join_custom_process_group(
+                body["master_address"], body["master_port"], rank, body["world_size"], backend, group_name)
+            return True, "Succeeded to initialize custom process group."
+        except Exception as e:  # SGLang answers any failure as {"success": false} (model_runner.py)
+            message = f"Failed to initialize custom process group: {e}."
+            logger.error(message)
+            return False, message
+
+    def update_weights_from_distributed(self, body: Any) -> tuple[bool, str]:
+        path = "/update_weights_from_distributed"
+        required, allowed = REQUEST_FIELDS[path]
+        check_fields(body, allowed, path, frozenset(required))
+        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+        if not len(names) == len(dtypes) == len(shapes):
+            raise BadRequest(f"{path}: {len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
+        if body.get("load_format") is not None:
+            raise BadRequest(f"{path}: load_format={body['load_format']!r} is not implemented by this CPU stand-in "
+                             "(only per-tensor broadcasts, load_format None)")
+        group_name = body.get("group_name", DEFAULT_GROUP_NAME)
+        group = self.groups.get(group_name)
+        if group is None:
+            raise BadRequest(f"Group {group_name} not in {list(self.groups)}. "
+                             "Please call `init_weights_update_group` first.")
+        # SGLang's writer lock: no request runs while the weights change.
+        with self.lock:
+            try:
+                received = receive_broadcasts(names, dtypes, shapes, group)
+                self._check_memory(path)
+                if not self.ignore_weight_updates:
+                    load_into(self.model, received)
+            except Exception as e:  # model_runner.py: update_weights_from_distributed
+                message = (f"Failed to update parameter online: {e}. The full weights of the ModelRunner are "
+                           "partially updated. Please discard the whole weights.")
+                logger.error(message)
+                return False, message
+        message = "Succeeded to update parameter online."
+        if body.get("weight_version") is not None:
+            self.weight_version = body["weight_version"]
+            message += f" Weight version updated to {self.weight_version}."
+        logger.info("received %d tensors%s", len(names), " (ignored)" if self.ignore_weight_updates else "")
+        return True, message
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """The ids SGLang stops at unless ``ignore_eos``: config.json's and generation_config.json's eos_token_id
+    (model_config.py _get_hf_eos_token_id) and the tokenizer's (schedule_batch.py _check_token_based_finish)."""
+    ids: set[int] = set()
+    generation_config = getattr(model, "generation_config", None)
+    for value in (getattr(model.config, "eos_token_id", None), getattr(generation_config, "eos_token_id", None),
+                  getattr(tokenizer, "eos_token_id", None)):
+        if value is not None:
+            ids |= {value} if isinstance(value, int) else set(value)
+    return ids
+
+
+def join_custom_process_group(master_address: str, master_port: int, rank: int, world_size: int, backend: str,
+                              group_name: str) -> torch.distributed.ProcessGroup:
+    """Join a weight-broadcast group as SGLang 0.5.10 does (srt/utils/common.py init_custom_process_group): TCP
+    rendezvous (rank 0 hosts the store), the store prefixed with the group name, a group of its own built by
+    torch's private helper, and its ranks mapped to themselves so ``broadcast(src=0)`` names the trainer."""
+    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
+                                                   timeout=GROUP_TIMEOUT))
+    store.set_timeout(GROUP_TIMEOUT)
+    group, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend),
+                                              c10d.PrefixStore(group_name, store), group_name=group_name,
+                                              backend_options=None, timeout=GROUP_TIMEOUT, device_id=None)
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def receive_broadcasts(names: list[str], dtypes: list[str], shapes: list[list[int]],
+                       group: torch.distributed.ProcessGroup) -> list[tuple[str, torch.Tensor]]:
+    """One broadcast from rank 0 per name, in order, all in flight at once (model_runner.py)."""
+    received, handles = [], []
+    for name, dtype, shape in zip(names, dtypes, shapes):
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+        handles.append(torch.distributed.broadcast(tensor, src=0, group=group, async_op=True))
+        received.append((name, tensor))
+    for handle in handles:
+        handle.wait()
+    return received
+
+
+def load_into(model: torch.nn.Module, received: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy HF-named tensors into the model's state_dict, after checking all of them (a bad one loads nothing)."""
+    targets = model.state_dict()
+    for name, tensor in received:
+        if name not in targets:
+            raise ValueError(f"the model has no tensor {name!r} (it has {len(targets)}, such as {sorted(targets)[:3]})")
+        if tensor.shape != targets[name].shape:
+            raise ValueError(f"tensor {name!r} has shape {list(tensor.shape)} but the model's is "
+                             f"{list(targets[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in received:
+            targets[name].copy_(tensor)
+
+
+# --- HTTP -------------------------------------------------------------------------------------------------
+
+
+def make_handler(server: CPUServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn answers the client's requests.Session
+
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug("%s " + format, self.address_string(), *args)
+
+        def _send(self, status: int, body: Any = None, text: Optional[str] = None) -> None:
+            data = text.encode() if text is not None else json.dumps(body).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain" if text is not None else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                logger.warning("%s: the client closed the connection before the answer", self.path)
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                return self._send(200, text="")
+            if self.path == "/health_generate":
+                # http_server.py: an empty Response, 200 or 503.
+                return self._send(200 if server.health_generate() else 503, text="")
+            self._send(404, {"detail": "Not Found"})
+
+        def do_POST(self) -> None:
+            try:
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    body = json.loads(raw) if raw else {}
+                except json.JSONDecodeError as e:
+                    raise BadRequest(f"{self.path}: the body is not JSON ({e})")
+                self._route(body)
+            except BadRequest as e:
+                logger.warning("%s -> 400: %s", self.path, e)
+                self._send(400, {"error": {"message": str(e)}})
+            except Exception as e:  # an answer instead of a dropped connection, which the client would retry
+                logger.exception("%s failed", self.path)
+                self._send(500, {"error": {"message": f"{type(e).__name__}: {e}"}})
+
+        def _route(self, body: Any) -> None:
+            if self.path == "/generate":
+                return self._send(200, server.generate(body))
+            if self.path == "/flush_cache":
+                # http_server.py: plain text; nothing is cached here, so it always succeeds.
+                return self._send(200, text="Cache flushed.\nPlease check backend logs for more details. (When there "
+                                            "are running or waiting requests, the operation will not be performed.)\n")
+            if self.path in ("/release_memory_occupation", "/resume_memory_occupation"):
+                server.memory(self.path, body)
+                return self._send(200, None)  # the handlers return None: JSON null
+            if self.path in ("/init_weights_update_group", "/update_weights_from_distributed"):
+                method = getattr(server, self.path.lstrip("/"))
+                success, message = method(body)
+                return self._send(200 if success else 400, {"success": success, "message": message})
+            if self.path == "/update_weights_from_tensor":
+                message = ("CUDA IPC weight updates need a GPU; this CPU stand-in takes "
+                           "/update_weights_from_distributed only")
+                return self._send(400, {"success": False, "message": message})
+            self._send(404, {"detail": "Not Found"})
+
+    return Handler
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tp-size", type=int, default=1)
+    parser.add_argument("--enable-deterministic-inference", action="store_true")
+    parser.add_argument("--ignore-weight-updates", action="store_true",
+                        help="receive broadcast weights but do not load them (negative control)")
+    # Emitted by launch_server_command; about GPUs, memory and caching, which mean nothing on this CPU server.
+    parser.add_argument("--base-gpu-id", type=int)
+    parser.add_argument("--mem-fraction-static", type=float)
+    parser.add_argument("--enable-memory-saver", action="store_true")
+    parser.add_argument("--disable-radix-cache", action="store_true")
+    parser.add_argument("--random-seed", type=int)
+    parser.add_argument("--context-length", type=int)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+    if args.tp_size != 1:
+        parser.error(f"--tp-size {args.tp_size}: this stand-in is one process, one server rank; use --tp-size 1")
+    if args.dtype not in DTYPES:
+        parser.error(f"--dtype {args.dtype}: the CPU stand-in (TorchEngine) takes one of {sorted(DTYPES)}")
+    return args
+
+
+def build_server(args: argparse.Namespace) -> CPUServer:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = DTYPES[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    return CPUServer(model, tokenizer, dtype, deterministic=args.enable_deterministic_inference,
+                     ignore_weight_updates=args.ignore_weight_updates)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    server = build_server(args)
+    httpd = ThreadingHTTPServer((args.host, args.port), make_handler(server))
+    httpd.daemon_threads = True
+    logger.info("SGLang CPU stand-in serving %s on http://%s:%d", args.model_path, args.host, args.port)
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+
+
+if __name__ == "__main__":
+    main()
