@@ -73,7 +73,7 @@ from torch.distributed import distributed_c10d as c10d
 from megatron_zero.config.rollout import TorchEngineConfig
 from megatron_zero.rollout.engine import SamplingParams
 from megatron_zero.rollout.torch_engine import TorchEngine
-from test_sglang_engine import GENERATE_FIELDS, MEMORY_TAGS, REQUEST_FIELDS, SAMPLING_FIELDS
+from test_sglang_engine import GENERATE_FIELDS, MEMORY_TAGS, REQUEST_FIELDS, SAMPLING_FIELDS, send_answer
 
 logger = logging.getLogger(__name__)
 
@@ -440,14 +440,7 @@ def make_handler(server: CPUServer) -> type[BaseHTTPRequestHandler]:
             logger.debug("%s " + format, self.address_string(), *args)
 
         def _send(self, status: int, body: Any = None, text: Optional[str] = None) -> None:
-            data = text.encode() if text is not None else json.dumps(body).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if text is not None else "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
+            if not send_answer(self, status, body, text):
                 logger.warning("%s: the client closed the connection before the answer", self.path)
 
         def do_GET(self) -> None:

@@ -166,21 +166,27 @@ def _generate(state: FakeSGLang, body: dict) -> list[dict]:
     return outputs
 
 
+def send_answer(handler: BaseHTTPRequestHandler, status: int, body=None, text: str | None = None) -> bool:
+    """Write one HTTP answer, a JSON ``body`` or plain ``text``; False if the client had closed the connection."""
+    data = text.encode() if text is not None else json.dumps(body).encode()
+    try:
+        handler.send_response(status)
+        handler.send_header("Content-Type", "text/plain" if text is not None else "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+        return True
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+
+
 def make_handler(state: FakeSGLang):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def _send(self, status: int, body=None, text: str | None = None):
-            data = text.encode() if text is not None else json.dumps(body).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if text is not None else "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up waiting (the health-timeout test)
+            send_answer(self, status, body, text)  # a closed connection: the client gave up (health-timeout test)
 
         def do_GET(self):
             state.requests.append((self.path, None))

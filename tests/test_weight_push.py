@@ -177,3 +177,23 @@ def test_rank_zero_broadcasts_to_every_engine(checkpoint, stand_ins, parallel):
     assert per_rank[0][0][1] > 1 and per_rank[1] == [None, None]  # several buckets; stats on rank 0 only
     for values in served_logprobs():
         assert values == pytest.approx(pushed, abs=1e-5)
+
+
+def test_engine_that_refuses_the_group_fails_the_push_at_once(fakes, gloo_group_of_one):
+    """An engine answering /init_weights_update_group with 400 never joins: the error names it at once, not at the
+    rendezvous timeout (60 s here)."""
+    import time
+
+    from megatron_zero.config.sglang import SGLangConfig
+    from megatron_zero.rollout.sglang_http import SGLangHTTPError
+    from megatron_zero.trainer.weight_push import BroadcastWeightPush
+
+    fake = fakes[0]
+    fake.mode = "weights_fail"
+    config = SGLangConfig(model_path="/ckpt/tiny", colocated=False, control_timeout_s=60.0, retry_backoff_s=0.0)
+    start = time.monotonic()
+    with pytest.raises(SGLangHTTPError, match=r"/init_weights_update_group failed \(HTTP 400\)") as failure:
+        BroadcastWeightPush([f"http://127.0.0.1:{fake.port}"], config, backend="gloo", master_address="127.0.0.1")
+    assert time.monotonic() - start < 10
+    assert f"from http://127.0.0.1:{fake.port} while joining the weight broadcast group of 2 ranks" in str(
+        failure.value.__notes__)

@@ -41,7 +41,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -202,31 +202,39 @@ def split_by_bytes(bucket: Sequence[tuple[str, torch.Tensor]],
     return chunks
 
 
-def broadcast_bucket(bucket: Sequence[tuple[str, torch.Tensor]], group: torch.distributed.ProcessGroup,
-                     answers: Sequence[tuple[str, concurrent.futures.Future]], timeout_s: float) -> None:
-    """Broadcast ``bucket``'s tensors from rank 0 of ``group``, in order, to the servers whose announcements
-    (``post_weights_from_distributed``) are ``answers`` (url, future), and wait for every answer.
+def wait_first_failure(pending: Mapping[concurrent.futures.Future, str], timeout_s: float, what: str) -> None:
+    """Wait for every future of ``pending`` (future -> who answers it); raise the first failure as soon as it comes,
+    noting who failed and ``what`` was going on, or a TimeoutError naming who has not answered by ``timeout_s``.
 
-    A server that refuses the bucket (HTTP 400) stops receiving, and a broadcast it never joins would block until
-    the group's timeout; so the answers are watched while the broadcasts run, and the first refusal is raised at
-    once, naming the server (the group is then unusable: the run must stop).
-    """
-    works = [torch.distributed.broadcast(tensor, src=0, group=group, async_op=True) for _, tensor in bucket]
-    pending = {future: url for url, future in answers}
+    For requests whose counterpart is a collective: a server that fails its side never joins, and waiting for the
+    others would only end at the collective's timeout."""
+    pending = dict(pending)
     deadline = time.monotonic() + timeout_s
     while pending:
         done, _ = concurrent.futures.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
                                           return_when=concurrent.futures.FIRST_COMPLETED)
         if not done:
-            raise TimeoutError(f"SGLang server(s) {sorted(pending.values())} did not confirm a weight bucket of "
-                               f"{len(bucket)} tensor(s) within {timeout_s} s (sglang.control_timeout_s)")
+            raise TimeoutError(f"{sorted(pending.values())} did not answer within {timeout_s} s while {what}")
         for future in done:
-            url = pending.pop(future)
+            who = pending.pop(future)
             try:
                 future.result()
             except Exception as error:
-                error.add_note(f"while broadcasting {[name for name, _ in bucket][:3]}... to {url}")
+                error.add_note(f"from {who} while {what}")
                 raise
+
+
+def broadcast_bucket(bucket: Sequence[tuple[str, torch.Tensor]], group: torch.distributed.ProcessGroup,
+                     answers: Sequence[tuple[str, concurrent.futures.Future]], timeout_s: float) -> None:
+    """Broadcast ``bucket``'s tensors from rank 0 of ``group``, in order, to the servers whose announcements
+    (``post_weights_from_distributed``) are ``answers`` (url, future), and wait for every answer.
+
+    A server that refuses the bucket (HTTP 400) stops receiving, so the answers are watched while the broadcasts
+    run and the first refusal is raised at once, naming the server (the group is then unusable: the run stops).
+    """
+    works = [torch.distributed.broadcast(tensor, src=0, group=group, async_op=True) for _, tensor in bucket]
+    wait_first_failure({future: url for url, future in answers}, timeout_s,
+                       f"broadcasting {[name for name, _ in bucket][:3]}... (sglang.control_timeout_s)")
     for work in works:
         work.wait()
 

@@ -1,8 +1,8 @@
 """Weight sync from the Megatron ranks straight into the SGLang servers, colocated or disaggregated.
 
-Why (colocated, ``ColocatedWeightPush``): colocated SGLang servers take new weights as CUDA IPC handles (``/update_weights_from_tensor``), which only
-a process holding the tensors on a GPU can create, and which a server rank opens cheaply only for a buffer on
-its own GPU. Routing buckets through the driver would copy the model through host memory and needs CUDA in
+Why (colocated, ``ColocatedWeightPush``): colocated SGLang servers take new weights as CUDA IPC handles
+(``/update_weights_from_tensor``), which only a process holding the tensors on a GPU can create, and which a
+server rank opens cheaply only for a buffer on its own GPU. Routing buckets through the driver would copy the model through host memory and needs CUDA in
 the driver. So, as in slime's colocated mode, every rank receives every HF bucket
 (``HFWeightStream(all_ranks=True)``: TP gather, then a broadcast from the owning stage), serialises its own copy
 for the server rank that shares its GPU, and the first rank of each engine gathers the ``tp_size`` payloads and
@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 from typing import Callable, Optional, Sequence
 from urllib.parse import urlsplit
@@ -45,7 +46,7 @@ from megatron_zero.parallel.reshard import SENDER_RANK, HFWeightStream
 from megatron_zero.parallel.weight_broadcast import init_weight_broadcast_group
 from megatron_zero.rollout.engine import WeightUpdateStats
 from megatron_zero.rollout.sglang_engine import (
-    WEIGHT_GROUP_NAME, SGLangEngine, broadcast_bucket, serialize_flattened_bucket,
+    WEIGHT_GROUP_NAME, SGLangEngine, broadcast_bucket, serialize_flattened_bucket, wait_first_failure,
 )
 from megatron_zero.trainer.worker import free_port
 
@@ -126,27 +127,22 @@ class BroadcastWeightPush:
         joined = {engine.init_weights_update_group(master_address, master_port, rank_offset=1 + i * config.tp_size,
                                                    world_size=world_size, backend=backend): engine.url
                   for i, engine in enumerate(self.engines)}
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-group")
-        own = executor.submit(init_weight_broadcast_group, master_address, master_port, 0, world_size,
-                              backend=backend, timeout_s=config.control_timeout_s, group_name=WEIGHT_GROUP_NAME)
-        executor.shutdown(wait=False)
+        # This side's rendezvous blocks until every server joined; in a daemon thread, so a failed engine leaves
+        # nothing that holds the process open until the rendezvous timeout.
+        own: concurrent.futures.Future = concurrent.futures.Future()
+
+        def join() -> None:
+            try:
+                own.set_result(init_weight_broadcast_group(master_address, master_port, 0, world_size, backend=backend,
+                                                           timeout_s=config.control_timeout_s,
+                                                           group_name=WEIGHT_GROUP_NAME))
+            except BaseException as error:  # handed to the waiting thread, which raises it
+                own.set_exception(error)
+
+        threading.Thread(target=join, name="weight-group-join", daemon=True).start()
         joined[own] = f"the trainer (rank 0, {master_address}:{master_port})"
-        deadline = time.monotonic() + config.control_timeout_s
-        pending = dict(joined)
-        while pending:
-            done, _ = concurrent.futures.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
-            if not done:
-                raise TimeoutError(f"weight broadcast group of {world_size} ranks at {master_address}:{master_port}: "
-                                   f"{sorted(pending.values())} did not join within sglang.control_timeout_s="
-                                   f"{config.control_timeout_s} s")
-            for future in done:
-                where = pending.pop(future)
-                try:
-                    future.result()
-                except Exception as error:
-                    error.add_note(f"while {where} joined the weight broadcast group at {master_address}:{master_port}")
-                    raise
+        wait_first_failure(joined, config.control_timeout_s, f"joining the weight broadcast group of {world_size} "
+                           f"ranks at {master_address}:{master_port} (sglang.control_timeout_s)")
         self.group = own.result()
         logger.info("weight broadcast group up: rank 0 + %d engine(s) x %d server rank(s), %s at %s:%d",
                     len(self.engines), config.tp_size, backend, master_address, master_port)
