@@ -340,6 +340,15 @@ class CPUServer:
             logger.error(message)
             return False, message
 
+    def destroy_weights_update_group(self, body: Any) -> tuple[bool, str]:
+        path = "/destroy_weights_update_group"
+        check_fields(body, REQUEST_FIELDS[path][1], path)
+        group = self.groups.pop(body.get("group_name", DEFAULT_GROUP_NAME), None)
+        if group is None:  # model_runner.py's answer, HTTP 400
+            return False, "The group to be destroyed does not exist."
+        torch.distributed.destroy_process_group(group)
+        return True, "Succeeded to destroy custom process group."
+
     def update_weights_from_distributed(self, body: Any) -> tuple[bool, str]:
         path = "/update_weights_from_distributed"
         required, allowed = REQUEST_FIELDS[path]
@@ -476,7 +485,8 @@ def make_handler(server: CPUServer) -> type[BaseHTTPRequestHandler]:
             if self.path in ("/release_memory_occupation", "/resume_memory_occupation"):
                 server.memory(self.path, body)
                 return self._send(200, None)  # the handlers return None: JSON null
-            if self.path in ("/init_weights_update_group", "/update_weights_from_distributed"):
+            if self.path in ("/init_weights_update_group", "/update_weights_from_distributed",
+                             "/destroy_weights_update_group"):
                 method = getattr(server, self.path.lstrip("/"))
                 success, message = method(body)
                 return self._send(200 if success else 400, {"success": success, "message": message})

@@ -63,6 +63,7 @@ REQUEST_FIELDS = {
         "load_format", "rid"}),
     "/init_weights_update_group": ({"master_address", "master_port", "rank_offset", "world_size"}, {
         "master_address", "master_port", "rank_offset", "world_size", "group_name", "backend", "rid"}),
+    "/destroy_weights_update_group": (set(), {"group_name", "rid"}),
     "/release_memory_occupation": (set(), {"tags", "rid"}),
     "/resume_memory_occupation": (set(), {"tags", "rid"}),
 }
@@ -223,6 +224,8 @@ def make_handler(state: FakeSGLang):
                         assert set(body["tags"]) <= state.released, "resumed a tag that was not released"
                         state.released -= set(body["tags"])
                     return self._send(200, None)  # the handlers return None: JSON null
+                if self.path == "/destroy_weights_update_group":  # the fake never holds a group
+                    return self._send(400, {"success": False, "message": "The group to be destroyed does not exist."})
                 if state.mode == "weights_fail":
                     return self._send(400, {"success": False, "message": "Failed to update weights: shape mismatch"})
                 return self._send(200, {"success": True, "message": "Succeeded to update model weights."})

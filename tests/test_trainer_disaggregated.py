@@ -79,6 +79,11 @@ def test_engines_on_their_own_gpus_track_the_actor_and_resume(tmp_path, base_mco
         by_prompt.setdefault(sample["prompt"], set()).add(sample["response"])
     # 4 samples per prompt at temperature 1: a shared seed would make them 4 copies of one response.
     assert len(by_prompt) == 8 and all(len(responses) > 1 for responses in by_prompt.values())
+    # Resumed from the step-2 checkpoint with fresh servers (they start from the base model): the first sync gives
+    # them the step-2 policy, and step 3 repeats the uninterrupted run's exactly.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step_000002", resumed / "checkpoints" / "step_000002")
+    assert [_steady(r) for r in _train(resumed, base_mcore, num_steps=3)] == [_steady(records[2])]
 
 
 def test_server_started_by_hand_that_ignores_the_weights_trips_the_health_check(tmp_path, base_mcore):
@@ -96,8 +101,3 @@ def test_server_started_by_hand_that_ignores_the_weights_trips_the_health_check(
         process.kill()
         process.wait()
     assert "received 38 tensors (ignored)" in (tmp_path / "server.log").read_text()
-    # Resumed from the step-2 checkpoint with fresh servers (they start from the base model): the first sync gives
-    # them the step-2 policy, and step 3 repeats the uninterrupted run's exactly.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "run" / "checkpoints" / "step_000002", resumed / "checkpoints" / "step_000002")
-    assert [_steady(r) for r in _train(resumed, base_mcore, num_steps=3)] == [_steady(records[2])]

@@ -177,6 +177,10 @@ def test_rank_zero_broadcasts_to_every_engine(checkpoint, stand_ins, parallel):
     assert per_rank[0][0][1] > 1 and per_rank[1] == [None, None]  # several buckets; stats on rank 0 only
     for values in served_logprobs():
         assert values == pytest.approx(pushed, abs=1e-5)
+    if parallel.tensor_parallel_size == 2:
+        # A restarted trainer (new processes) meets servers that still hold the old group: it drops and rebuilds it.
+        per_rank = run_local_workers(_broadcast_job, parallel, args=(mcore_dir, str(server_model_dir), urls))
+        assert [version for version, _, _ in per_rank[0]] == [1, 2]
 
 
 def test_engine_that_refuses_the_group_fails_the_push_at_once(fakes, gloo_group_of_one):

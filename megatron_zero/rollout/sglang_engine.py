@@ -507,6 +507,19 @@ class SGLangEngine(RolloutEngine):
         }
         self._client.post("/update_weights_from_tensor", payload, timeout_s=self.config.control_timeout_s)
 
+    def destroy_weights_update_group(self) -> bool:
+        """Drop the server's weight-broadcast group, if it still holds one from an earlier trainer (a server started
+        by hand outlives a restarted run, and SGLang refuses a new group under a name it holds). True if it had one."""
+        try:
+            self._client.post("/destroy_weights_update_group", {"group_name": WEIGHT_GROUP_NAME},
+                              timeout_s=self.config.control_timeout_s, retry=False)
+            return True
+        except SGLangHTTPError as error:
+            # model_runner.py: (False, "The group to be destroyed does not exist.") -> HTTP 400.
+            if error.status == 400 and "does not exist" in str(error):
+                return False
+            raise
+
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
                                   world_size: int, backend: str = "nccl") -> concurrent.futures.Future:
         """Ask the server to join a weight-broadcast group (its TP rank i becomes rank rank_offset + i).

@@ -105,8 +105,9 @@ class BroadcastWeightPush:
     """Rank 0 broadcasts the policy to disaggregated SGLang engines at ``engine_urls``; see the module docstring.
 
     Built on every rank (collective construction); only rank 0 opens the group: it picks a free port on its node
-    (``master_address``: this node's IP by default), asks every engine to join, joins itself, and fails at the first
-    engine that refuses instead of waiting for the rendezvous timeout. ``backend``: "nccl" (GPU tensors) or
+    (``master_address``: this node's IP by default), drops a group an engine kept from an earlier run, asks every
+    engine to join, joins itself, and fails at the first engine that refuses instead of waiting for the
+    rendezvous timeout. ``backend``: "nccl" (GPU tensors) or
     "gloo" (CPU tensors, tests).
     """
 
@@ -124,6 +125,9 @@ class BroadcastWeightPush:
         master_port = free_port()
         world_size = 1 + len(engine_urls) * config.tp_size
         self.engines = [_engine_at(url, config) for url in engine_urls]
+        for engine in self.engines:
+            if engine.destroy_weights_update_group():
+                logger.info("%s still had a weight broadcast group from an earlier run; dropped it", engine.url)
         joined = {engine.init_weights_update_group(master_address, master_port, rank_offset=1 + i * config.tp_size,
                                                    world_size=world_size, backend=backend): engine.url
                   for i, engine in enumerate(self.engines)}
