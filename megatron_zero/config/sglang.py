@@ -29,8 +29,8 @@ class SGLangConfig:
     # true: the trainer launches one server per engine in Ray actors, on the Megatron ranks' GPUs (colocated) or on
     # GPUs of their own (disaggregated); rollout/sglang_servers.py; host and port are then the node's IP and a
     # free port found there.
-    # false: connect to the one server already running at host:port (started by hand); usable for evaluation,
-    # not yet for training (new weights reach only launched servers, see docs/sglang.md).
+    # false: connect to the one server already running at host:port (started by hand, without
+    # --enable-memory-saver); in training it takes weights by broadcast from rank 0 (colocated=False).
     launch: bool = True
     host: str = "127.0.0.1"
     port: int = 30000
