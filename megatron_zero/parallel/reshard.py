@@ -39,8 +39,8 @@ data/context-parallel rank 0). Every rank walks the same global order of canonic
 bridge's ``weight_mappings``); for each name the owning stage's TP group of DP/CP rank 0 gathers it
 onto its TP rank 0, and if that stage is not the sender's, its TP rank 0 sends the full tensor to rank 0 (point-to-point,
 shape and dtype known from a metadata exchange at the start). Other data-parallel replicas do
-nothing but the metadata exchange. This suits one rollout engine fed from one process (the CPU
-torch engine). With ``all_ranks=True`` the owner instead broadcasts each full tensor to every rank, so
+nothing but the metadata exchange. This suits engines fed from one process (the CPU torch engine, or
+disaggregated SGLang servers that rank 0 broadcasts to, ``trainer/weight_push.py``). With ``all_ranks=True`` the owner instead broadcasts each full tensor to every rank, so
 every GPU holds each bucket and can hand it to the colocated SGLang server rank on the same GPU
 (``trainer/weight_push.py``, slime's colocated style).
 

@@ -428,19 +428,17 @@ class SGLangEngine(RolloutEngine):
         self._sync_start = time.perf_counter()
 
     def update_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
-        stats = self._check_bucket(bucket)
-        if self.config.colocated:
-            max_bytes = self.config.weight_bucket_mb * 2**20
-            for chunk in split_by_bytes(bucket, max_bytes):
-                self._update_from_tensor(chunk)
-                stats.num_buckets += 1
-        else:
+        if not self.config.colocated:
             if self.weight_group is None:
                 raise RuntimeError(f"sglang.colocated=False needs a weight_group: call init_weights_update_group on "
                                    f"{self.url}, create this side's group (parallel/weight_broadcast.py), and pass it "
                                    "as SGLangEngine(weight_group=...)")
-            broadcast_bucket(bucket, self.weight_group, [(self.url, self._post_distributed(bucket))],
+            broadcast_bucket(bucket, self.weight_group, [(self.url, self.post_weights_from_distributed(bucket))],
                              self.config.control_timeout_s)
+            return
+        stats = self._check_bucket(bucket)
+        for chunk in split_by_bytes(bucket, self.config.weight_bucket_mb * 2**20):
+            self._update_from_tensor(chunk)
             stats.num_buckets += 1
         self._record(stats, bucket)
 
@@ -450,7 +448,15 @@ class SGLangEngine(RolloutEngine):
         answer's future; the caller then broadcasts the tensors (``broadcast_bucket``) on the group the server
         joined. Several servers on one group get the same announcement and receive one broadcast."""
         stats = self._check_bucket(bucket)
-        answer = self._post_distributed(bucket)
+        payload = {
+            "names": [name for name, _ in bucket],
+            "dtypes": [str(tensor.dtype).removeprefix("torch.") for _, tensor in bucket],
+            "shapes": [list(tensor.shape) for _, tensor in bucket],
+            "group_name": WEIGHT_GROUP_NAME,
+            "flush_cache": False,
+        }
+        # The server answers only after it has received every broadcast, which the caller sends meanwhile.
+        answer = self._post_in_background("/update_weights_from_distributed", payload)
         stats.num_buckets += 1
         self._record(stats, bucket)
         return answer
@@ -529,27 +535,16 @@ class SGLangEngine(RolloutEngine):
         """
         payload = {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
                    "world_size": world_size, "group_name": WEIGHT_GROUP_NAME, "backend": backend}
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        future = executor.submit(self._client.post, "/init_weights_update_group", payload,
-                                 timeout_s=self.config.control_timeout_s, retry=False)
+        return self._post_in_background("/init_weights_update_group", payload)
+
+    def _post_in_background(self, endpoint: str, payload: dict) -> concurrent.futures.Future:
+        """POST once (no retry: a repeat fails inside SGLang) from a thread of its own; the answer's future. For
+        requests SGLang answers only after this side has done its part of a collective."""
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-collective")
+        future = executor.submit(self._client.post, endpoint, payload, timeout_s=self.config.control_timeout_s,
+                                 retry=False)
         executor.shutdown(wait=False)
         return future
-
-    def _post_distributed(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> concurrent.futures.Future:
-        payload = {
-            "names": [name for name, _ in bucket],
-            "dtypes": [str(tensor.dtype).removeprefix("torch.") for _, tensor in bucket],
-            "shapes": [list(tensor.shape) for _, tensor in bucket],
-            "group_name": WEIGHT_GROUP_NAME,
-            "flush_cache": False,
-        }
-        # The server answers only after it has received every broadcast, so the request runs in a thread of its
-        # own while the caller broadcasts.
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-weights")
-        answer = executor.submit(self._client.post, "/update_weights_from_distributed", payload,
-                                 timeout_s=self.config.control_timeout_s, retry=False)
-        executor.shutdown(wait=False)
-        return answer
 
     def finish_weight_update(self) -> WeightUpdateStats:
         if self._stats is None:

@@ -93,8 +93,6 @@ class Trainer:
         # dropped, and SGLang servers of their own get a first sync anyway: it proves the broadcast path before
         # the first rollout rather than after it.
         if self.resumed_from is None and (config.cluster.colocate or self.engine_urls):
-            if config.cluster.colocate:
-                self.engine.resume_weights()
             self.sync_weights()
         if config.cluster.colocate:
             # Colocated: the engine owns the accelerators during rollout; the actor waits off-device.
@@ -134,8 +132,6 @@ class Trainer:
         with _timed(timings, "train", self.progress):
             train_metrics = self.train(batch, rollout.max_response_length())
         with _timed(timings, "sync_weights", self.progress):
-            if self.config.cluster.colocate:
-                self.engine.resume_weights()
             sync = self.sync_weights()
         if self.config.cluster.colocate:
             memory.update(self.switch_to_rollout())
@@ -262,6 +258,10 @@ class Trainer:
         return {f"offload_bytes_{kind}": float(nbytes) for kind, nbytes in offloaded.items()}
 
     def sync_weights(self) -> dict[str, float]:
+        if self.config.cluster.colocate:
+            # The engine's weight memory comes back (a no-op if it holds it) while the actor is still on the
+            # device; the KV cache returns only after the actor left (switch_to_rollout).
+            self.engine.resume_weights()
         self.weight_version += 1
         if self.engine_urls:
             # Every rank pushes to the server on its GPU; each engine's first rank reports (weight_push.py).
@@ -314,8 +314,7 @@ class Trainer:
             self.switch_to_training()  # the actor saves from the device
         self.group.run("save", str(path / "actor"))
         if offloaded:
-            self.engine.resume_weights()
-            self.sync_weights()
+            self.sync_weights()  # release_memory() dropped the engine's weights
             self.switch_to_rollout()
         checkpoint.save_driver_state(path, self.step, self.weight_version, self.sampler.state_dict())
         checkpoint.finalize(path, Path(self.mcore_dir))
@@ -333,8 +332,6 @@ class Trainer:
         self.step, self.weight_version = state["step"], state["weight_version"]
         self.sampler.load_state_dict(state["sampler"])
         # The engine starts from the base model: give it the resumed policy before the first rollout.
-        if self.config.cluster.colocate:
-            self.engine.resume_weights()
         self.sync_weights()
         logger.info("resumed from %s at step %d", path, self.step)
         return path
