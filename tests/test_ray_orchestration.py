@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from megatron_zero.config.cluster import ClusterConfig
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.trainer.actor_group import RayActorGroup, RayWorkerError, RayWorkerTimeout
+from megatron_zero.trainer.dispatch import Dispatch, register
 from megatron_zero.trainer.placement import (
     Bundle, create_placement, find_missing_nodes, order_bundles, remove_placement,
 )
@@ -56,6 +57,23 @@ class Probe:
             "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
             "env": {name: os.environ[name] for name in TORCHRUN_VARIABLES},
         }
+
+    @register(Dispatch.DP_SHARDED)
+    def shard_sum(self, shard: list[float], scale: float):
+        """This replica's shard, summed over its TP group (1 rank here), returned by the replica's leader."""
+        from megatron.core import parallel_state
+
+        self.seen = shard
+        if parallel_state.get_tensor_model_parallel_rank() != 0:
+            return None
+        return {"sum": sum(shard) * scale, "dp_rank": parallel_state.get_data_parallel_rank(), "pid": os.getpid()}
+
+    @register(Dispatch.DP_SHARDED)
+    def everyone_answers(self, shard: list[float]) -> int:
+        return len(shard)
+
+    def seen_shard(self) -> list[float]:
+        return self.seen
 
     def pid(self) -> int:
         return os.getpid()
@@ -211,6 +229,30 @@ def test_two_rank_group_runs_a_real_tp_all_reduce_and_reports_worker_errors(grou
         group.run("no_such_method")
     with pytest.raises(RuntimeError, match="unusable: rank \\d failed in no_such_method"):
         group.run("pid")
+
+
+def test_dp_sharded_call_gives_each_replica_only_its_shard(group):
+    group.initialize_parallel(ParallelConfig(timeout_s=30.0))  # TP=1: two data-parallel replicas
+    group.setup("test_ray_orchestration:Probe", scale=1.0)
+    assert [(layout.dp_rank, layout.is_replica_leader) for layout in group.layouts] == [(0, True), (1, True)]
+    shards = [[1.0, 2.0], [10.0]]
+    results = group.run("shard_sum", shards, 0.5)
+    # One result per replica, in replica order, each computed from that replica's shard alone.
+    assert [(r["dp_rank"], r["sum"]) for r in results] == [(0, 1.5), (1, 5.0)]
+    assert [r["pid"] for r in results] == [info.pid for info in group.infos]
+    assert group.run("seen_shard") == shards  # an ALL_RANKS call: every rank's result, in rank order
+    with pytest.raises(ValueError, match=r"shard_sum splits its batch over data-parallel replicas: its first "
+                                         r"argument must be a list of 2 shards"):
+        group.run("shard_sum", [[1.0]], 0.5)
+
+
+def test_dp_sharded_method_must_answer_from_leaders_only(group):
+    group.initialize_parallel(TP2)  # one replica of two ranks: only TP rank 0 may answer
+    group.setup("test_ray_orchestration:Probe", scale=1.0)
+    assert [r["dp_rank"] for r in group.run("shard_sum", [[1.0]], 1.0)] == [0]
+    with pytest.raises(RayWorkerError, match=r"everyone_answers \(DP_SHARDED\): rank 1 \(replica 0, not the "
+                                             r"leader\) returned a result"):
+        group.run("everyone_answers", [[1.0]])
 
 
 def test_worker_that_dies_mid_call_is_reported_with_rank_and_log_tail(group):

@@ -62,6 +62,23 @@ _TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "dual_clip_fraction", "tis_
 # --------------------------------------------------------------------------- models
 
 
+class TokenCounter:
+    """Counts the token positions a model's forward passes ran on, read from the inputs the model received.
+
+    Packed rows count their real tokens, padded rows their padding too (the model computes it). Counted from the
+    model's own inputs, not from the batch handed in, so a claim that each data-parallel replica ran 1/DP of a
+    batch is checked against what its model did.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.num_tokens = 0
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        self.num_tokens += int(input_ids.numel())
+
+
 def load_model(mcore_dir: str | Path, model_config: ModelConfig) -> tuple[torch.nn.Module, Any]:
     """This rank's pipeline stage of a megatron-zero checkpoint; returns (GPTModel, checkpoint info)."""
     from megatron_zero.models.mcore_checkpoint import load_mcore_weights, read_checkpoint_info
@@ -88,6 +105,7 @@ class ReferenceModel:
 
     def __init__(self, mcore_dir: str | Path, model_config: ModelConfig, actor_config: ActorConfig) -> None:
         self.model, info = load_model(mcore_dir, model_config)
+        self.tokens = TokenCounter(self.model)
         self.model.eval()
         self.model.requires_grad_(False)
         self.vocab_size = info.arch.vocab_size
@@ -230,6 +248,7 @@ class MegatronActor:
         self.config = config
         self.policy_loss = policy_loss
         module, info = load_model(mcore_dir, model_config)
+        self.tokens = TokenCounter(module)
         self.vocab_size = info.arch.vocab_size
         # How microbatches are laid out (packing.py): "thd", "dense_mask", or None for padded rows.
         self.packing = packing_format(model_config, info.arch, enabled=config.pack_sequences)

@@ -79,6 +79,12 @@ class ActorBatch:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name)[indices] for f in dataclasses.fields(self)
                                            if getattr(self, f.name) is not None})
 
+    def trimmed(self) -> "ActorBatch":
+        """The same rows cut to the longest one (columns past it are padding in every row)."""
+        width = int(self.lengths.max())
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[:, :width] for f in dataclasses.fields(self)
+                                           if getattr(self, f.name) is not None and f.name != "lengths"})
+
     def microbatch(self, indices: Sequence[int], packed: bool = False) -> dict[str, torch.Tensor]:
         """Rows ``indices`` trimmed to their longest row: tokens, response_mask and the per-token fields set.
 

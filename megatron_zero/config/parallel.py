@@ -25,6 +25,11 @@ class ParallelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"parallel.{name}={value!r} must be an integer >= 1")
+        if self.context_parallel_size > 1:
+            # megatron-core would build the CP groups, but every rank would then run whole sequences: wrong
+            # attention, not a speed-up. Refused until the batch is split over CP ranks for real.
+            raise ValueError(f"parallel.context_parallel_size={self.context_parallel_size} is not supported yet: "
+                             "nothing splits sequences over context-parallel ranks; set it to 1")
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0 seconds")
 

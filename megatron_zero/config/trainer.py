@@ -142,13 +142,16 @@ class TrainConfig:
 
     def check_inputs(self) -> None:
         """File checks, run before any worker starts; raise naming the field and the path."""
-        from megatron_zero.models.common.architecture import read_hf_config
-        from megatron_zero.models.registry import get_bridge
+        from megatron_zero.models.registry import read_architecture
 
         if not Path(self.model_path, "config.json").is_file():
             raise FileNotFoundError(f"model_path={self.model_path!r}: no config.json there")
-        hf_config = read_hf_config(self.model_path)
-        arch = get_bridge(hf_config).parse(hf_config)
+        arch = read_architecture(self.model_path)
+        if self.parallel.expert_parallel_size > 1:
+            # Every supported family is dense (models/registry.py): there are no experts to place.
+            raise ValueError(f"parallel.expert_parallel_size={self.parallel.expert_parallel_size} needs a mixture-of-"
+                             f"experts model, but model_type={arch.model_type!r} ({self.model_path}) is dense; set it "
+                             "to 1")
         arch.check_parallel_sizes(self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size,
                                   self.model.vocab_pad_multiple)
         if self.mcore_path is not None and not Path(self.mcore_path, "megatron_zero.json").is_file():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from megatron_zero.models.common.architecture import DecoderArchitecture, read_hf_config
 from megatron_zero.models.common.bridge import ModelBridge
 from megatron_zero.models.llama.bridge import LlamaBridge
 from megatron_zero.models.mistral.bridge import MistralBridge
@@ -19,3 +21,9 @@ def get_bridge(hf_config: dict[str, Any]) -> ModelBridge:
         raise ValueError(f"config.json model_type={model_type!r} (architectures={architectures}) is not supported; "
                          f"supported model types: {sorted(BRIDGES)}")
     return BRIDGES[model_type]
+
+
+def read_architecture(hf_dir: str | Path) -> DecoderArchitecture:
+    """The validated architecture of the HF checkpoint in ``hf_dir`` (its config.json)."""
+    hf_config = read_hf_config(hf_dir)
+    return get_bridge(hf_config).parse(hf_config)

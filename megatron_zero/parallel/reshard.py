@@ -40,9 +40,16 @@ bridge's ``weight_mappings``); for each name the owning stage's TP group of DP/C
 onto its TP rank 0, and if that stage is not the sender's, its TP rank 0 sends the full tensor to rank 0 (point-to-point,
 shape and dtype known from a metadata exchange at the start). Other data-parallel replicas do
 nothing but the metadata exchange. This suits engines fed from one process (the CPU torch engine, or
-disaggregated SGLang servers that rank 0 broadcasts to, ``trainer/weight_push.py``). With ``all_ranks=True`` the owner instead broadcasts each full tensor to every rank, so
-every GPU holds each bucket and can hand it to the colocated SGLang server rank on the same GPU
-(``trainer/weight_push.py``, slime's colocated style).
+disaggregated SGLang servers that rank 0 broadcasts to, ``trainer/weight_push.py``).
+
+Every rank (``all_ranks=True``), for colocated SGLang servers (``trainer/weight_push.py``, slime's colocated
+style): every GPU must hold each bucket to hand it to the server rank on the same GPU, and every data-parallel
+replica already holds the whole model, so each replica serves itself and nothing crosses between replicas. At
+PP=1 a rank gets each tensor by an all-gather within its own TP group (one node); at PP>1 the stage that owns a
+tensor first broadcasts each TP shard over the pipeline group (the ranks of the same replica and TP rank on the
+other stages), so a stage receives only the shards it lacks, 1/TP of the tensor per rank, before the same TP
+all-gather. Each rank counts the bytes it received by kind (``ReshardStats.received_bytes``): from TP peers, from
+another stage, and of those, from a rank on another node (``node_id``: each rank's node, e.g. its Ray node id).
 
 Buckets: tensors are packed in order into buckets of at most ``bucket_bytes``; a single HF tensor
 larger than that is sent alone in its own bucket (the only case a bucket exceeds the bound), since
@@ -56,8 +63,9 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -69,6 +77,7 @@ from megatron_zero.models.common.bridge import ModelBridge
 logger = logging.getLogger(__name__)
 
 SENDER_RANK = 0
+RECEIVED_KINDS = ("tp_gather", "cross_stage", "cross_node")
 _LOCAL_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # Transformer Engine parameter names -> local-spec names (megatron-core's local spec maps the same pairs).
 _TE_ALIASES = {
@@ -94,6 +103,9 @@ class ReshardStats:
     max_bucket_bytes: int = 0
     seconds: float = 0.0
     reshard_seconds: float = 0.0
+    # Bytes this rank received while resharding: "tp_gather" from its TP peers, "cross_stage" from another
+    # pipeline stage, "cross_node" the part of those two that came from a rank on another node.
+    received_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RECEIVED_KINDS, 0))
 
     @property
     def gb_per_s(self) -> float:
@@ -126,38 +138,36 @@ def local_canonical_params(model: torch.nn.Module, arch: DecoderArchitecture) ->
     return params
 
 
-def _gather_tp(name: str, param: torch.Tensor, tp_group: Any, tp_size: int, tp_rank: int) -> Optional[torch.Tensor]:
-    """The full canonical tensor of one parameter on TP rank 0 (None on the others); collective over TP."""
-    local = param.detach()
-    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return local if tp_rank == 0 else None
-    # gather, not all_gather: only TP rank 0 sends on, so the other ranks need no copy.
-    shards = [torch.empty_like(local) for _ in range(tp_size)] if tp_rank == 0 else None
-    dist.gather(local.contiguous(), shards, group_dst=0, group=tp_group)
-    if shards is None:
-        return None
+def _is_tp_split(param: torch.Tensor, tp_size: int) -> bool:
+    return tp_size > 1 and bool(getattr(param, "tensor_model_parallel", False))
+
+
+def _join_tp_shards(name: str, shards: list[torch.Tensor], partition_dim: int) -> torch.Tensor:
+    """The canonical tensor from its TP shards in TP-rank order."""
     if name.endswith(_GATED_FC1):
         # Each shard is [gate_shard; up_shard]; canonical is [gate; up].
         halves = [torch.chunk(shard, 2, dim=0) for shard in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    return torch.cat(shards, dim=param.partition_dim)
+    return torch.cat(shards, dim=partition_dim)
 
 
 @dataclass(frozen=True)
 class _Owner:
-    """Where a canonical tensor lives: the rank that sends it to the sender, and its full shape."""
+    """Where a canonical tensor lives: the rank that sends it to the sender, its full shape, and its TP shards."""
 
     pp_rank: int
     global_rank: int  # TP rank 0, DP/CP rank 0 of the owning stage
     shape: tuple[int, ...]
     dtype: torch.dtype
+    partition_dim: Optional[int]  # None: not split over TP (every TP rank holds the whole tensor)
+    local_shape: tuple[int, ...]  # one TP rank's shard
 
 
 class HFWeightStream:
     """Iterable of HF-named buckets on the sender; iterate (or ``drain``) on every rank of the actor job."""
 
     def __init__(self, model: torch.nn.Module, arch: DecoderArchitecture, bridge: ModelBridge, *,
-                 bucket_bytes: int, all_ranks: bool = False) -> None:
+                 bucket_bytes: int, all_ranks: bool = False, node_id: Optional[str] = None) -> None:
         from megatron.core import parallel_state
 
         if bucket_bytes < 1:
@@ -171,9 +181,15 @@ class HFWeightStream:
         self.all_ranks = all_ranks
         self.is_sender = all_ranks or self.rank == SENDER_RANK
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp_ranks = dist.get_process_group_ranks(self.pp_group)  # global ranks in stage order
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_ranks = dist.get_process_group_ranks(self.tp_group)  # global ranks in TP-rank order
+        # Which node each rank is on, to count the bytes that crossed nodes; exchanged with the owners.
+        self.node_id = node_id or socket.gethostname()
+        self._node_of_rank: list[str] = []
         # Only one data/context-parallel replica of each stage gathers; the others hold the same weights.
         self.is_gatherer = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
         self.stats = ReshardStats()
@@ -190,22 +206,25 @@ class HFWeightStream:
         return params
 
     def _exchange_owners(self, params: dict[str, torch.nn.Parameter]) -> dict[str, _Owner]:
-        """Every rank learns who sends each canonical tensor, with its full shape (collective on the world)."""
-        mine: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        """Every rank learns who sends each canonical tensor, with its full shape, and every rank's node
+        (collective on the world)."""
+        mine: dict[str, tuple] = {}
         if self.is_gatherer and self.tp_rank == 0:
             for name, param in params.items():
                 shape = list(param.shape)
-                if self.tp_size > 1 and getattr(param, "tensor_model_parallel", False):
-                    shape[param.partition_dim] *= self.tp_size
-                mine[name] = (tuple(shape), param.dtype)
+                partition_dim = param.partition_dim if _is_tp_split(param, self.tp_size) else None
+                if partition_dim is not None:
+                    shape[partition_dim] *= self.tp_size
+                mine[name] = (tuple(shape), param.dtype, partition_dim, tuple(param.shape))
         everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (self.rank, self.pp_rank, mine))
+        dist.all_gather_object(everyone, (self.rank, self.pp_rank, self.node_id, mine))
+        self._node_of_rank = [node for _, _, node, _ in everyone]
         owners: dict[str, _Owner] = {}
-        for rank, pp_rank, names in everyone:
-            for name, (shape, dtype) in names.items():
+        for rank, pp_rank, _, names in everyone:
+            for name, (shape, dtype, partition_dim, local_shape) in names.items():
                 if name in owners:
                     raise AssertionError(f"{name} is owned by ranks {owners[name].global_rank} and {rank}")
-                owners[name] = _Owner(pp_rank, rank, shape, dtype)
+                owners[name] = _Owner(pp_rank, rank, shape, dtype, partition_dim, local_shape)
         missing = [name for name in self.order if name not in owners]
         if missing:
             raise KeyError(f"canonical tensors no pipeline stage holds (model_type={self.arch.model_type!r}): {missing}")
@@ -213,27 +232,52 @@ class HFWeightStream:
 
     # ---- the stream -----------------------------------------------------------------------------
 
+    def _received(self, tensor: torch.Tensor, src: int, kind: str) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        self._received_bytes[kind] += nbytes
+        if self._node_of_rank[src] != self.node_id:
+            self._received_bytes["cross_node"] += nbytes
+
+    def _gather_tp(self, name: str, local: torch.Tensor, owner: _Owner) -> Optional[torch.Tensor]:
+        """The full canonical tensor on TP rank 0 (None on the others) from this TP group's shards."""
+        if owner.partition_dim is None:
+            return local if self.tp_rank == 0 else None
+        # gather, not all_gather: only TP rank 0 sends on, so the other ranks need no copy.
+        shards = [torch.empty_like(local) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
+        dist.gather(local.contiguous(), shards, group_dst=0, group=self.tp_group)
+        if shards is None:
+            return None
+        for peer in self.tp_ranks[1:]:
+            self._received(local, peer, "tp_gather")
+        return _join_tp_shards(name, shards, owner.partition_dim)
+
+    def _all_gather_tp(self, name: str, local: torch.Tensor, owner: _Owner) -> torch.Tensor:
+        """The full canonical tensor on every rank of this TP group."""
+        if owner.partition_dim is None:
+            return local
+        shards = [torch.empty_like(local) for _ in range(self.tp_size)]
+        dist.all_gather(shards, local.contiguous(), group=self.tp_group)
+        for peer in self.tp_ranks:
+            if peer != self.rank:
+                self._received(local, peer, "tp_gather")
+        return _join_tp_shards(name, shards, owner.partition_dim)
+
     def _canonical_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full canonical tensors in global order, on the sender; other ranks only do their part."""
+        """Full canonical tensors in global order, on the sender(s); other ranks only do their part."""
         params = self._local_params()
         if self._owners is None:
             self._owners = self._exchange_owners(params)
         device = next(iter(params.values())).device if params else torch.device("cpu")
         for name in self.order:
             owner = self._owners[name]
+            if self.all_ranks:
+                yield name, self._replica_local_tensor(name, params, owner, device)
+                continue
             full = None
             if self.is_gatherer and owner.pp_rank == self.pp_rank:
-                full = _gather_tp(name, params[name], self.tp_group, self.tp_size, self.tp_rank)
+                full = self._gather_tp(name, params[name].detach(), owner)
                 if full is not None and tuple(full.shape) != owner.shape:
                     raise AssertionError(f"{name}: gathered {tuple(full.shape)}, expected {owner.shape}")
-            if self.all_ranks:
-                if owner.global_rank == self.rank:
-                    full = full.contiguous()
-                else:
-                    full = torch.empty(owner.shape, dtype=owner.dtype, device=device)
-                dist.broadcast(full, src=owner.global_rank)
-                yield name, full
-                continue
             if owner.global_rank == self.rank:
                 if not self.is_sender:
                     dist.send(full.contiguous(), dst=SENDER_RANK)
@@ -241,8 +285,27 @@ class HFWeightStream:
             elif self.is_sender:
                 full = torch.empty(owner.shape, dtype=owner.dtype, device=device)
                 dist.recv(full, src=owner.global_rank)
+                self._received(full, owner.global_rank, "cross_stage")
             if self.is_sender:
                 yield name, full
+
+    def _replica_local_tensor(self, name: str, params: dict[str, torch.nn.Parameter], owner: _Owner,
+                              device: torch.device) -> torch.Tensor:
+        """The full tensor on this rank from its own replica (module docstring): the owning stage's shard over
+        the pipeline group when this stage lacks it, then the TP all-gather."""
+        if owner.pp_rank == self.pp_rank:
+            local = params[name].detach().contiguous()
+        else:
+            local = torch.empty(owner.local_shape, dtype=owner.dtype, device=device)
+        if len(self.pp_ranks) > 1:
+            src = self.pp_ranks[owner.pp_rank]
+            dist.broadcast(local, src=src, group=self.pp_group)
+            if src != self.rank:
+                self._received(local, src, "cross_stage")
+        full = self._all_gather_tp(name, local, owner)
+        if tuple(full.shape) != owner.shape:
+            raise AssertionError(f"{name}: assembled {tuple(full.shape)}, expected {owner.shape}")
+        return full
 
     def _buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         bucket: list[tuple[str, torch.Tensor]] = []
@@ -260,6 +323,7 @@ class HFWeightStream:
 
     def __iter__(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         stats = ReshardStats()
+        self._received_bytes = stats.received_bytes
         start = time.perf_counter()
         inside = 0.0
         buckets = self._buckets()

@@ -11,7 +11,8 @@ How::
     with RayActorGroup(cluster, placement, log_dir="runs/exp/logs") as group:
         group.initialize_parallel(parallel_config)          # RANK, WORLD_SIZE, MASTER_* + megatron groups
         group.setup("megatron_zero.actor.actor:MegatronActor", actor_config, loss_config, model_config, ckpt)
-        logps = group.run("compute_logprobs", batch)         # one result per rank, in rank order
+        group.run("onload")                                  # one result per rank, in rank order
+        logps = group.run("logprobs", plan.scatter(batch))   # a DP_SHARDED method: one shard / result per replica
         group.run_rank0("some_rank0_only_method")
 
 Workers: ``worker.RankWorker`` hosts whatever the ``"module:function"`` factory builds, so this module never
@@ -43,6 +44,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from megatron_zero.config.cluster import ClusterConfig
 from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.trainer.dispatch import Dispatch, RankLayout
 from megatron_zero.trainer.placement import ClusterPlacement
 from megatron_zero.trainer.worker import RankWorker, WorkerInfo, parse_factory_path, read_log_tail_on_node
 
@@ -75,6 +77,8 @@ class RayActorGroup:
         self._cluster = cluster
         self._placement = placement
         self._failure: Optional[str] = None
+        self._layouts: list[RankLayout] = []
+        self._modes: dict[str, Dispatch] = {}
         log_dir = Path(log_dir).resolve()
         share = COLOCATED_GPU_SHARE if cluster.colocate else 1.0
         remote_worker = ray.remote(RankWorker)
@@ -138,25 +142,65 @@ class RayActorGroup:
             )
             for rank, worker in enumerate(self._workers)
         ]
-        self._gather(refs, "init_distributed", self._cluster.startup_timeout_s)
+        self._layouts = self._gather(refs, "init_distributed", self._cluster.startup_timeout_s)
         return master_addr, master_port
+
+    @property
+    def layouts(self) -> list[RankLayout]:
+        """Each rank's place in megatron's parallel state (after ``initialize_parallel``), in rank order."""
+        if not self._layouts:
+            raise RuntimeError("the group's ranks have no parallel layout yet; call initialize_parallel first")
+        return list(self._layouts)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.layouts[0].dp_size
 
     def setup(self, factory_path: str, *args: Any, timeout_s: Optional[float] = None, **kwargs: Any) -> None:
         """Build each rank's hosted object: ``factory(*args, **kwargs)`` from ``"package.module:function"``."""
         parse_factory_path(factory_path)
         self._check_usable()
         args, kwargs = _put_once(args, kwargs)
-        self._gather([worker.setup.remote(factory_path, *args, **kwargs) for worker in self._workers],
-                     f"setup({factory_path})", self._call_timeout(timeout_s))
+        self._modes = self._gather([worker.setup.remote(factory_path, *args, **kwargs) for worker in self._workers],
+                                   f"setup({factory_path})", self._call_timeout(timeout_s))[0]
 
     # ----------------------------------------------------------------------- calls
 
     def run(self, method: str, *args: Any, timeout_s: Optional[float] = None, **kwargs: Any) -> list[Any]:
-        """Call ``method`` of every rank's hosted object with the same arguments; results in rank order."""
+        """Call ``method`` of every rank's hosted object, split as the method declares (``dispatch.py``).
+
+        ``ALL_RANKS``: the same arguments everywhere, results in rank order. ``DP_SHARDED``: ``args[0]`` holds one
+        shard per data-parallel replica; results are the replica leaders', in replica order.
+        """
         self._check_usable()
+        if self._modes.get(method, Dispatch.ALL_RANKS) is Dispatch.DP_SHARDED:
+            return self._run_sharded(method, args, kwargs, timeout_s)
         args, kwargs = _put_once(args, kwargs)
         return self._gather([worker.call.remote(method, *args, **kwargs) for worker in self._workers], method,
                             self._call_timeout(timeout_s))
+
+    def _run_sharded(self, method: str, args: tuple, kwargs: dict[str, Any], timeout_s: Optional[float]) -> list[Any]:
+        layouts = self.layouts
+        num_replicas = layouts[0].dp_size
+        if not args or not isinstance(args[0], (list, tuple)) or len(args[0]) != num_replicas:
+            raise ValueError(f"{method} splits its batch over data-parallel replicas: its first argument must be a "
+                             f"list of {num_replicas} shards (one per replica), got {type(args[0]).__name__ if args else 'nothing'}")
+        # Each shard into the object store once; a rank fetches only its replica's (a top-level ref argument is
+        # resolved on the worker that receives it).
+        shard_refs = [ray.put(shard) for shard in args[0]]
+        shared, kwargs = _put_once(args[1:], kwargs)
+        results = self._gather([worker.call.remote(method, shard_refs[layout.dp_rank], *shared, **kwargs)
+                                for worker, layout in zip(self._workers, layouts)], method,
+                               self._call_timeout(timeout_s))
+        leaders = {layout.dp_rank: layout.rank for layout in layouts if layout.is_replica_leader}
+        for layout, result in zip(layouts, results):
+            if (result is None) == layout.is_replica_leader:
+                self._failure = f"{method} broke its dispatch contract"
+                raise RayWorkerError(f"{method} (DP_SHARDED): rank {layout.rank} (replica {layout.dp_rank}, "
+                                     f"{'leader' if layout.is_replica_leader else 'not the leader'}) returned "
+                                     f"{'None' if result is None else 'a result'}; exactly each replica's leader "
+                                     "(TP, PP and CP rank 0) returns one")
+        return [results[leaders[replica]] for replica in range(num_replicas)]
 
     def run_rank0(self, method: str, *args: Any, timeout_s: Optional[float] = None, **kwargs: Any) -> Any:
         """Call ``method`` on rank 0 only; it must not enter a collective (the other ranks are not in it)."""

@@ -2,16 +2,18 @@
 
 Built by ``RayActorGroup.setup("megatron_zero.trainer.actor_worker:ActorWorker", ...)`` after the
 group has initialised torch.distributed and megatron's parallel state. Every method is called on
-all ranks at once (they run collectives); results that only one rank holds are returned by that
-rank and None by the others.
+all ranks at once (they run collectives). The batch methods are ``DP_SHARDED`` (``dispatch.py``): each
+data-parallel replica gets its own shard of the batch and its leader returns the replica's result; the
+others are ``ALL_RANKS``.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import ray
 import torch
 
 from megatron_zero.actor.actor import MegatronActor, ReferenceModel
@@ -22,6 +24,7 @@ from megatron_zero.config.model import ModelConfig
 from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.models.mcore_checkpoint import read_checkpoint_info
 from megatron_zero.parallel.reshard import HFWeightStream
+from megatron_zero.trainer.dispatch import Dispatch, RankLayout, register
 from megatron_zero.trainer.weight_push import BroadcastWeightPush, ColocatedWeightPush
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class ActorWorker:
         # The reference is only needed for the KL term; it stays frozen at the base weights.
         self.reference = ReferenceModel(mcore_dir, model, actor) if with_reference else None
         self.rank = torch.distributed.get_rank()
+        self.layout = RankLayout.current()
         # SGLang servers (engine_urls, in engine order) take weights from the ranks, not through the driver
         # (weight_push.py): colocated, every rank feeds the server rank on its GPU; disaggregated, rank 0
         # broadcasts to all of them (NCCL; gloo when the tensors are on CPU, as in the tests).
@@ -47,41 +51,63 @@ class ActorWorker:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             self.weight_push = BroadcastWeightPush(engine_urls, sglang, backend=backend)
 
-    def logprobs(self, batch: ActorBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        logp, entropy = self.actor.compute_logprobs(batch)
-        return (logp, entropy) if self.rank == 0 else None
+    def _replica_result(self, value):
+        """``value`` from the replica's leader, None from its other ranks (which hold the same)."""
+        return value if self.layout.is_replica_leader else None
 
-    def ref_logprobs(self, batch: ActorBatch) -> Optional[torch.Tensor]:
+    @register(Dispatch.DP_SHARDED)
+    def logprobs(self, shard: ActorBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Old-policy log-probs and entropies [rows, width] of this replica's rows."""
+        return self._replica_result(self.actor.compute_logprobs(shard))
+
+    @register(Dispatch.DP_SHARDED)
+    def ref_logprobs(self, shard: ActorBatch) -> Optional[torch.Tensor]:
         if self.reference is None:
             raise RuntimeError("ref_logprobs called but the worker was built without a reference model "
                                "(loss.kl_coef is 0)")
-        logp = self.reference.compute_logprobs(batch)
-        return logp if self.rank == 0 else None
+        return self._replica_result(self.reference.compute_logprobs(shard))
 
-    def train(self, batch: ActorBatch, max_response_length: int) -> Optional[dict[str, float]]:
-        metrics = self.actor.train_step(batch, max_response_length=max_response_length)
-        return metrics if self.rank == 0 else None
+    @register(Dispatch.DP_SHARDED)
+    def train(self, shard: ActorBatch, max_response_length: int) -> Optional[dict[str, float]]:
+        """One optimizer step on the mini-batch the replicas' shards make up together (DDP reduces the
+        gradients). The metrics are global (reduced over DP) but ``replica_model_tokens``: the token positions
+        this replica's model ran in this step, counted from its inputs."""
+        counted = self.actor.tokens.num_tokens
+        metrics = self.actor.train_step(shard, max_response_length=max_response_length)
+        metrics["replica_model_tokens"] = float(self.actor.tokens.num_tokens - counted)
+        return self._replica_result(metrics)
 
-    def weight_buckets(self, bucket_bytes: int) -> Optional[tuple[list[list[tuple[str, torch.Tensor]]], dict]]:
-        """The policy's weights as HF-named buckets, on rank 0 (copied: they leave this process)."""
-        stream = HFWeightStream(self.actor.model, self.info.arch, self.info.bridge, bucket_bytes=bucket_bytes)
-        if not stream.is_sender:
+    def model_tokens(self) -> dict[str, int]:
+        """Token positions this rank's policy and reference models have run since they were built."""
+        return {"policy": self.actor.tokens.num_tokens,
+                "reference": self.reference.tokens.num_tokens if self.reference is not None else 0}
+
+    def _weight_stream(self, bucket_bytes: int, all_ranks: bool = False) -> HFWeightStream:
+        return HFWeightStream(self.actor.model, self.info.arch, self.info.bridge, bucket_bytes=bucket_bytes,
+                              all_ranks=all_ranks, node_id=ray.get_runtime_context().get_node_id())
+
+    def weight_buckets(self, bucket_bytes: int) -> tuple[Optional[list[list[tuple[str, torch.Tensor]]]], dict]:
+        """The policy's weights as HF-named buckets on rank 0 (copied: they leave this process), None elsewhere;
+        and every rank's stats, with the bytes it received resharding."""
+        stream = self._weight_stream(bucket_bytes)
+        buckets = None
+        if stream.is_sender:
+            buckets = [[(name, tensor.detach().clone()) for name, tensor in bucket] for bucket in stream]
+        else:
             stream.drain()
-            return None
-        buckets = [[(name, tensor.detach().clone()) for name, tensor in bucket] for bucket in stream]
         stats = stream.stats
-        return buckets, {"reshard_seconds": stats.seconds, "bytes": stats.num_bytes, "buckets": stats.num_buckets}
+        return buckets, {"reshard_seconds": stats.seconds, "bytes": stats.num_bytes, "buckets": stats.num_buckets,
+                         "received_bytes": stats.received_bytes}
 
-    def push_weights(self, version: int, bucket_bytes: int) -> Optional[dict[str, float]]:
-        """Send the policy to the SGLang engines (every rank takes part); stats where an engine reported."""
+    def push_weights(self, version: int, bucket_bytes: int) -> dict[str, Any]:
+        """Send the policy to the SGLang engines (every rank takes part). Every rank returns the bytes it
+        received resharding; where an engine reported, also its sync's seconds and bytes."""
         if self.weight_push is None:
             raise RuntimeError("push_weights: this worker was built without SGLang engines (engine_urls)")
-        stream = HFWeightStream(self.actor.model, self.info.arch, self.info.bridge, bucket_bytes=bucket_bytes,
-                                all_ranks=isinstance(self.weight_push, ColocatedWeightPush))
+        stream = self._weight_stream(bucket_bytes, all_ranks=isinstance(self.weight_push, ColocatedWeightPush))
         stats = self.weight_push.push(stream, version)
-        if stats is None:
-            return None
-        return {"seconds": stats.seconds, "bytes": float(stats.num_bytes)}
+        engine = None if stats is None else {"seconds": stats.seconds, "bytes": float(stats.num_bytes)}
+        return {"engine": engine, "received_bytes": stream.stats.received_bytes}
 
     def offload(self) -> dict[str, int]:
         """Free the actor's device memory (weights, grads, optimizer state) for the colocated engine."""

@@ -20,9 +20,13 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 
 from megatron_zero.actor.advantages import compute_advantages
+from megatron_zero.actor.batching import ActorBatch
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.config.trainer import TrainConfig
 from megatron_zero.data.rollout_batch import RolloutBatch, RolloutSample
+from megatron_zero.models.registry import read_architecture
+from megatron_zero.parallel.data_parallel import ShardPlan, row_costs
+from megatron_zero.parallel.reshard import RECEIVED_KINDS
 from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, gather
 
 if TYPE_CHECKING:
@@ -67,6 +71,7 @@ class Trainer:
         self.output_dir = Path(config.run.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = _load_tokenizer(config.model_path)
+        self.arch = read_architecture(config.model_path)  # row costs for the data-parallel split
         self.sampler = _load_sampler(config, self.tokenizer)
         self.eval_problems = _load_eval(config, self.tokenizer)
         self.mcore_dir = config.mcore_path or _convert_base_model(config.model_path, self.output_dir / "base_mcore")
@@ -122,8 +127,8 @@ class Trainer:
         batch = rollout.to_actor_batch()
         memory = self.switch_to_training() if self.config.cluster.colocate else {}
         with _timed(timings, "old_logprobs", self.progress):
-            old_logp, entropy = self._on_all_ranks("logprobs", batch)
-            ref_logp = self._on_all_ranks("ref_logprobs", batch) if self.config.loss.kl_coef > 0 else None
+            old_logp, entropy = self.logprobs(batch)
+            ref_logp = self.ref_logprobs(batch) if self.config.loss.kl_coef > 0 else None
         health = self.check_health(batch, old_logp, ref_logp)
         advantages = compute_advantages(rollout.rewards(), rollout.group_ids(), batch.response_mask,
                                         self.config.advantage, rollout.truncated())
@@ -142,9 +147,20 @@ class Trainer:
 
     # ---- phases ----------------------------------------------------------------------------------
 
-    def _on_all_ranks(self, method: str, *args: Any) -> Any:
-        """Call a worker method on every Megatron rank (they run collectives); rank 0's result."""
-        return self.group.run(method, *args)[0]
+    def shard(self, batch: ActorBatch) -> ShardPlan:
+        """``batch``'s rows divided over the data-parallel replicas, balanced by forward FLOPs."""
+        return ShardPlan.balance(row_costs(batch.lengths, self.arch), self.group.data_parallel_size)
+
+    def logprobs(self, batch: ActorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Old-policy log-probs and entropies [B, S]: each replica computes its shard, rows put back in order."""
+        plan = self.shard(batch)
+        per_replica = self.group.run("logprobs", plan.scatter(batch))
+        return (plan.gather([logp for logp, _ in per_replica], like=batch.tokens),
+                plan.gather([entropy for _, entropy in per_replica], like=batch.tokens))
+
+    def ref_logprobs(self, batch: ActorBatch) -> torch.Tensor:
+        plan = self.shard(batch)
+        return plan.gather(self.group.run("ref_logprobs", plan.scatter(batch)), like=batch.tokens)
 
     def collect_rollout(self, timings: dict[str, float]) -> tuple[RolloutBatch, dict[str, int], dict[str, float]]:
         """Generate and grade one step's batch; with dynamic sampling, refill it with groups that teach something.
@@ -234,13 +250,25 @@ class Trainer:
                                         f"> {bounds.max_initial_kl:g}); they must start from the same checkpoint")
         return health
 
-    def train(self, batch, max_response_length: int) -> dict[str, float]:
+    def train(self, batch: ActorBatch, max_response_length: int) -> dict[str, float]:
+        """One optimizer step per PPO mini-batch, each mini-batch divided over the data-parallel replicas.
+
+        Metrics: the mini-batches' mean, but ``num_tokens`` (loss tokens of the whole batch, each counted once)
+        and ``dp_token_imbalance``: the most token positions one replica's model ran over the mean (1 = even).
+        """
         num_minibatches = self.config.run.num_minibatches
         rows = torch.randperm(batch.tokens.shape[0], generator=torch.Generator().manual_seed(self.step))
         per_step = []
+        replica_tokens = torch.zeros(self.group.data_parallel_size, dtype=torch.float64)
         for indices in rows.chunk(num_minibatches):
-            per_step.append(self._on_all_ranks("train", batch.select_rows(indices), max_response_length))
-        return {key: sum(m[key] for m in per_step) / len(per_step) for key in per_step[0]}
+            minibatch = batch.select_rows(indices)
+            per_replica = self.group.run("train", self.shard(minibatch).scatter(minibatch), max_response_length)
+            replica_tokens += torch.tensor([metrics.pop("replica_model_tokens") for metrics in per_replica])
+            per_step.append(per_replica[0])  # reduced over DP: every replica reports the same
+        metrics = {key: sum(m[key] for m in per_step) / len(per_step) for key in per_step[0]}
+        metrics["num_tokens"] = sum(m["num_tokens"] for m in per_step)
+        metrics["dp_token_imbalance"] = float(replica_tokens.max() / replica_tokens.mean())
+        return metrics
 
     def switch_to_training(self) -> dict[str, float]:
         """Colocated phase switch, in a fixed order: the engine frees its memory, then the actor takes it back."""
@@ -267,14 +295,19 @@ class Trainer:
             # Every rank pushes to the server on its GPU; each engine's first rank reports (weight_push.py).
             per_rank = self.group.run("push_weights", self.weight_version,
                                       self.config.rollout.sglang.weight_bucket_mb * 2**20)
-            leaders = [stats for stats in per_rank if stats is not None]
+            leaders = [stats["engine"] for stats in per_rank if stats["engine"] is not None]
             seconds, num_bytes = max(stats["seconds"] for stats in leaders), leaders[0]["bytes"]
         else:
-            buckets, stats = self._on_all_ranks("weight_buckets", self.config.run.weight_sync_bucket_mb * 2**20)
+            per_rank = self.group.run("weight_buckets", self.config.run.weight_sync_bucket_mb * 2**20)
+            buckets, stats = per_rank[0]
+            per_rank = [stats for _, stats in per_rank]
             self.engine.flush_cache()
             engine_stats = self.engine.sync_weights(buckets, version=self.weight_version)
             seconds, num_bytes = stats["reshard_seconds"] + engine_stats.seconds, stats["bytes"]
-        return {"weight_sync_seconds": seconds, "weight_sync_gb_per_s": num_bytes / 1e9 / max(seconds, 1e-9)}
+        # What the resharding moved between ranks, summed over them (cross_node: the part that left a node).
+        moved = {f"weight_sync_bytes_{kind}": float(sum(stats["received_bytes"][kind] for stats in per_rank))
+                 for kind in RECEIVED_KINDS}
+        return {"weight_sync_seconds": seconds, "weight_sync_gb_per_s": num_bytes / 1e9 / max(seconds, 1e-9), **moved}
 
     def sampling_params(self, seed: int) -> SamplingParams:
         rollout = self.config.rollout

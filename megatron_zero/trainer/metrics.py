@@ -50,6 +50,8 @@ def rollout_metrics(rollout: RolloutBatch) -> dict[str, Optional[float]]:
 class MetricsLogger:
     def __init__(self, output_dir: Path, config: TrainConfig) -> None:
         self.output_dir = output_dir
+        # Every GPU the run holds (the ranks' and, disaggregated, the engines'); CPU workers in CPU mode.
+        self.num_devices = config.cluster.num_workers + config.cluster.rollout_num_gpus
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         self._metrics = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._eval = open(output_dir / "eval.jsonl", "a", encoding="utf-8")
@@ -83,6 +85,10 @@ class MetricsLogger:
         record.update({f"seconds_{phase}": seconds for phase, seconds in timings.items()})
         num_tokens = sum(len(s.response_ids) for s in rollout.samples)
         record["generate_tokens_per_s"] = num_tokens / max(timings.get("generate", 0.0), 1e-9)
+        # Throughput as peers publish it: prompt + response tokens of the step, each once, per second of the whole
+        # step and per GPU.
+        step_tokens = num_tokens + sum(len(s.prompt_ids) for s in rollout.samples)
+        record["tokens_per_s_per_gpu"] = step_tokens / max(sum(timings.values()), 1e-9) / self.num_devices
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         with open(self.output_dir / "samples" / f"step_{step}.jsonl", "w", encoding="utf-8") as f:

@@ -158,9 +158,10 @@ def _assigned_gpu_ids() -> list[int]:
 
 
 def order_bundles(bundles: list[Bundle]) -> tuple[Bundle, ...]:
-    """Rank order: node IP (numerically), then GPU id on the node, then bundle index."""
-    return tuple(sorted(bundles, key=lambda b: (_ip_sort_key(b.node_ip), -1 if b.gpu_id is None else b.gpu_id,
-                                                b.index)))
+    """Rank order: node IP (numerically), then node id (nodes that share an IP, e.g. several Ray nodes on one
+    machine, keep their ranks contiguous), then GPU id on the node, then bundle index."""
+    return tuple(sorted(bundles, key=lambda b: (_ip_sort_key(b.node_ip), b.node_id,
+                                                -1 if b.gpu_id is None else b.gpu_id, b.index)))
 
 
 def create_placement(cluster: ClusterConfig) -> ClusterPlacement:

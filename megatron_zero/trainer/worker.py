@@ -7,7 +7,8 @@ Each worker writes its log records to ``<log_dir>/rank_<r>.log`` so that when a 
 show its last lines (``read_log_tail``).
 
 How: not used directly; ``RayActorGroup`` wraps ``RankWorker`` with ``ray.remote`` and calls, in order,
-``info``, ``free_port`` (rank 0), ``init_distributed``, ``setup(factory_path, ...)``, then ``call(method, ...)``.
+``info``, ``free_port`` (rank 0), ``init_distributed`` (returns the rank's ``RankLayout``), ``setup(factory_path,
+...)`` (returns the hosted methods' dispatch modes), then ``call(method, ...)``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.trainer.dispatch import Dispatch, RankLayout, dispatch_modes
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ class RankWorker:
         return free_port()
 
     def init_distributed(self, rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int,
-                         parallel: ParallelConfig) -> None:
+                         parallel: ParallelConfig) -> "RankLayout":
         # Imported here, not at module level: torch takes seconds to import on a small machine, and workers
         # hosting objects that never join torch.distributed (light helpers, the tests' probes) do not need it.
         from megatron_zero.parallel.init import DistributedEnv, initialize_parallel
@@ -149,14 +151,17 @@ class RankWorker:
         logger.info("rank %d: joining torch.distributed at %s:%d (world size %d, local rank %d)",
                     env.rank, env.master_addr, env.master_port, env.world_size, env.local_rank)
         initialize_parallel(parallel, env)
+        return RankLayout.current()
 
-    def setup(self, factory_path: str, *args: Any, **kwargs: Any) -> None:
+    def setup(self, factory_path: str, *args: Any, **kwargs: Any) -> dict[str, Dispatch]:
+        """Build the hosted object; returns how its methods split batches over DP replicas (``dispatch.py``)."""
         logger.info("rank %d: building %s", self._rank, factory_path)
         try:
             self._hosted = load_factory(factory_path)(*args, **kwargs)
         except BaseException:
             logger.exception("rank %d: building %s failed", self._rank, factory_path)
             raise
+        return dispatch_modes(self._hosted)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._hosted is None:

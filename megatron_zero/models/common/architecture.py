@@ -56,6 +56,28 @@ class DecoderArchitecture:
         """Megatron pads the vocabulary so every TP rank holds an equal slice; HF has no padding."""
         return -(-self.vocab_size // multiple) * multiple
 
+    def forward_flops(self, seq_length: int) -> float:
+        """Floating-point operations of one forward pass over a causal sequence of ``seq_length`` tokens.
+
+        Matrix multiplies only (2 FLOPs per multiply-add): per layer the QKV, output, and gated-MLP projections
+        for every token, plus scores and weighted values (QK^T, AV) for every attended (query, key) pair, which
+        grows with the square of the length (capped by a sliding window); and the output layer. Used to balance
+        data-parallel shards by cost (``parallel/data_parallel.py``), where a row's tokens alone would
+        undercount long responses.
+        """
+        q_width = self.num_attention_heads * self.head_dim
+        kv_width = self.num_query_groups * self.head_dim
+        per_token = 2 * self.hidden_size * (q_width + 2 * kv_width) + 2 * q_width * self.hidden_size \
+            + 2 * 3 * self.hidden_size * self.ffn_hidden_size
+        n = seq_length
+        window = self.sliding_window
+        if window is None or window >= n:
+            attended_pairs = n * (n + 1) / 2
+        else:  # the first `window` queries see all earlier keys, the rest exactly `window`
+            attended_pairs = window * (window + 1) / 2 + (n - window) * window
+        attention = 2 * 2 * q_width * attended_pairs
+        return float(self.num_layers * (n * per_token + attention) + n * 2 * self.hidden_size * self.vocab_size)
+
     def check_parallel_sizes(self, tensor_parallel_size: int, pipeline_parallel_size: int, vocab_multiple: int) -> None:
         tp, pp = tensor_parallel_size, pipeline_parallel_size
         if self.num_attention_heads % tp:
