@@ -81,15 +81,26 @@ def uninterrupted(tmp_path_factory, base_mcore, train_file):
     return out
 
 
+def _response_tokens(output_dir, step: int) -> int:
+    """The step's real response tokens, from its samples file (each sample once)."""
+    return sum(json.loads(line)["num_tokens"]
+               for line in (output_dir / "samples" / f"step_{step}.jsonl").read_text().splitlines())
+
+
 def test_run_logs_every_step_with_a_tight_logprob_gap(uninterrupted):
     records = _metrics(uninterrupted)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for record in records:
         assert record["num_samples"] == 32
+        # TP=2 on two ranks: one data-parallel replica; the loss saw every response token once.
+        assert record["num_tokens"] == _response_tokens(uninterrupted, record["step"])
+        assert record["dp_token_imbalance"] == 1.0
         # Engine and actor compute the same float32 model in different code: rounding only.
         assert record["logprob_gap_max"] < 1e-4
         assert 0.0 <= record["accuracy"] <= 1.0
         assert sum(v for k, v in record.items() if k.startswith("grader_")) == 32
+    raw = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert all(record["tokens_per_s_per_gpu"] > 0 for record in raw)
     # Groups with mixed rewards give a gradient (all-equal groups give none, by construction of GRPO).
     assert any(record["grad_norm"] > 0 for record in records)
     assert (uninterrupted / "samples" / "step_4.jsonl").is_file()
@@ -111,7 +122,8 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_metrics(tmp_path, base
 
 
 def test_resume_at_another_parallel_layout(tmp_path, base_mcore, uninterrupted, train_file):
-    """The TP=2 run's step-2 checkpoint resumed at TP=1 x DP=2: steps 3-4 continue the same run."""
+    """The TP=2 run's step-2 checkpoint resumed at TP=1 x DP=2 (each replica trains its half of every
+    mini-batch): steps 3-4 continue the same run."""
     out = tmp_path / "relayout"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(uninterrupted / "checkpoints" / "step_000002", out / "checkpoints" / "step_000002")
@@ -126,6 +138,11 @@ def test_resume_at_another_parallel_layout(tmp_path, base_mcore, uninterrupted, 
             assert ours[name] == theirs[name], (ours["step"], name)
         for name in ("loss", "pg_loss", "entropy", "grad_norm", "lr"):
             assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-7), (ours["step"], name)
+        # Two replicas split each mini-batch (16 rows) by cost: the loss still counts each response token once,
+        # and neither replica's model ran much more than half the token positions (longest-first balancing ends
+        # within one row of the mean).
+        assert ours["num_tokens"] == _response_tokens(out, ours["step"])
+        assert 1.0 <= ours["dp_token_imbalance"] < 1.3
 
 
 def test_incomplete_checkpoint_is_not_resumed(tmp_path, base_mcore, uninterrupted):

@@ -23,6 +23,7 @@ BASE = ["cluster.cpu_workers_per_node=2", "actor.max_tokens_per_microbatch=4096"
     (["run.nope=1"], r"Key 'nope' not in 'RunConfig'"),
     (["run.num_steps=many"], r"could not be converted to Integer"),
     (["health.max_logprob_gap_mean=0"], r"health.max_logprob_gap_mean=0.0 must be > 0"),
+    (["parallel.context_parallel_size=2"], r"parallel.context_parallel_size=2 is not supported yet"),
 ])
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -85,6 +86,11 @@ def test_file_checks_run_before_workers(tmp_path):
     config = load_config(None, [f"model_path={model}", "cluster.cpu_workers_per_node=4", "actor.max_tokens_per_microbatch=4096",
                                 "rollout.max_new_tokens=64", "parallel.tensor_parallel_size=4"])
     with pytest.raises(ValueError, match="tensor_parallel_size=4 must divide num_key_value_heads=2"):
+        config.check_inputs()
+    # Expert parallelism needs experts; every supported family is dense.
+    config = load_config(None, [f"model_path={model}", *BASE, "parallel.expert_parallel_size=2"])
+    with pytest.raises(ValueError, match=r"parallel.expert_parallel_size=2 needs a mixture-of-experts model, but "
+                                         r"model_type='qwen2' .* is dense; set it to 1"):
         config.check_inputs()
 
 
