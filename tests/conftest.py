@@ -61,3 +61,18 @@ def base_mcore(tmp_path_factory):
     out = tmp_path_factory.mktemp("base") / "mcore"
     run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(BASE_MODEL_PATH), str(out)))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    """A tiny random Qwen2 (tied embeddings: at PP=2 the embedding and output layer sit on different stages) as
+    (HF directory, its Megatron conversion), made once per session; tests only read it."""
+    from megatron_zero.config.parallel import ParallelConfig
+    from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore
+    from megatron_zero.models.tiny import save_tiny_model
+    from megatron_zero.parallel.local_launch import run_local_workers
+
+    root = tmp_path_factory.mktemp("tiny_qwen2")
+    hf_dir = save_tiny_model("qwen2", root / "hf")
+    run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(hf_dir), str(root / "mcore")))
+    return str(hf_dir), str(root / "mcore")

@@ -96,24 +96,11 @@ def _run(mcore_dir: str, tp: int, pp: int, max_tokens: int, train: bool, pack: b
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore
-    from megatron_zero.models.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("actor")
-    # Tied embeddings: at PP=2 the embedding and output layer live on different stages and their gradients
-    # must be summed, which the training comparison checks.
-    hf_dir = save_tiny_model("qwen2", root / "hf")
-    run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(hf_dir), str(root / "mcore")))
-    return hf_dir, str(root / "mcore")
-
-
-@pytest.fixture(scope="module")
-def hf_reference(checkpoint):
+def hf_reference(tiny_qwen2):
     """HF transformers log-probs and entropy of make_batch() at TEMPERATURE, float64, zero outside the response."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint[0]), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2[0]), dtype=torch.float32).eval()
     batch = make_batch()
     attention_mask = (torch.arange(SEQ_LENGTH).unsqueeze(0) < batch.lengths.unsqueeze(1)).long()
     with torch.no_grad():
@@ -127,11 +114,11 @@ def hf_reference(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def trained(checkpoint):
+def trained(tiny_qwen2):
     # Rows of 9, 14, 6 and 12 tokens. TP=1, padded rows, budget 32: microbatches {14, 12} and {9, 6}.
     # TP=2 x PP=2, packed, budget 21: rows {14, 6} and {12, 9}. The two must train identically.
-    return {(1, 1): _run(checkpoint[1], 1, 1, 32, train=True, pack=False),
-            (2, 2): _run(checkpoint[1], 2, 2, 21, train=True, pack=True)}
+    return {(1, 1): _run(tiny_qwen2[1], 1, 1, 32, train=True, pack=False),
+            (2, 2): _run(tiny_qwen2[1], 2, 2, 21, train=True, pack=True)}
 
 
 def _assert_matches_hf(result: dict, hf_reference) -> None:
@@ -152,9 +139,9 @@ def test_logprobs_match_hf_trained_layouts(trained, hf_reference, layout):
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
-def test_logprobs_match_hf(checkpoint, hf_reference, tp, pp):
+def test_logprobs_match_hf(tiny_qwen2, hf_reference, tp, pp):
     # Packed, budget 20: rows {14, 6}, {12}, {9}.
-    _assert_matches_hf(_run(checkpoint[1], tp, pp, 20, train=False), hf_reference)
+    _assert_matches_hf(_run(tiny_qwen2[1], tp, pp, 20, train=False), hf_reference)
 
 
 def test_optimizer_step_is_layout_packing_and_microbatch_independent(trained):
@@ -168,9 +155,9 @@ def test_optimizer_step_is_layout_packing_and_microbatch_independent(trained):
             assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
 
 
-def test_activation_recomputation_trains_identically(checkpoint, trained):
+def test_activation_recomputation_trains_identically(tiny_qwen2, trained):
     # megatron-core's full recomputation reruns each layer's forward in backward: same gradients, less memory.
-    recomputed = _run(checkpoint[1], 1, 1, 64, train=True, pack=True,
+    recomputed = _run(tiny_qwen2[1], 1, 1, 64, train=True, pack=True,
                       model_fields=dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1))
     assert recomputed["recompute"] == "full" and trained[(1, 1)]["recompute"] is None
     assert (recomputed["logp_after_step"] - trained[(1, 1)]["logp_after_step"]).abs().max() < 1e-5

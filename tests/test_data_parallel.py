@@ -79,27 +79,16 @@ def _dp_job(mcore_dir: str, hf_dir: str, sabotage: str) -> dict:
             "train_tokens": train_tokens, "metrics": metrics, "logp_after": actor.compute_logprobs(batch)[0]}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore
-    from megatron_zero.models.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("dp")
-    hf_dir = save_tiny_model("qwen2", root / "hf")
-    run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(hf_dir), str(root / "mcore")))
-    return str(hf_dir), str(root / "mcore")
-
-
-def _run(checkpoint, tp: int, world_size: int, sabotage: str = "none") -> list[dict]:
-    hf_dir, mcore_dir = checkpoint
+def _run(tiny_qwen2, tp: int, world_size: int, sabotage: str = "none") -> list[dict]:
+    hf_dir, mcore_dir = tiny_qwen2
     return run_local_workers(_dp_job, ParallelConfig(tensor_parallel_size=tp), world_size=world_size,
                              args=(mcore_dir, hf_dir, sabotage))
 
 
 @pytest.fixture(scope="module")
-def runs(checkpoint):
-    return {"dp1": _run(checkpoint, tp=1, world_size=1), "tp1dp2": _run(checkpoint, tp=1, world_size=2),
-            "tp2dp2": _run(checkpoint, tp=2, world_size=4)}
+def runs(tiny_qwen2):
+    return {"dp1": _run(tiny_qwen2, tp=1, world_size=1), "tp1dp2": _run(tiny_qwen2, tp=1, world_size=2),
+            "tp2dp2": _run(tiny_qwen2, tp=2, world_size=4)}
 
 
 def _update_gap(ranks: list[dict], reference: list[dict]) -> float:
@@ -144,8 +133,8 @@ def test_shard_logprobs_put_back_in_row_order_equal_dp1(runs, layout):
 
 
 @pytest.mark.parametrize("sabotage", ["skip", "swap"])
-def test_a_replica_that_skips_or_trades_its_shard_misses_the_dp1_update(checkpoint, runs, sabotage):
-    assert _update_gap(_run(checkpoint, tp=1, world_size=2, sabotage=sabotage), runs["dp1"]) > 10 * UPDATE_TOLERANCE
+def test_a_replica_that_skips_or_trades_its_shard_misses_the_dp1_update(tiny_qwen2, runs, sabotage):
+    assert _update_gap(_run(tiny_qwen2, tp=1, world_size=2, sabotage=sabotage), runs["dp1"]) > 10 * UPDATE_TOLERANCE
 
 
 # --------------------------------------------------------------------------- the plan itself (no processes)

@@ -359,6 +359,25 @@ def test_seed_needs_deterministic_server(fake):
     assert not set(seeds_sent(4, [[1]] * 4, stream=False)) & set(seeds)  # the next step's are new
 
 
+def test_seeds_are_sent_only_to_engines_that_honour_them(fake):
+    """Training and evaluation ask for seeds through request_seed: a server without deterministic inference (the
+    examples' default, and SGLang's fast sampler) gets requests without one instead of a refused first rollout."""
+    from transformers import AutoTokenizer
+
+    from megatron_zero.demo import BASE_MODEL_PATH
+    from megatron_zero.evaluation.generation import EngineGenerator
+    from megatron_zero.rollout.engine import request_seed
+    from megatron_zero.rollout.sglang_servers import EngineRouter
+
+    fast, deterministic = make_engine(fake), make_engine(fake, enable_deterministic_inference=True)
+    assert [request_seed(e, 7) for e in (fast, deterministic, EngineRouter([deterministic]))] == [None, 7, 7]
+    assert request_seed(EngineRouter([deterministic, fast]), 7) is None  # every engine of a router must honour it
+    generate = EngineGenerator(EngineRouter([fast]), AutoTokenizer.from_pretrained(str(BASE_MODEL_PATH)))
+    assert len(generate(["Q: 1+1=? A:"], n=2, temperature=1.0, top_p=1.0, max_new_tokens=2, seed=5)[0]) == 2
+    sent = [sampling for path, body in fake.requests if path == "/generate" for sampling in body["sampling_params"]]
+    assert len(sent) == 2 and not any("sampling_seed" in sampling for sampling in sent)
+
+
 # --- memory, cache, health ---------------------------------------------------------------------------
 
 

@@ -111,6 +111,24 @@ def test_shipped_example_configs_validate():
         assert config.run.num_steps >= 1, path
 
 
+def test_logprob_gap_bounds_follow_the_precision_of_engine_and_actor():
+    from pathlib import Path
+
+    from megatron_zero.config.trainer import LOGPROB_GAP_BOUNDS
+    from megatron_zero.trainer.demo import demo_config
+
+    demo = demo_config("/tmp/unused", 1, [])
+    assert demo.logprob_precision == "fp32" and demo.logprob_gap_bounds == LOGPROB_GAP_BOUNDS["fp32"] == (1e-3, 5e-2)
+    example = load_config(str(Path(__file__).resolve().parents[1] / "examples/configs/qwen2.5-7b-zero.yaml"), [])
+    assert example.logprob_precision == "16bit" and example.logprob_gap_bounds == (0.1, 2.0)
+    # Either side in 16 bits is enough: a float32 actor against a bf16 torch engine.
+    assert load_config(None, ["model_path=/m", *BASE, "model.params_dtype=float32",
+                              "rollout.torch.dtype=bfloat16"]).logprob_precision == "16bit"
+    # A bound set by hand wins over the default, each on its own.
+    tuned = load_config(None, ["model_path=/m", *BASE, "health.max_logprob_gap_max=0.5"])
+    assert tuned.logprob_gap_bounds == (0.1, 0.5)
+
+
 def test_train_help_lists_every_field_with_its_default():
     import dataclasses
 

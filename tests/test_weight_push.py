@@ -51,17 +51,6 @@ def _push_job(mcore_dir: str, hf_dir: str, urls: list[str], tp_size: int):
     return push.push(stream, version=3)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore
-    from megatron_zero.models.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("push")
-    hf_dir = save_tiny_model("qwen2", root / "hf")  # tied embeddings: sent once, from the first stage
-    run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(hf_dir), str(root / "mcore")))
-    return str(hf_dir), str(root / "mcore")
-
-
 def _hf_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -93,8 +82,8 @@ def _check_engine(fake: FakeSGLang, leader: int, tp_size: int, expected: dict[st
     (ParallelConfig(tensor_parallel_size=2), 1),    # one engine with tp 2: rank 0 gathers both payloads
     (ParallelConfig(pipeline_parallel_size=2), 2),  # two engines with tp 1: stage 1 broadcasts its layers
 ])
-def test_every_rank_feeds_its_server_rank(checkpoint, fakes, parallel, num_engines):
-    hf_dir, mcore_dir = checkpoint
+def test_every_rank_feeds_its_server_rank(tiny_qwen2, fakes, parallel, num_engines):
+    hf_dir, mcore_dir = tiny_qwen2
     tp_size = 2 // num_engines
     urls = [f"http://127.0.0.1:{fake.port}" for fake in fakes[:num_engines]]
     per_rank = run_local_workers(_push_job, parallel, args=(mcore_dir, hf_dir, urls, tp_size))
@@ -107,8 +96,8 @@ def test_every_rank_feeds_its_server_rank(checkpoint, fakes, parallel, num_engin
     assert [stats is None for stats in per_rank] == [rank % tp_size != 0 for rank in range(2)]
 
 
-def test_push_refuses_a_layout_without_one_server_rank_per_rank(checkpoint, fakes):
-    hf_dir, mcore_dir = checkpoint
+def test_push_refuses_a_layout_without_one_server_rank_per_rank(tiny_qwen2, fakes):
+    hf_dir, mcore_dir = tiny_qwen2
     with pytest.raises(Exception, match=r"1 engines x sglang.tp_size=1 GPUs != 2 Megatron ranks"):
         run_local_workers(_push_job, ParallelConfig(tensor_parallel_size=2),
                           args=(mcore_dir, hf_dir, [f"http://127.0.0.1:{fakes[0].port}"], 1))
@@ -154,12 +143,12 @@ def stand_ins(tmp_path_factory):
 
 
 @pytest.mark.parametrize("parallel", [ParallelConfig(tensor_parallel_size=2), ParallelConfig(pipeline_parallel_size=2)])
-def test_rank_zero_broadcasts_to_every_engine(checkpoint, stand_ins, parallel):
+def test_rank_zero_broadcasts_to_every_engine(tiny_qwen2, stand_ins, parallel):
     from megatron_zero.config.sglang import SGLangConfig
     from megatron_zero.rollout.sglang_engine import SGLangEngine
     from test_sglang_cpu_server import float64_logprobs
 
-    hf_dir, mcore_dir = checkpoint
+    hf_dir, mcore_dir = tiny_qwen2
     server_model_dir, urls = stand_ins
     prompt, response = [5, 17, 3, 99], [42, 7, 250, 1, 64]
 

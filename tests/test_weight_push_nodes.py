@@ -66,20 +66,8 @@ def two_nodes():
     cluster.shutdown()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore
-    from megatron_zero.models.tiny import save_tiny_model
-    from megatron_zero.parallel.local_launch import run_local_workers
-
-    root = tmp_path_factory.mktemp("nodes")
-    hf_dir = save_tiny_model("qwen2", root / "hf")
-    run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(hf_dir), str(root / "mcore")))
-    return str(hf_dir), str(root / "mcore")
-
-
-def _push(two_nodes, checkpoint, fakes, parallel: ParallelConfig, tmp_path) -> list[dict]:
-    hf_dir, mcore_dir = checkpoint
+def _push(two_nodes, tiny_qwen2, fakes, parallel: ParallelConfig, tmp_path) -> list[dict]:
+    hf_dir, mcore_dir = tiny_qwen2
     placement = create_placement(TWO_NODES)
     try:
         with RayActorGroup(TWO_NODES, placement, tmp_path / "logs") as group:
@@ -100,22 +88,22 @@ def _push(two_nodes, checkpoint, fakes, parallel: ParallelConfig, tmp_path) -> l
     return per_rank
 
 
-def test_tp2_push_moves_nothing_between_nodes(two_nodes, checkpoint, fakes, tmp_path):
+def test_tp2_push_moves_nothing_between_nodes(two_nodes, tiny_qwen2, fakes, tmp_path):
     # TP=2 x DP=2: each replica is one node's TP group and holds the whole model.
-    per_rank = _push(two_nodes, checkpoint, fakes, ParallelConfig(tensor_parallel_size=2, timeout_s=120.0), tmp_path)
+    per_rank = _push(two_nodes, tiny_qwen2, fakes, ParallelConfig(tensor_parallel_size=2, timeout_s=120.0), tmp_path)
     for rank in per_rank:
         assert rank["received"]["tp_gather"] > 0
         assert rank["received"]["cross_stage"] == 0 and rank["received"]["cross_node"] == 0
 
 
-def test_pp2_stages_exchange_only_what_they_lack(two_nodes, checkpoint, fakes, tmp_path):
+def test_pp2_stages_exchange_only_what_they_lack(two_nodes, tiny_qwen2, fakes, tmp_path):
     # PP=2 (x DP=2 at TP=1): stage 0 on one node, stage 1 on the other, so every cross-stage byte crosses nodes;
     # TP gathers stay on their node.
     cross_stage = {}
     for tp in (1, 2):
         for fake in fakes:
             fake.requests.clear()  # each push is checked on its own requests
-        per_rank = _push(two_nodes, checkpoint, fakes, ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=2,
+        per_rank = _push(two_nodes, tiny_qwen2, fakes, ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=2,
                                                                        timeout_s=120.0), tmp_path / f"tp{tp}")
         for rank in per_rank:
             received = rank["received"]

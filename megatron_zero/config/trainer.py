@@ -23,21 +23,33 @@ from megatron_zero.config.rollout import RolloutConfig
 from megatron_zero.config.sglang import SGLangConfig
 
 
+# Default engine-vs-actor log-prob gap bounds (mean, max over the step's response tokens, in nats) by the
+# precision of the pair; docs/sglang.md gives the reasoning. "fp32": both sides compute in float32 (measured on
+# the CPU runs: max 1e-5 - 5e-5, so 1e-3 / 5e-2 leave 20x-1000x room while a stale sync at the demo's learning rate
+# shows up at 1e-2 and above). "16bit": either side in bf16/fp16 or FP8 GEMMs; published healthy bf16 runs report a
+# mean |gap| of 0.011-0.036 (slime + SGLang, Qwen3-4B, 30 steps) and 0.041 / max 0.10 (Megatron vs SGLang,
+# bf16), so the mean bound is 0.1 and the max 2 nats (a token e^2 ~ 7x more or less likely than the actor says).
+LOGPROB_GAP_BOUNDS = {"fp32": (1e-3, 5e-2), "16bit": (0.1, 2.0)}
+_FP32_DTYPES = ("float32", "float", "float64")
+
+
 @dataclass(kw_only=True, frozen=True)
 class HealthConfig:
     """Bounds whose violation stops the run with a clear error (where RL trainers go silently wrong)."""
 
     # Engine vs actor per-token log-probs of the sampled responses (same weights, same temperature):
-    # above this the weight sync is stale or broken.
-    max_logprob_gap_mean: float = 1e-3
-    max_logprob_gap_max: float = 5e-2
+    # above this the weight sync is stale or broken. None: the default for the run's precision
+    # (LOGPROB_GAP_BOUNDS, TrainConfig.logprob_gap_bounds).
+    max_logprob_gap_mean: Optional[float] = None
+    max_logprob_gap_max: Optional[float] = None
     # Policy vs reference KL at step 0 (both start from the same checkpoint).
     max_initial_kl: float = 1e-6
 
     def __post_init__(self) -> None:
         for name in ("max_logprob_gap_mean", "max_logprob_gap_max", "max_initial_kl"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"health.{name}={getattr(self, name)} must be > 0")
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"health.{name}={value} must be > 0")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -121,6 +133,20 @@ class TrainConfig:
         if self.rollout.max_new_tokens * 1 > self.actor.max_tokens_per_microbatch:
             raise ValueError(f"actor.max_tokens_per_microbatch={self.actor.max_tokens_per_microbatch} is smaller than "
                              f"one response of rollout.max_new_tokens={self.rollout.max_new_tokens}; raise it")
+
+    @property
+    def logprob_precision(self) -> str:
+        """``LOGPROB_GAP_BOUNDS`` key of the engine/actor pair: "fp32" only when both compute in float32."""
+        engine_dtype = self.rollout.torch.dtype if self.rollout.engine == "torch" else self.rollout.sglang.dtype
+        both_fp32 = self.model.params_dtype in _FP32_DTYPES and engine_dtype in _FP32_DTYPES and self.model.fp8 is None
+        return "fp32" if both_fp32 else "16bit"
+
+    @property
+    def logprob_gap_bounds(self) -> tuple[float, float]:
+        """(mean, max) engine-vs-actor gap bounds: health.* where set, else the precision's defaults."""
+        mean, largest = LOGPROB_GAP_BOUNDS[self.logprob_precision]
+        return (mean if self.health.max_logprob_gap_mean is None else self.health.max_logprob_gap_mean,
+                largest if self.health.max_logprob_gap_max is None else self.health.max_logprob_gap_max)
 
     def _check_sglang(self, sglang: SGLangConfig) -> None:
         if sglang.launch:

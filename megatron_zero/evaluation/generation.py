@@ -56,13 +56,13 @@ class EngineGenerator:
 
     def __call__(self, prompts: list[str], *, n: int, temperature: float, top_p: float, max_new_tokens: int,
                  seed: int) -> list[list[GeneratedText]]:
-        from megatron_zero.rollout.engine import SamplingParams
+        from megatron_zero.rollout.engine import SamplingParams, request_seed
 
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         eos = self.tokenizer.eos_token_id
         params = SamplingParams(temperature=temperature, top_p=1.0 if temperature == 0 else top_p,
                                 max_new_tokens=max_new_tokens, stop_token_ids=(eos,) if eos is not None else (),
-                                seed=seed)
+                                seed=request_seed(self.engine, seed))
         outputs = self.engine.generate([p for p in ids for _ in range(n)], params)
         texts = [GeneratedText(text=o.text, num_tokens=len(o.token_ids), finish_reason=o.finish_reason) for o in outputs]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]

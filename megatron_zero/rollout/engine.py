@@ -94,6 +94,13 @@ def gather(stream: Iterable[tuple[int, Generation]], num_prompts: int) -> list[G
 class RolloutEngine(abc.ABC):
     """Base class of rollout engines; see the module docstring for the contract."""
 
+    @property
+    def honours_seeds(self) -> bool:
+        """Whether a seeded request (``SamplingParams.seed``) gives reproducible tokens here. Callers send a seed
+        only then (``request_seed``): an engine that cannot honour one refuses it rather than ignore it. This
+        default suits engines that always can (the torch engine)."""
+        return True
+
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         """One response per prompt (repeat a prompt n times for n samples), in prompt order."""
@@ -161,3 +168,9 @@ class RolloutEngine(abc.ABC):
         for bucket in buckets:
             self.update_weights(bucket)
         return self.finish_weight_update()
+
+
+def request_seed(engine: RolloutEngine, seed: int) -> Optional[int]:
+    """``seed`` where ``engine`` honours seeds, else None: reproducible sampling is a property of the engine
+    (SGLang needs ``--enable-deterministic-inference`` and its slower sampler), not something to insist on."""
+    return seed if engine.honours_seeds else None

@@ -262,6 +262,11 @@ class SGLangEngine(RolloutEngine):
 
     # -- serving ---------------------------------------------------------------------------------------
 
+    @property
+    def honours_seeds(self) -> bool:
+        # SGLang reads sampling_seed only in deterministic mode (sglang.enable_deterministic_inference).
+        return self.config.enable_deterministic_inference
+
     def wait_until_ready(self) -> None:
         """Poll /health_generate until the server serves, at most ``config.startup_timeout_s``."""
         deadline = time.monotonic() + self.config.startup_timeout_s

@@ -495,6 +495,10 @@ class EngineRouter(RolloutEngine):
         assert all(stats.names == per_engine[0].names for stats in per_engine), "engines got different tensors"
         return dataclasses.replace(per_engine[0], seconds=time.perf_counter() - self._sync_start)
 
+    @property
+    def honours_seeds(self) -> bool:
+        return all(engine.honours_seeds for engine in self.engines)
+
     def release_memory(self) -> None:
         self._on_all("release_memory")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -27,7 +28,7 @@ from megatron_zero.data.rollout_batch import RolloutBatch, RolloutSample
 from megatron_zero.models.registry import read_architecture
 from megatron_zero.parallel.data_parallel import ShardPlan, row_costs
 from megatron_zero.parallel.reshard import RECEIVED_KINDS
-from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, gather
+from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, gather, request_seed
 
 if TYPE_CHECKING:
     from megatron_zero.rewards import BatchGrades, GradingSession
@@ -40,10 +41,13 @@ class HealthCheckFailed(RuntimeError):
 
 
 def logprob_gap(batch, old_logp: torch.Tensor) -> dict[str, float]:
-    """Engine vs actor log-probs over the response tokens (same weights and temperature: ~0)."""
+    """Engine vs actor log-probs over the response tokens (same weights and temperature: ~0): mean, 99th
+    percentile and max of |diff|, so a drift shows in the p99 before it trips a bound."""
     mask = batch.response_mask
     gap = (batch.rollout_logp - old_logp).abs()[mask]
-    return {"logprob_gap_mean": float(gap.mean()), "logprob_gap_max": float(gap.max())}
+    # kthvalue, not quantile: torch.quantile refuses inputs above 16M elements (a 32B step has more tokens).
+    p99 = gap.kthvalue(max(1, math.ceil(0.99 * gap.numel()))).values
+    return {"logprob_gap_mean": float(gap.mean()), "logprob_gap_p99": float(p99), "logprob_gap_max": float(gap.max())}
 
 
 def generate_graded(engine: RolloutEngine, prompts: list[list[int]], params: SamplingParams,
@@ -127,8 +131,9 @@ class Trainer:
         batch = rollout.to_actor_batch()
         memory = self.switch_to_training() if self.config.cluster.colocate else {}
         with _timed(timings, "old_logprobs", self.progress):
-            old_logp, entropy = self.logprobs(batch)
-            ref_logp = self.ref_logprobs(batch) if self.config.loss.kl_coef > 0 else None
+            plan = self.shard(batch)
+            old_logp, entropy = self.logprobs(batch, plan)
+            ref_logp = self.ref_logprobs(batch, plan) if self.config.loss.kl_coef > 0 else None
         health = self.check_health(batch, old_logp, ref_logp)
         advantages = compute_advantages(rollout.rewards(), rollout.group_ids(), batch.response_mask,
                                         self.config.advantage, rollout.truncated())
@@ -151,15 +156,13 @@ class Trainer:
         """``batch``'s rows divided over the data-parallel replicas, balanced by forward FLOPs."""
         return ShardPlan.balance(row_costs(batch.lengths, self.arch), self.group.data_parallel_size)
 
-    def logprobs(self, batch: ActorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logprobs(self, batch: ActorBatch, plan: ShardPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Old-policy log-probs and entropies [B, S]: each replica computes its shard, rows put back in order."""
-        plan = self.shard(batch)
         per_replica = self.group.run("logprobs", plan.scatter(batch))
         return (plan.gather([logp for logp, _ in per_replica], like=batch.tokens),
                 plan.gather([entropy for _, entropy in per_replica], like=batch.tokens))
 
-    def ref_logprobs(self, batch: ActorBatch) -> torch.Tensor:
-        plan = self.shard(batch)
+    def ref_logprobs(self, batch: ActorBatch, plan: ShardPlan) -> torch.Tensor:
         return plan.gather(self.group.run("ref_logprobs", plan.scatter(batch)), like=batch.tokens)
 
     def collect_rollout(self, timings: dict[str, float]) -> tuple[RolloutBatch, dict[str, int], dict[str, float]]:
@@ -211,7 +214,9 @@ class Trainer:
         """n samples per problem; each response is submitted to ``grading`` the moment the engine finishes it."""
         n = self.config.rollout.num_samples_per_prompt
         prompts = [self.tokenizer(p.prompt_text, add_special_tokens=False)["input_ids"] for p in problems]
-        params = self.sampling_params(seed=self.config.run.seed * 1_000_003 + self.step)
+        # Seeded only where the engine can reproduce it (the torch engine; SGLang in deterministic mode): then a
+        # resumed run repeats the uninterrupted one's rollouts exactly.
+        params = self.sampling_params(seed=request_seed(self.engine, self.config.run.seed * 1_000_003 + self.step))
         generations = generate_graded(self.engine, [ids for ids in prompts for _ in range(n)], params,
                                       [p.ground_truth for p in problems for _ in range(n)], grading)
         samples = []
@@ -236,12 +241,14 @@ class Trainer:
     def check_health(self, batch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor]) -> dict[str, float]:
         health = logprob_gap(batch, old_logp)
         bounds = self.config.health
-        if health["logprob_gap_mean"] > bounds.max_logprob_gap_mean or health["logprob_gap_max"] > bounds.max_logprob_gap_max:
+        max_mean, max_max = self.config.logprob_gap_bounds
+        if health["logprob_gap_mean"] > max_mean or health["logprob_gap_max"] > max_max:
             raise HealthCheckFailed(
                 f"step {self.step}: engine and actor log-probs of the same responses differ (mean |diff| "
-                f"{health['logprob_gap_mean']:.3g} > {bounds.max_logprob_gap_mean:g} or max {health['logprob_gap_max']:.3g} "
-                f"> {bounds.max_logprob_gap_max:g}); the rollout engine is not running the actor's weights "
-                "(stale or broken weight sync, or different temperature/precision)")
+                f"{health['logprob_gap_mean']:.3g} > {max_mean:g} or max {health['logprob_gap_max']:.3g} > {max_max:g}, "
+                f"the {self.config.logprob_precision} bounds unless health.max_logprob_gap_* are set); the rollout "
+                "engine is not running the actor's weights (stale or broken weight sync, or different "
+                "temperature/precision)")
         if ref_logp is not None:
             mask = batch.response_mask
             health["kl_policy_ref"] = float((old_logp - ref_logp)[mask].mean())
@@ -309,7 +316,7 @@ class Trainer:
                  for kind in RECEIVED_KINDS}
         return {"weight_sync_seconds": seconds, "weight_sync_gb_per_s": num_bytes / 1e9 / max(seconds, 1e-9), **moved}
 
-    def sampling_params(self, seed: int) -> SamplingParams:
+    def sampling_params(self, seed: Optional[int]) -> SamplingParams:
         rollout = self.config.rollout
         stop_ids = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         return SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
