@@ -3,6 +3,8 @@
 Extras:
   cpu  - everything the CPU demo and the test suite need, pinned to what CI runs
          (torch 2.13.0 CPU build, megatron-core 0.16.1, the newest for Python 3.11).
+  cpu-py312 - the same on the GPU image's versions (Python 3.12, torch 2.14.1, megatron-core 0.19.2), CI's
+         second stack.
   gpu  - the cluster stack: SGLang rollout engines, Transformer Engine (FP8), wandb.
          NVIDIA apex is not on PyPI (the `apex` package there is unrelated); the
          container in containers/ builds it from source.
@@ -30,15 +32,19 @@ BASE_REQUIREMENTS = [
     "requests>=2.31",  # SGLang HTTP client
 ]
 
+TEST_REQUIREMENTS = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "wandb>=0.18",  # the tests check offline runs write their files
+    "tensorboard>=2.14",  # run.tensorboard; the tests read its event files back
+]
+
 EXTRAS = {
-    "cpu": [
-        "torch==2.13.0",
-        "megatron-core==0.16.1",
-        "pytest>=8",
-        "pytest-timeout>=2.3",
-        "wandb>=0.18",  # the tests check offline runs write their files
-        "tensorboard>=2.14",  # run.tensorboard; the tests read its event files back
-    ],
+    "cpu": ["torch==2.13.0", "megatron-core==0.16.1", *TEST_REQUIREMENTS],
+    # The versions a 2026 GPU image installs (Python >= 3.12: megatron-core 0.19.2; torch as SGLang pins it), run
+    # on CPU by CI's second pass. There is no CPU wheel of this torch here: pip takes the CUDA build (~5.5 GB),
+    # which runs on CPU.
+    "cpu-py312": ["torch==2.14.1", "megatron-core==0.19.2", *TEST_REQUIREMENTS],
     "gpu": [
         "sglang==0.5.10.post1",
         "transformer-engine[pytorch]>=2.4",

@@ -9,14 +9,14 @@ log-probs, packed and padded, equal HF transformers' (computed on CPU), and an o
 import pytest
 import torch
 
-from test_actor import _assert_matches_hf, _run, checkpoint, hf_reference  # noqa: F401  (fixtures)
+from test_actor import _assert_matches_hf, _run, hf_reference  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.mark.parametrize("pack", [False, True])
-def test_actor_on_gpu_matches_hf_and_trains(checkpoint, hf_reference, pack):  # noqa: F811
-    result = _run(checkpoint[1], 1, 1, 32, train=True, pack=pack)
+def test_actor_on_gpu_matches_hf_and_trains(tiny_qwen2, hf_reference, pack):  # noqa: F811
+    result = _run(tiny_qwen2[1], 1, 1, 32, train=True, pack=pack)
     _assert_matches_hf(result, hf_reference)
     losses = [m["loss"] for m in result["metrics"]]
     assert losses[0] > losses[-1]

@@ -108,6 +108,21 @@ def test_last_box_wins_and_nested_braces():
     assert last_boxed("\\boxed{3} then \\boxed{\\frac{1}{") is None
 
 
+@pytest.mark.parametrize("response, finished, truth", [
+    # The number inside the unfinished box.
+    ("2 + 2 = 4, so the answer is \\boxed{4", "2 + 2 = 4, so the answer is \\boxed{4}", "4"),
+    # An earlier box, abandoned for a new final answer that was cut off.
+    ("First \\boxed{3}. Wait, recheck: \\boxed{\\frac{1}{", "First \\boxed{3}. Wait, recheck: \\boxed{3}", "3"),
+    # Cut right after the command.
+    ("The sum is 12, hence \\boxed", "The sum is 12, hence \\boxed 12", "12"),
+])
+def test_response_cut_inside_its_last_box_gets_no_credit(response, finished, truth):
+    # Truncation is not an answer: without this the last-number fallback would grade the unfinished box.
+    assert extract_answer(response, RewardConfig().stop_tokens) is None
+    assert math_reward(response, truth) == 0.0
+    assert math_reward(finished, truth) == 1.0
+
+
 @pytest.mark.parametrize("stop", ["<|endoftext|>", "<|im_end|>", "</s>"])
 def test_answer_after_end_token_does_not_count(stop):
     response = f"I think \\boxed{{3}}{stop}\n<|im_start|>user\nthe answer is \\boxed{{4}}"

@@ -49,8 +49,11 @@ def _last_match(pattern: re.Pattern, text: str) -> Optional[re.Match]:
 def last_boxed(text: str) -> Optional[str]:
     """Argument of the last ``\\boxed`` / ``\\fbox`` in `text`; None when there is none or it is cut off."""
     last = _last_match(_BOX_COMMAND, text)
-    if last is None:
-        return None
+    return None if last is None else _box_argument(text, last)
+
+
+def _box_argument(text: str, last: re.Match) -> Optional[str]:
+    """The argument of the box command ``last`` matched; None when the text ends inside it."""
     start = last.end()
     while start < len(text) and text[start] == " ":
         start += 1
@@ -88,10 +91,13 @@ def _answer_is_span(text: str) -> Optional[str]:
 def extract_answer(text: str, stop_tokens: Sequence[str], strict_boxed: bool = False) -> Optional[ExtractedAnswer]:
     """The final answer of response `text`, or None when it has none."""
     text = cut_at_stop_tokens(text, stop_tokens)
-    boxed = last_boxed(text)
+    last = _last_match(_BOX_COMMAND, text)
+    boxed = None if last is None else _box_argument(text, last)
     if boxed is not None and boxed.strip():
         return ExtractedAnswer(boxed.strip(), "boxed")
-    if strict_boxed:
+    if strict_boxed or (last is not None and boxed is None):
+        # The response ends inside its last box (cut at the length limit): it was still writing its final answer,
+        # so neither an earlier box nor a number inside the unfinished one is its answer. Truncation is no answer.
         return None
     span = _answer_is_span(text)
     if span is not None:
