@@ -386,3 +386,26 @@ def test_session_misuse_and_abort_leave_the_pool_usable(pool):
         session.submit(1, boxed("1"), "1")
     assert pool.grade_batch([boxed("0.5"), boxed("3")], ["1/2", "3"]).scores == [1.0, 1.0]
     assert all(worker.process.is_alive() and worker.task_id is None for worker in pool._workers)
+
+
+SCRIPT_WITHOUT_GUARD = """
+from megatron_zero.rewards import math_reward_batch
+print("graded", math_reward_batch([r"so \\\\boxed{4}", r"\\\\boxed{5}"], ["4", "4"]))
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "stdin"])
+def test_grader_pool_works_from_a_script_without_main_guard_and_from_stdin(tmp_path, how):
+    """Workers must not re-import the caller's main module: a script without the guard would run again in each
+    worker (and start pools there), and ``python -`` has no file to import at all."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "grade.py"
+    script.write_text(SCRIPT_WITHOUT_GUARD)
+    command = [sys.executable, str(script)] if how == "script" else [sys.executable, "-"]
+    done = subprocess.run(command, input=None if how == "script" else SCRIPT_WITHOUT_GUARD, capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Once: the script ran in this process only, not again in the workers.
+    assert done.stdout.splitlines() == ["graded [1.0, 0.0]"]

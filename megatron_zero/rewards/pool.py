@@ -18,9 +18,12 @@ How::
             grades = session.finish()                             # waits for the rest
 
 Workers come from the "forkserver" start method (fork is unsafe once torch or Ray threads run): the fork server
-imports this module once, so starting or replacing a worker costs a fork plus a small math-verify warm-up.
+imports this module once, so starting or replacing a worker costs a fork plus a small math-verify warm-up. They
+start without the caller's main module, so the pool works from a script without a ``__main__`` guard, from
+``python -`` and from notebooks, wherever ``math_verify.verify`` does.
 """
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -28,6 +31,7 @@ import os
 import pickle
 import resource
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -278,6 +282,29 @@ class GradingSession:
                         pool._replace(worker)
 
 
+_MAIN_MODULE_LOCK = threading.Lock()
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Start processes without the caller's main module: multiprocessing re-imports ``__main__`` in every new
+    process (forkserver and spawn alike), which re-runs a script without an ``if __name__ == "__main__"`` guard
+    (and starts another pool from inside the worker) and fails outright for ``python -`` or a notebook. Graders
+    never need it (reward functions in ``__main__`` are refused), so while a worker starts ``__main__`` shows
+    neither the spec nor the file that multiprocessing's preparation data is read from."""
+    main = sys.modules["__main__"]
+    with _MAIN_MODULE_LOCK:
+        saved_spec, saved_file = getattr(main, "__spec__", None), main.__dict__.pop("__file__", _MISSING)
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            main.__spec__ = saved_spec
+            if saved_file is not _MISSING:
+                main.__file__ = saved_file
+
+
 class GraderPool:
     """Grades batches in `config.num_workers` processes, each item limited to `config.timeout_s` seconds."""
 
@@ -318,7 +345,8 @@ class GraderPool:
         process = self._context.Process(
             target=_worker_main, args=(child_conn, self._reward_fn, self.config), name="grader", daemon=True
         )
-        process.start()
+        with _main_module_hidden():
+            process.start()
         child_conn.close()
         return _Worker(process=process, conn=parent_conn)
 
@@ -344,7 +372,7 @@ class GraderPool:
                 if not worker.ready:
                     raise RuntimeError(
                         f"a grader worker exited with code {worker.process.exitcode} while starting; its traceback "
-                        "is on stderr (workers re-import the main module: a script run from stdin cannot work)"
+                        "is on stderr"
                     ) from None
                 if worker.task_id is not None:
                     results[worker.task_id] = _failure(
