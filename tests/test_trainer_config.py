@@ -73,6 +73,16 @@ def test_sglang_layouts_that_fit_validate(overrides):
     assert config.rollout.engine == "sglang"
 
 
+@pytest.mark.parametrize("override, message", [
+    ("loss.clip_low=1.5", r"^loss.clip_low=1.5 must be in \(0, 1\)"),  # PolicyLossConfig calls it policy_loss
+    ("data.train.template=nope", r"^data.train.template: "),             # a DatasetConfig, also used for eval
+    ("rollout.top_p=2", r"^rollout.top_p=2.0 must be in \(0, 1\]"),     # already the user's key: unchanged
+])
+def test_errors_name_the_key_the_user_typed(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["model_path=/unused", *BASE, override])
+
+
 def test_file_checks_run_before_workers(tmp_path):
     config = load_config(None, [f"model_path={tmp_path}/missing", *BASE])
     with pytest.raises(FileNotFoundError, match=re.escape(f"model_path='{tmp_path}/missing': no config.json")):

@@ -8,6 +8,7 @@ package); ``TrainConfig.__post_init__`` adds the checks that need several of the
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -211,7 +212,18 @@ def load_config(path: Optional[str], overrides: list[str], base: Optional[dict[s
     return _build(TrainConfig, plain)
 
 
-def _build(cls: type, values: dict[str, Any]) -> Any:
+class _KeyedConfigError(ValueError):
+    """A sub-config's error, already renamed to the key the user typed (see ``_build``)."""
+
+
+# A message that starts by naming a field: "policy_loss.clip_low=1.5 ...", "data.template: ...".
+_LEADING_FIELD = re.compile(r"^([A-Za-z_]+)\.(?=[A-Za-z_])")
+
+
+def _build(cls: type, values: dict[str, Any], path: str = "") -> Any:
+    """``cls`` from plain ``values``, sub-configs first. A sub-config names its fields by its own prefix
+    (``PolicyLossConfig``: "policy_loss.clip_low"), which need not be where it sits in the experiment ("loss");
+    its errors are renamed to the key path the user typed ("loss.clip_low", "data.train.template")."""
     import typing
 
     hints = typing.get_type_hints(cls)
@@ -221,8 +233,17 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
             continue
         value = values[f.name]
         sub = _dataclass_type(hints[f.name])
-        kwargs[f.name] = _build(sub, value) if sub is not None and isinstance(value, dict) else value
-    return cls(**kwargs)
+        key = f"{path}.{f.name}" if path else f.name
+        kwargs[f.name] = _build(sub, value, key) if sub is not None and isinstance(value, dict) else value
+    try:
+        return cls(**kwargs)
+    except _KeyedConfigError:
+        raise
+    except ValueError as error:
+        message = str(error)
+        if path and not message.startswith(path + "."):
+            message = _LEADING_FIELD.sub(path + ".", message, count=1)
+        raise _KeyedConfigError(message) from None
 
 
 def _dataclass_type(annotation: Any) -> Optional[type]:
