@@ -24,6 +24,8 @@ BASE = ["cluster.cpu_workers_per_node=2", "actor.max_tokens_per_microbatch=4096"
     (["run.num_steps=many"], r"could not be converted to Integer"),
     (["health.max_logprob_gap_mean=0"], r"health.max_logprob_gap_mean=0.0 must be > 0"),
     (["parallel.context_parallel_size=2"], r"parallel.context_parallel_size=2 is not supported yet"),
+    (["rollout.num_samples_per_prompt=1"], r"advantage.estimator='grpo' compares each response with the other "
+                                           r"samples of its prompt, but rollout.num_samples_per_prompt=1"),
 ])
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -83,11 +85,23 @@ def test_errors_name_the_key_the_user_typed(override, message):
         load_config(None, ["model_path=/unused", *BASE, override])
 
 
+def _model_with_tokenizer(tmp_path):
+    """A tiny Qwen2 with the demo model's (character) tokenizer files beside it."""
+    import shutil
+
+    from megatron_zero.demo import BASE_MODEL_PATH
+
+    model = save_tiny_model("qwen2", tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BASE_MODEL_PATH / name, model / name)
+    return model
+
+
 def test_file_checks_run_before_workers(tmp_path):
     config = load_config(None, [f"model_path={tmp_path}/missing", *BASE])
     with pytest.raises(FileNotFoundError, match=re.escape(f"model_path='{tmp_path}/missing': no config.json")):
         config.check_inputs()
-    model = save_tiny_model("qwen2", tmp_path / "model")
+    model = _model_with_tokenizer(tmp_path)
     config = load_config(None, [f"model_path={model}", *BASE, "parallel.tensor_parallel_size=2",
                                 "data.train.path=/nonexistent.jsonl"])
     with pytest.raises(FileNotFoundError, match="data.train.path='/nonexistent.jsonl' does not exist"):
@@ -102,6 +116,40 @@ def test_file_checks_run_before_workers(tmp_path):
     with pytest.raises(ValueError, match=r"parallel.expert_parallel_size=2 needs a mixture-of-experts model, but "
                                          r"model_type='qwen2' .* is dense; set it to 1"):
         config.check_inputs()
+
+
+def test_common_mistakes_get_one_line_before_any_worker(tmp_path):
+    """Each mistake is a ValueError or FileNotFoundError (the CLI prints those as one line) naming the file or key,
+    raised by load_config or check_inputs, which run before Ray starts."""
+    import shutil
+
+    from megatron_zero.data import load_problems
+    from megatron_zero.demo import TRAIN_PROMPTS_PATH
+
+    model = _model_with_tokenizer(tmp_path)
+    base = [f"model_path={model}", f"data.train.path={TRAIN_PROMPTS_PATH}", *BASE]
+    (tmp_path / "bad.yaml").write_text("run: [\n")
+    with pytest.raises(ValueError, match=r"bad.yaml is not valid YAML at line 2, column 1"):
+        load_config(str(tmp_path / "bad.yaml"), base)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=r"list.yaml holds a ListConfig, not a mapping of config keys"):
+        load_config(str(tmp_path / "list.yaml"), base)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"run.output_dir='.*a_file' is a file; choose a directory"):
+        load_config(None, [*base, f"run.output_dir={tmp_path / 'a_file'}"]).check_inputs()
+    for missing, message in (("tokenizer.json", "has no tokenizer"), ("model.safetensors", "has no weights")):
+        broken = tmp_path / f"without_{missing}"
+        shutil.copytree(model, broken)
+        (broken / missing).unlink()
+        with pytest.raises(FileNotFoundError, match=rf"model_path='{broken}' {message}"):
+            load_config(None, [*base, f"model_path={broken}"]).check_inputs()
+    # Data files are read before Ray too (the trainer's first step after check_inputs): one line each.
+    for name, text, message in (("empty.jsonl", "", "is an empty file"),
+                                ("broken.jsonl", '{"question": 1\n', "cannot be read as json: ")):
+        (tmp_path / name).write_text(text)
+        config = load_config(None, [*base, f"data.train.path={tmp_path / name}"])
+        with pytest.raises(ValueError, match=rf"data.path='.*{name}' {message}"):
+            load_problems(config.data.train)
 
 
 def test_yaml_file_and_overrides(tmp_path):

@@ -41,15 +41,22 @@ _WHITEN_VAR_EPS = 1e-8
 AdvantageEstimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AdvantageConfig], torch.Tensor]
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+# Estimators whose baseline is the other samples of the same prompt: with one sample per prompt every advantage is 0
+# (or undefined), which the trainer's config refuses before any work.
+GROUP_BASELINE_ESTIMATORS: set[str] = set()
 
 
-def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Decorator registering an estimator under ``name``; a second, different function for a name raises."""
+def register_advantage_estimator(name: str, *, group_baseline: bool = False
+                                 ) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator registering an estimator under ``name``; a second, different function for a name raises.
+    ``group_baseline``: it compares a sample with the other samples of its prompt."""
 
     def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
         if ADVANTAGE_ESTIMATORS.get(name, fn) is not fn:
             raise ValueError(f"advantage estimator {name!r} is already registered to {ADVANTAGE_ESTIMATORS[name]}")
         ADVANTAGE_ESTIMATORS[name] = fn
+        if group_baseline:
+            GROUP_BASELINE_ESTIMATORS.add(name)
         return fn
 
     return decorator
@@ -110,7 +117,7 @@ def _whiten_over_tokens(values_N: torch.Tensor, response_mask_NT: torch.Tensor) 
     return (values_N - mean) * torch.rsqrt(var + _WHITEN_VAR_EPS)
 
 
-@register_advantage_estimator("grpo")
+@register_advantage_estimator("grpo", group_baseline=True)
 def grpo_advantage(
     rewards_N: torch.Tensor, group_ids_N: torch.Tensor, response_mask_NT: torch.Tensor, config: AdvantageConfig
 ) -> torch.Tensor:
@@ -120,7 +127,7 @@ def grpo_advantage(
     return _zero_equal_groups(advantages_N, stats)
 
 
-@register_advantage_estimator("dr_grpo")
+@register_advantage_estimator("dr_grpo", group_baseline=True)
 def dr_grpo_advantage(
     rewards_N: torch.Tensor, group_ids_N: torch.Tensor, response_mask_NT: torch.Tensor, config: AdvantageConfig
 ) -> torch.Tensor:
@@ -128,7 +135,7 @@ def dr_grpo_advantage(
     return _zero_equal_groups(rewards_N.to(torch.float64) - _baseline_mean(stats), stats)
 
 
-@register_advantage_estimator("rloo")
+@register_advantage_estimator("rloo", group_baseline=True)
 def rloo_advantage(
     rewards_N: torch.Tensor, group_ids_N: torch.Tensor, response_mask_NT: torch.Tensor, config: AdvantageConfig
 ) -> torch.Tensor:
@@ -152,7 +159,7 @@ def reinforce_plus_plus_advantage(
     return _whiten_over_tokens(rewards_N.to(torch.float64), response_mask_NT)
 
 
-@register_advantage_estimator("reinforce_plus_plus_baseline")
+@register_advantage_estimator("reinforce_plus_plus_baseline", group_baseline=True)
 def reinforce_plus_plus_baseline_advantage(
     rewards_N: torch.Tensor, group_ids_N: torch.Tensor, response_mask_NT: torch.Tensor, config: AdvantageConfig
 ) -> torch.Tensor:

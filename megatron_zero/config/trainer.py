@@ -122,6 +122,14 @@ class TrainConfig:
                 f"rollout.num_samples_per_prompt = {self.data.sampler.batch_size} x "
                 f"{self.rollout.num_samples_per_prompt} = {num_samples}; use one of "
                 f"{[d for d in range(1, num_samples + 1) if num_samples % d == 0][:12]}")
+        from megatron_zero.actor.advantages import GROUP_BASELINE_ESTIMATORS
+
+        if self.advantage.estimator in GROUP_BASELINE_ESTIMATORS and self.rollout.num_samples_per_prompt < 2:
+            raise ValueError(
+                f"advantage.estimator={self.advantage.estimator!r} compares each response with the other samples of "
+                "its prompt, but rollout.num_samples_per_prompt=1: every advantage would be 0 (a group of one has "
+                "no spread) and nothing would train; sample n >= 2 per prompt (recipe: 8) or use "
+                "advantage.estimator='reinforce_plus_plus'")
         if self.rollout.engine == "sglang":
             self._check_sglang(self.rollout.sglang)
         elif self.cluster.rollout_num_gpus:
@@ -181,6 +189,16 @@ class TrainConfig:
                              "to 1")
         arch.check_parallel_sizes(self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size,
                                   self.model.vocab_pad_multiple)
+        # The HF directory also feeds the tokenizer and the rollout engine's weights, whatever mcore_path says.
+        model_files = {path.name for path in Path(self.model_path).iterdir()}
+        if not model_files & {"model.safetensors", "model.safetensors.index.json"}:
+            raise FileNotFoundError(f"model_path={self.model_path!r} has no weights (model.safetensors or "
+                                    "model.safetensors.index.json); only safetensors checkpoints are supported")
+        if not model_files & {"tokenizer.json", "tokenizer.model", "vocab.json"}:
+            raise FileNotFoundError(f"model_path={self.model_path!r} has no tokenizer (tokenizer.json, tokenizer.model "
+                                    "or vocab.json); copy the base model's tokenizer files there")
+        if Path(self.run.output_dir).exists() and not Path(self.run.output_dir).is_dir():
+            raise ValueError(f"run.output_dir={self.run.output_dir!r} is a file; choose a directory")
         if self.mcore_path is not None and not Path(self.mcore_path, "megatron_zero.json").is_file():
             raise FileNotFoundError(f"mcore_path={self.mcore_path!r} is not a converted checkpoint "
                                     "(no megatron_zero.json); omit it to convert model_path automatically")
@@ -202,14 +220,32 @@ def load_config(path: Optional[str], overrides: list[str], base: Optional[dict[s
     try:
         merged = OmegaConf.merge(schema, base or {})
         if path is not None:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_yaml_mapping(path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
         plain = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as error:
         raise ValueError(f"config error: {error}") from None
     return _build(TrainConfig, plain)
+
+
+def _read_yaml_mapping(path: str):
+    """The experiment file as an OmegaConf mapping; one-line errors for a missing file, bad YAML or a non-mapping."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ValueError(f"config file {path} is not valid YAML{line}: "
+                         f"{getattr(error, 'problem', None) or error}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"config file {path} holds a {type(loaded).__name__}, not a mapping of config keys "
+                         "(e.g. 'run:\n  num_steps: 10')")
+    return loaded
 
 
 class _KeyedConfigError(ValueError):

@@ -45,9 +45,18 @@ def _read_dataset(config: DatasetConfig):
     if path.is_file():
         if path.suffix not in _FILE_BUILDERS:
             raise ValueError(f"data.path={config.path!r}: unsupported file type; use one of {sorted(_FILE_BUILDERS)}")
-        return datasets.load_dataset(
-            _FILE_BUILDERS[path.suffix], data_files=str(path), split="train", cache_dir=config.cache_dir
-        )
+        if path.stat().st_size == 0:
+            raise ValueError(f"data.path={config.path!r} is an empty file")
+        try:
+            return datasets.load_dataset(
+                _FILE_BUILDERS[path.suffix], data_files=str(path), split="train", cache_dir=config.cache_dir
+            )
+        except Exception as error:  # datasets wraps the parser's error (pyarrow's, for JSON lines) in its own
+            cause = error
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise ValueError(f"data.path={config.path!r} cannot be read as {_FILE_BUILDERS[path.suffix]}: "
+                             f"{type(cause).__name__}: {cause}") from error
     if path.is_dir() and (path / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(path))[config.split]
     if path.is_dir() and (path / "dataset_info.json").is_file():
