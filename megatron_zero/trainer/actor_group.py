@@ -10,7 +10,7 @@ How::
     placement = create_placement(cluster)
     with RayActorGroup(cluster, placement, log_dir="runs/exp/logs") as group:
         group.initialize_parallel(parallel_config)          # RANK, WORLD_SIZE, MASTER_* + megatron groups
-        group.setup("megatron_zero.actor.actor:MegatronActor", actor_config, loss_config, model_config, ckpt)
+        group.setup("megatron_zero.trainer.actor_worker:ActorWorker", mcore_dir, actor_config, ...)
         group.run("onload")                                  # one result per rank, in rank order
         logps = group.run("logprobs", plan.scatter(batch))   # a DP_SHARDED method: one shard / result per replica
         group.run_rank0("some_rank0_only_method")

@@ -39,7 +39,6 @@ class ActorWorker:
         self.actor = MegatronActor(actor, loss, model, mcore_dir)
         # The reference is only needed for the KL term; it stays frozen at the base weights.
         self.reference = ReferenceModel(mcore_dir, model, actor) if with_reference else None
-        self.rank = torch.distributed.get_rank()
         self.layout = RankLayout.current()
         # SGLang servers (engine_urls, in engine order) take weights from the ranks, not through the driver
         # (weight_push.py): colocated, every rank feeds the server rank on its GPU; disaggregated, rank 0
