@@ -34,9 +34,9 @@ from megatron_zero.models.common.architecture import DecoderArchitecture
 
 def row_costs(lengths: Sequence[int] | torch.Tensor, arch: DecoderArchitecture) -> list[float]:
     """Forward FLOPs of each row (prompt + response tokens), the cost ``ShardPlan.balance`` evens out."""
-    lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
-    cache: dict[int, float] = {}
-    return [cache.setdefault(int(n), arch.forward_flops(int(n))) for n in lengths]
+    lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+    flops = {n: arch.forward_flops(n) for n in set(lengths)}  # one per distinct length
+    return [flops[n] for n in lengths]
 
 
 @dataclasses.dataclass(frozen=True)
