@@ -177,6 +177,7 @@ class TrainConfig:
 
     def check_inputs(self) -> None:
         """File checks, run before any worker starts; raise naming the field and the path."""
+        from megatron_zero.models.hf_io import INDEX_NAME, SINGLE_NAME
         from megatron_zero.models.registry import read_architecture
 
         if not Path(self.model_path, "config.json").is_file():
@@ -191,9 +192,9 @@ class TrainConfig:
                                   self.model.vocab_pad_multiple)
         # The HF directory also feeds the tokenizer and the rollout engine's weights, whatever mcore_path says.
         model_files = {path.name for path in Path(self.model_path).iterdir()}
-        if not model_files & {"model.safetensors", "model.safetensors.index.json"}:
-            raise FileNotFoundError(f"model_path={self.model_path!r} has no weights (model.safetensors or "
-                                    "model.safetensors.index.json); only safetensors checkpoints are supported")
+        if not model_files & {SINGLE_NAME, INDEX_NAME}:
+            raise FileNotFoundError(f"model_path={self.model_path!r} has no weights ({SINGLE_NAME} or {INDEX_NAME}); "
+                                    "only safetensors checkpoints are supported")
         if not model_files & {"tokenizer.json", "tokenizer.model", "vocab.json"}:
             raise FileNotFoundError(f"model_path={self.model_path!r} has no tokenizer (tokenizer.json, tokenizer.model "
                                     "or vocab.json); copy the base model's tokenizer files there")

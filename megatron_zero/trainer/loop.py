@@ -305,9 +305,9 @@ class Trainer:
             leaders = [stats["engine"] for stats in per_rank if stats["engine"] is not None]
             seconds, num_bytes = max(stats["seconds"] for stats in leaders), leaders[0]["bytes"]
         else:
-            per_rank = self.group.run("weight_buckets", self.config.run.weight_sync_bucket_mb * 2**20)
-            buckets, stats = per_rank[0]
-            per_rank = [stats for _, stats in per_rank]
+            buckets_and_stats = self.group.run("weight_buckets", self.config.run.weight_sync_bucket_mb * 2**20)
+            buckets, stats = buckets_and_stats[0]  # rank 0 sends
+            per_rank = [rank_stats for _, rank_stats in buckets_and_stats]
             self.engine.flush_cache()
             engine_stats = self.engine.sync_weights(buckets, version=self.weight_version)
             seconds, num_bytes = stats["reshard_seconds"] + engine_stats.seconds, stats["bytes"]
