@@ -7,6 +7,8 @@ the module (its start-up is the main cost); tests that need another reward funct
 
 from __future__ import annotations
 
+import collections
+import importlib
 import random
 import textwrap
 import threading
@@ -409,3 +411,154 @@ def test_grader_pool_works_from_a_script_without_main_guard_and_from_stdin(tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     # Once: the script ran in this process only, not again in the workers.
     assert done.stdout.splitlines() == ["graded [1.0, 0.0]"]
+
+
+# --- fast paths: the same grades as math-verify, without its parser or simplify -------------------------------
+
+from megatron_zero.rewards.fast_parse import fast_parse  # noqa: E402
+from megatron_zero.rewards.fast_verify import certainly_wrong  # noqa: E402
+from megatron_zero.rewards.math_reward import grade_math_reference  # noqa: E402
+
+# The module, not the package's `math_reward` function of the same name.
+math_reward_module = importlib.import_module("megatron_zero.rewards.math_reward")
+
+
+def _numerals(rng: random.Random, count: int) -> list[str]:
+    """Integers as models write them: zero, signs, leading zeros, 1 to 30 digits."""
+    special = ["0", "-0", "00", "007", "-007"]
+    drawn = [str(rng.choice([rng.randint(1, 9), rng.randint(10, 999), rng.randint(1000, 10**7),
+                             rng.randint(10**15, 10**30)]) * rng.choice([1, 1, -1])) for _ in range(count)]
+    return special + drawn
+
+
+def _fast_parse_corpus() -> list[str]:
+    rng = random.Random(0)
+    numerals = _numerals(rng, 30)
+    corpus = list(numerals)
+    for a, b in zip(numerals, reversed(numerals)):
+        space = rng.choice(["", " "])
+        left, right = rng.choice("[("), rng.choice("])")
+        corpus += [
+            f"{a}.{rng.randint(0, 999)}", f"{a}/{b}", f"\\frac{{{a}}}{{{b}}}", f"-\\dfrac{{{a}}}{{{b}}}",
+            f"\\tfrac{{{a}}}{{{b}}}", f"{left}{a},{space}{b}{right}", f"{left}{b}, {a}{right}",
+            f"\\{{{a},{space}{b}\\}}", f"{a},{space}{b}", f"{rng.randint(1, 999)},{rng.randint(0, 999):03d}",
+        ]
+    # Hand-picked: math-verify's normalisation special cases and look-alikes of the patterns.
+    corpus += [
+        "0.5", "-0.5", "00.5", ".5", "0.50", "2.50", "1,000", "-1,234", "1,000,000", "0,594", "-0,772", "12,345.5",
+        "1,2", "1, 234", "1,2,3", "\\{1\\}", "\\{1,1\\}", "\\{3, 1\\}", "\\{1,000\\}", "[3, 3]", "(3, 3)", "[5, 3)",
+        "(5, 3)", "[5, 3]", "(3, 3]", "(1,2)", "07/14", "-0/5", "4/2", "1/0", "1.5/2", "\\frac{4}{2}", "\\frac{1}{0}",
+        "\\frac12", "\\frac{-0}{4}", "\\frac{3}{-4}", "50\\%", "50%", "x=3", "1e3", "+3", "1 000", "10^3", "3 ",
+        "1,  2", "[1,  2)", "٣", "1" * 101, "(-\\infty, 2]",
+    ]
+    return list(dict.fromkeys(corpus))
+
+
+def _parse_key(parsed: tuple) -> list:
+    import sympy
+
+    return [(type(item).__name__, item if isinstance(item, str) else sympy.srepr(item),
+             getattr(item, "_unsorted_args", None)) for item in parsed]
+
+
+def test_fast_parse_is_math_verify_parse_for_every_answer_it_takes():
+    """Each fast parse is compared with math-verify's parse of the same answer: value (type and srepr), the
+    normalised string, the written order of sets; both the boxed and the bare ("the answer is") form."""
+    paths = collections.Counter()
+    for text in _fast_parse_corpus():
+        for wrap in (True, False):
+            fast = fast_parse(text, wrap)
+            if fast is None:
+                continue
+            paths[fast.path, wrap] += 1
+            assert _parse_key(fast.parsed) == _parse_key(math_reward_module._reference_parse(text, wrap)), (text, wrap)
+    # Every path is taken, so a pattern that stopped matching shows up here rather than as a silent slow-down.
+    for path in ("integer", "thousands", "decimal", "fraction", "interval", "set"):
+        assert paths[path, True] >= 10, (path, paths)
+    assert paths["integer", False] >= 10
+    # Answers math-verify's normalisation treats specially, or whose parse is not a plain number: left to it.
+    for text in ("0,594", "-0,772", "07/14", "-0/5", "1.5/2", "50\\%", "x=3", "1e3", "+3", "1 000", ".5",
+                 "1,  2", "٣", "1" * 101, "(-\\infty, 2]", "12,345.5"):
+        assert fast_parse(text, True) is None, text
+    assert fast_parse("007", False) is None and fast_parse("0.5", False) is None
+
+
+def _grading_corpus() -> list[tuple[str, str]]:
+    """(ground truth, response) pairs: right, wrong and unboxed answers in many forms against many answer types."""
+    rng = random.Random(1)
+    pairs = []
+    for _ in range(8):
+        a, b = rng.randint(2, 60), rng.randint(2, 9)
+        value = a * b
+        golds = {
+            str(value): [str(value), f"{value:,}", f"{value}.0", str(value + 1), f"-{value}",
+                         f"\\frac{{{value * 2}}}{{2}}"],
+            f"\\frac{{{a}}}{{{b}}}": [f"{a}/{b}", f"\\dfrac{{{a}}}{{{b}}}", f"{a / b:.6f}", f"{a / b:.3f}", str(a)],
+            f"{a}.{b}": [f"{a}.{b}0", f"\\frac{{{a * 10 + b}}}{{10}}", f"{a}.{b + 1}", str(a)],
+            f"{a}\\sqrt{{{b}}}": [f"{a * b ** 0.5:.6f}", f"{a * b ** 0.5:.2f}", str(a * b), f"\\sqrt{{{a * a * b}}}",
+                                  str(round(a * b ** 0.5))],
+            f"\\frac{{\\pi}}{{{b}}}": [f"{3.141592653589793 / b:.6f}", str(b), f"{3.14159 / b:.5f}"],
+            f"[{a}, {a + b})": [f"[{a},{a + b})", f"({a}, {a + b})", str(a), f"{a}.5", f"{a}, {a + b}"],
+            f"({a}, {a + b})": [f"{a}, {a + b}", f"\\{{{a}, {a + b}\\}}", str(a)],
+            f"\\{{{a}, {a + b}\\}}": [f"\\{{{a + b},{a}\\}}", f"{a}, {a + b}", str(a), f"\\{{{a}\\}}"],
+            f"\\{{{a}\\}}": [str(a), str(a + 1)],
+            f"{a}\\%": [str(a), f"{a / 100}", str(a + 1)],
+            "\\text{(B)}": ["B", "(B)", "C", str(a)],
+            f"x={a}": [str(a), f"x={a}", str(a + 1)],
+        }
+        for gold, answers in golds.items():
+            for answer in answers:
+                pairs.append((gold, boxed(answer)))
+            pairs.append((gold, f"Adding up, the answer is {rng.choice(answers)}."))
+            pairs.append((gold, f"We get {a} and then {rng.choice(answers)} more"))  # the last number
+    return list(dict.fromkeys(pairs))
+
+
+def test_fast_grades_equal_math_verify_grades():
+    """Every response graded with the fast paths gets math-verify's GradeResult (score, status, correct,
+    extracted, source); the fast paths carry most of the corpus."""
+    config = RewardConfig()
+    pairs = _grading_corpus()
+    num_fast_parsed = 0
+    decided = collections.Counter()
+    for gold, response in pairs:
+        assert grade_math(response, gold, config) == grade_math_reference(response, gold, config), (gold, response)
+        answer = extract_answer(response, config.stop_tokens)
+        wrap = answer.source != "answer_is"
+        if fast_parse(answer.text, wrap) is not None:
+            num_fast_parsed += 1
+            gold_parse = math_reward_module._parse(gold, True)
+            decided[certainly_wrong(gold_parse, math_reward_module._parse(answer.text, wrap))] += 1
+    assert len(pairs) > 400 and num_fast_parsed > 0.6 * len(pairs), (num_fast_parsed, len(pairs))
+    assert decided["interval"] >= 10 and decided["numeric_gap"] >= 20, decided
+
+
+def test_fast_paths_are_taken_without_math_verify(monkeypatch):
+    """Plain answers never reach math-verify's parser, and clearly wrong numbers never reach its verify."""
+    calls = collections.Counter()
+    real_parse, real_verify = math_reward_module.parse, math_reward_module.verify
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(math_reward_module, "parse", counting("parse", real_parse))
+    monkeypatch.setattr(math_reward_module, "verify", counting("verify", real_verify))
+    math_reward_module._parse.cache_clear()
+    math_reward_module._reference_parse.cache_clear()
+    config = RewardConfig()
+    plain = [("1234", "1,234"), ("1234", "1235"), ("0.75", "\\dfrac{3}{4}"), ("-2.5", "-5/2"), ("[1, 4)", "[1,4)"),
+             ("\\{3, 1\\}", "1, 3"), ("(2, 9)", "\\{2, 9\\}"), ("17", "the answer is 17")]
+    for gold, answer in plain:
+        grade_math(answer if "answer is" in answer else boxed(answer), gold, config)
+    assert calls["parse"] == 0, calls
+    num_verified = calls["verify"]
+    # A cached gold parse from math-verify, then wrong numbers decided without verify.
+    for gold, answer in (("2\\sqrt{3}", "6"), ("2\\sqrt{3}", "3.46"), ("[1, 4)", "2"), ("\\frac{\\pi}{2}", "1.5")):
+        assert grade_math(boxed(answer), gold, config).correct is False
+    assert calls["verify"] == num_verified, calls
+    # Close enough to need math-verify's rounding rule: verified, and right.
+    assert grade_math(boxed("3.464102"), "2\\sqrt{3}", config).correct is True
+    assert calls["verify"] == num_verified + 1

@@ -12,6 +12,7 @@ fails off the main thread, so they are disabled here.
 """
 
 import functools
+from collections.abc import Callable
 from typing import Optional
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -19,6 +20,8 @@ from sympy import Basic, MatrixBase
 
 from megatron_zero.config.reward import RewardConfig
 from megatron_zero.rewards.extraction import extract_answer
+from megatron_zero.rewards.fast_parse import fast_parse
+from megatron_zero.rewards.fast_verify import certainly_wrong
 from megatron_zero.rewards.types import GradeResult, GradeStatus
 
 # A boxed answer is matched first; plain expressions are the fallback inside the span.
@@ -26,8 +29,8 @@ _EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConf
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse(text: str, wrap_in_box: bool) -> tuple:
-    """math-verify parse of an answer (cached: the samples of one prompt share a ground truth and often answers).
+def _reference_parse(text: str, wrap_in_box: bool) -> tuple:
+    """math-verify's parse of an answer (cached: the samples of one prompt share a ground truth and often answers).
 
     A bare answer such as "\\frac{1}{2}" or "1,000" is wrapped in \\boxed{} so math-verify reads all of it as one
     LaTeX expression; a free-text span ("42 apples") is first parsed as is so math-verify finds the expression in
@@ -37,22 +40,38 @@ def _parse(text: str, wrap_in_box: bool) -> tuple:
     return tuple(parse(source, extraction_config=_EXTRACTION, parsing_timeout=None, raise_on_error=True))
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str, wrap_in_box: bool) -> tuple:
+    """The same parse as math-verify's, without its LaTeX parser for plain numbers, intervals and sets."""
+    fast = fast_parse(text, wrap_in_box)
+    return fast.parsed if fast is not None else _reference_parse(text, wrap_in_box)
+
+
+def _reference_verify(gold: tuple, predicted: tuple) -> bool:
+    return verify(list(gold), list(predicted), timeout_seconds=None)
+
+
+def _verify(gold: tuple, predicted: tuple) -> bool:
+    """math-verify's verdict; a wrong number against an interval or a clearly different value skips `verify`."""
+    return certainly_wrong(gold, predicted) is None and _reference_verify(gold, predicted)
+
+
 def _is_math(parsed: tuple) -> bool:
     return any(isinstance(item, (Basic, MatrixBase)) for item in parsed)
 
 
-def grade_math(response: str, ground_truth: str, config: RewardConfig) -> GradeResult:
-    """Grade one response against its ground-truth answer (no time limit: run it inside `GraderPool`)."""
+def _grade(response: str, ground_truth: str, config: RewardConfig, parse_answer: Callable[[str, bool], tuple],
+           compare: Callable[[tuple, tuple], bool]) -> GradeResult:
     scores = config.score_table()
     answer = extract_answer(response, config.stop_tokens, strict_boxed=config.strict_boxed)
     if answer is None:
         return GradeResult(score=scores["no_answer"], status=GradeStatus.NO_ANSWER, correct=False)
-    gold = _parse(ground_truth.strip(), True)
-    predicted = _parse(answer.text, answer.source != "answer_is")
+    gold = parse_answer(ground_truth.strip(), True)
+    predicted = parse_answer(answer.text, answer.source != "answer_is")
     if not _is_math(predicted) and answer.source == "answer_is":
         # A bare LaTeX span without $ ("\\sqrt{2}", "B") is only found when boxed.
-        predicted = _parse(answer.text, True)
-    correct = verify(list(gold), list(predicted), timeout_seconds=None)
+        predicted = parse_answer(answer.text, True)
+    correct = compare(gold, predicted)
     return GradeResult(
         score=scores["correct" if correct else "wrong"],
         status=GradeStatus.OK if _is_math(gold) and _is_math(predicted) else GradeStatus.UNPARSED,
@@ -60,6 +79,17 @@ def grade_math(response: str, ground_truth: str, config: RewardConfig) -> GradeR
         source=answer.source,
         correct=correct,
     )
+
+
+def grade_math(response: str, ground_truth: str, config: RewardConfig) -> GradeResult:
+    """Grade one response against its ground-truth answer (no time limit: run it inside `GraderPool`)."""
+    return _grade(response, ground_truth, config, _parse, _verify)
+
+
+def grade_math_reference(response: str, ground_truth: str, config: RewardConfig) -> GradeResult:
+    """`grade_math` with math-verify's parse and verify for every answer: the grades the fast paths must
+    reproduce, and the baseline tools/bench_rewards.py measures them against."""
+    return _grade(response, ground_truth, config, _reference_parse, _reference_verify)
 
 
 def math_reward(response: str, ground_truth: str, config: Optional[RewardConfig] = None) -> float:
