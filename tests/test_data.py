@@ -309,7 +309,7 @@ def test_pass_rates_estimate_band_and_round_trip(tmp_path):
         filter_by_pass_rate(problems + make_problems(8)[7:], rates, 0.0, 1.0)
     with pytest.raises(ValueError, match="must return 6 rewards"):
         estimate_pass_rates(problems, lambda batch, n: [[1.0]] * len(batch), num_samples=6)
-    assert PassRate("x", 4, 1).pass_rate == 0.25
+    assert PassRate("x", 4, 1, "f").pass_rate == 0.25
 
 
 def test_data_config_validation():

@@ -83,6 +83,35 @@ class PassRateFilterConfig:
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
+class PassRateEstimateConfig:
+    """How ``megatron-zero difficulty`` samples the pass-rate table: the training rollout's sampling by default
+    (recipe: temperature 1.0, 8 samples), so a rate says how often RL would see the problem solved."""
+
+    num_samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 3072
+    # Problems per generation call (all their samples go to the engine together).
+    batch_size: int = 256
+    seed: int = 0
+    # A sample counts as solved when its reward is at least this (the recipe's correct reward is 1.0).
+    success_threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"difficulty.{name}={value!r} must be an integer >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"difficulty.temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.temperature == 0 and self.num_samples > 1:
+            raise ValueError(f"difficulty.temperature=0 (greedy) with num_samples={self.num_samples} repeats one "
+                             "sample; sample with temperature > 0 (recipe: 1.0) or set num_samples=1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"difficulty.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
 class DynamicSamplingConfig:
     # DAPO-style: drop prompt groups whose rewards are all equal (zero advantage) and refill the batch.
     enabled: bool = False

@@ -4,12 +4,20 @@ The defaults are the paper's RL-model setting on all six benchmarks (temperature
 16000 new tokens, one sample). Greedy baselines use ``temperature=0.0, top_p=1.0, n_samples=1``;
 AIME24 as avg@32 uses ``n_samples=32``. Validated on construction; benchmark names are checked
 against the registry in ``megatron_zero.evaluation.benchmarks`` before any generation starts.
+
+``EngineConfig`` is the engine of the standalone commands (``megatron-zero eval`` and ``difficulty``): the torch
+engine in this process (CPU, or one GPU), or SGLang, launched on this Ray cluster's GPUs like the trainer's
+disaggregated engines, or a server already running.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+from megatron_zero.config.cluster import RAY_ADDRESS_AUTO, ClusterConfig
+from megatron_zero.config.rollout import ROLLOUT_ENGINES, TorchEngineConfig
+from megatron_zero.config.sglang import SGLangConfig
 
 DEFAULT_BENCHMARKS = ("gsm8k", "math500", "minerva_math", "olympiadbench", "aime24", "amc23")
 
@@ -72,3 +80,36 @@ class EvalConfig:
             return sorted(set(self.pass_k))
         ks = [1 << i for i in range(self.n_samples.bit_length()) if (1 << i) <= self.n_samples]
         return sorted(set(ks) | {self.n_samples})
+
+
+@dataclass(kw_only=True, frozen=True)
+class EngineConfig:
+    # "torch": the embedded engine (engine.torch); "sglang": SGLang (engine.sglang).
+    engine: str = "torch"
+    torch: TorchEngineConfig = field(default_factory=TorchEngineConfig)
+    # Required with engine="sglang". sglang.launch=true starts one server per sglang.tp_size of num_gpus GPUs in Ray
+    # actors (the trainer's launch path); nothing pushes weights, so sglang.colocated must be false.
+    # sglang.launch=false uses the server running at sglang.host:port.
+    sglang: Optional[SGLangConfig] = None
+    num_gpus: int = 1
+    ray_address: str = RAY_ADDRESS_AUTO
+
+    def __post_init__(self) -> None:
+        if self.engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"engine={self.engine!r} is unknown; use one of {list(ROLLOUT_ENGINES)}")
+        if self.engine == "sglang" and self.sglang is None:
+            raise ValueError("engine='sglang' needs an SGLangConfig (sglang.model_path set)")
+        if not (isinstance(self.num_gpus, int) and self.num_gpus >= 1):
+            raise ValueError(f"num_gpus={self.num_gpus!r} must be an integer >= 1")
+        if self.engine == "sglang" and self.sglang.launch:
+            if self.sglang.colocated:
+                raise ValueError("sglang.colocated=True shares GPUs with training ranks, but evaluation has none; "
+                                 "set sglang.colocated=False")
+            self.sglang.check_launch(self.cluster)
+
+    @property
+    def cluster(self) -> ClusterConfig:
+        """Launched servers' Ray layout: num_gpus GPUs of their own, as the trainer's disaggregated engines (no
+        Megatron ranks are placed)."""
+        return ClusterConfig(num_nodes=1, gpus_per_node=self.num_gpus, rollout_num_gpus=self.num_gpus,
+                             ray_address=self.ray_address)

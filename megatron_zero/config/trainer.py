@@ -209,6 +209,12 @@ class TrainConfig:
             raise FileNotFoundError(f"data.train.path={self.data.train.path!r} does not exist")
         if self.eval.path is not None and not Path(self.eval.path).exists():
             raise FileNotFoundError(f"eval.path={self.eval.path!r} does not exist")
+        table = self.data.pass_rate_filter.pass_rate_file
+        if table is not None and not Path(table).is_file():
+            # Whether it matches the data is checked when the problems are read, also before Ray starts.
+            raise FileNotFoundError(f"data.pass_rate_filter.pass_rate_file={table!r} does not exist; write it with "
+                                    f"`megatron-zero difficulty --model {self.model_path} --data "
+                                    f"{self.data.train.path} --out {table}`")
 
 
 def load_config(path: Optional[str], overrides: list[str], base: Optional[dict[str, Any]] = None) -> TrainConfig:

@@ -6,23 +6,31 @@ has zero GRPO advantage and only dilutes the batch, so such groups are dropped a
 batch holds the target number of groups.
 
 Both are engine-agnostic: `estimate_pass_rates` takes a ``generate_and_grade(problems, n)`` callable and
-`dynamic_sampling` a ``supply(num_groups)`` callable, so the trainer wraps whichever engine it runs.
+`dynamic_sampling` a ``supply(num_groups)`` callable, so the trainer wraps whichever engine it runs
+(``megatron-zero difficulty`` wraps the eval engines: megatron_zero/evaluation/difficulty.py).
+
+A table row carries each problem's fingerprint (its question and ground truth, hashed), so a table made for other
+data - or for the same file after its rows moved, when uids are "<file stem>-<row>" - is refused rather than
+applied to the wrong problems.
 
 How::
 
     rates = estimate_pass_rates(problems, generate_and_grade, num_samples=8)
     save_pass_rates(rates, "pass_rates.jsonl")
     kept = filter_by_pass_rate(problems, load_pass_rates("pass_rates.jsonl"), low=0.1, high=0.9)
+    kept, report = apply_pass_rate_filter(problems, config.data.pass_rate_filter)  # what the trainer calls
     groups, report = dynamic_sampling(supply, num_groups=256, max_refill_rounds=3)
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from megatron_zero.config.data import PassRateFilterConfig
 from megatron_zero.data.problems import Problem
 
 logger = logging.getLogger(__name__)
@@ -31,11 +39,23 @@ logger = logging.getLogger(__name__)
 GenerateAndGrade = Callable[[list[Problem], int], list[list[float]]]
 
 
+# How many offending uids an error shows.
+_NUM_EXAMPLES = 5
+
+
+def problem_fingerprint(problem: Problem) -> str:
+    """A short hash of what makes a problem itself (question and ground truth; not the template)."""
+    text = f"{problem.question}\x00{problem.ground_truth}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 @dataclasses.dataclass(frozen=True)
 class PassRate:
     uid: str
     num_samples: int
     num_correct: int
+    # problem_fingerprint of the problem the rate was estimated on.
+    fingerprint: str
 
     @property
     def pass_rate(self) -> float:
@@ -63,7 +83,7 @@ def estimate_pass_rates(
             )
         for problem, group in zip(batch, rewards):
             num_correct = sum(reward >= success_threshold for reward in group)
-            rates[problem.uid] = PassRate(problem.uid, num_samples, num_correct)
+            rates[problem.uid] = PassRate(problem.uid, num_samples, num_correct, problem_fingerprint(problem))
         logger.info("pass rates: %d of %d problems estimated", len(rates), len(problems))
     return rates
 
@@ -82,28 +102,97 @@ def load_pass_rates(path: str | Path) -> dict[str, PassRate]:
                 continue
             try:
                 row = json.loads(line)
-                rate = PassRate(str(row["uid"]), int(row["num_samples"]), int(row["num_correct"]))
+                rate = PassRate(str(row["uid"]), int(row["num_samples"]), int(row["num_correct"]),
+                                str(row["fingerprint"]))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise ValueError(
-                    f"{path}:{line_number}: not a pass-rate row with uid, num_samples, num_correct ({error!r})"
-                ) from error
+                raise ValueError(f"{path}:{line_number}: not a pass-rate row with uid, num_samples, num_correct, "
+                                 f"fingerprint ({error!r}); write tables with `megatron-zero difficulty`") from None
+            if not 0 <= rate.num_correct <= rate.num_samples or rate.num_samples < 1:
+                raise ValueError(f"{path}:{line_number}: num_correct={rate.num_correct} of num_samples="
+                                 f"{rate.num_samples} is not a pass rate")
+            if rate.uid in rates:
+                raise ValueError(f"{path}:{line_number}: uid {rate.uid!r} appears twice; one row per problem")
             rates[rate.uid] = rate
+    if not rates:
+        raise ValueError(f"{path} holds no pass-rate rows")
     return rates
 
 
-def filter_by_pass_rate(
-    problems: Sequence[Problem], rates: dict[str, PassRate], low: float, high: float
-) -> list[Problem]:
-    """Problems whose pass rate is in [low, high]; every problem must have a rate."""
+def check_pass_rate_table(problems: Sequence[Problem], rates: dict[str, PassRate], origin: str = "the table") -> None:
+    """Raise, in one line, unless every problem has a rate estimated on that same problem (uid and fingerprint)."""
     missing = [problem.uid for problem in problems if problem.uid not in rates]
     if missing:
         raise ValueError(
-            f"{len(missing)} of {len(problems)} problems have no pass rate (first: {missing[:5]}); estimate them "
-            "with estimate_pass_rates or use the table made for this dataset"
+            f"{origin}: {len(missing)} of {len(problems)} problems have no pass rate (first: "
+            f"{missing[:_NUM_EXAMPLES]}); estimate them for this data with `megatron-zero difficulty` (same file "
+            "and uid field) or use the table made for this dataset"
         )
+    changed = [problem.uid for problem in problems if rates[problem.uid].fingerprint != problem_fingerprint(problem)]
+    if changed:
+        raise ValueError(
+            f"{origin}: {len(changed)} of {len(problems)} problems differ from the ones their rows were estimated "
+            f"on (question or answer changed, or rows moved; first: {changed[:_NUM_EXAMPLES]}); the table was made "
+            "for other data: re-estimate it with `megatron-zero difficulty`, or give the data stable uids "
+            "(data.train.uid_field)"
+        )
+
+
+def filter_by_pass_rate(
+    problems: Sequence[Problem], rates: dict[str, PassRate], low: float, high: float, origin: str = "the table"
+) -> list[Problem]:
+    """Problems whose pass rate is in [low, high]; every problem must have a rate (`check_pass_rate_table`)."""
+    check_pass_rate_table(problems, rates, origin)
     kept = [problem for problem in problems if low <= rates[problem.uid].pass_rate <= high]
     logger.info("pass-rate band [%g, %g]: kept %d of %d problems", low, high, len(kept), len(problems))
     return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRateFilterReport:
+    """What ``data.pass_rate_filter`` did; the trainer logs it and writes it to the run's summary."""
+
+    pass_rate_file: str
+    min_pass_rate: float
+    max_pass_rate: float
+    num_kept: int
+    # Dropped below the band (too hard for the model) and above it (already solved).
+    num_dropped_hard: int
+    num_dropped_easy: int
+
+    @property
+    def num_dropped(self) -> int:
+        return self.num_dropped_hard + self.num_dropped_easy
+
+
+def apply_pass_rate_filter(
+    problems: Sequence[Problem], config: PassRateFilterConfig
+) -> tuple[list[Problem], Optional[PassRateFilterReport]]:
+    """``problems`` in ``config``'s band, with the report; unchanged (report None) when no table is set."""
+    if config.pass_rate_file is None:
+        return list(problems), None
+    field = f"data.pass_rate_filter.pass_rate_file={config.pass_rate_file!r}"
+    if not Path(config.pass_rate_file).is_file():
+        raise FileNotFoundError(f"{field} does not exist; write it with `megatron-zero difficulty`")
+    rates = load_pass_rates(config.pass_rate_file)
+    low, high = config.min_pass_rate, config.max_pass_rate
+    kept = filter_by_pass_rate(problems, rates, low, high, origin=field)
+    report = PassRateFilterReport(
+        pass_rate_file=config.pass_rate_file,
+        min_pass_rate=low,
+        max_pass_rate=high,
+        num_kept=len(kept),
+        num_dropped_hard=sum(rates[problem.uid].pass_rate < low for problem in problems),
+        num_dropped_easy=sum(rates[problem.uid].pass_rate > high for problem in problems),
+    )
+    if not kept:
+        raise ValueError(
+            f"data.pass_rate_filter band [{low:g}, {high:g}] keeps none of the {len(problems)} problems "
+            f"({report.num_dropped_hard} below it, {report.num_dropped_easy} above it); widen the band "
+            "(min_pass_rate / max_pass_rate) or use data that suits the model"
+        )
+    logger.info("pass-rate filter %s: dropped %d problems (%d below the band, %d above it)", config.pass_rate_file,
+                report.num_dropped, report.num_dropped_hard, report.num_dropped_easy)
+    return kept, report
 
 
 @dataclasses.dataclass(frozen=True)

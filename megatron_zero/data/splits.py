@@ -7,9 +7,15 @@ Public formats read here:
   MATH   problem | solution (final answer = last \\boxed{...}) | level "Level 3" (a few rows say "Level ?") | type
   GSM8K  question | answer "... #### 1,250" (final answer after "####", thousands separators removed)
 
+Files: ``read_rows`` reads .jsonl, .json (a list of rows, or one row: the original MATH release is a folder tree of
+one-problem .json files, e.g. MATH/train/algebra/1.json) and .parquet files, and folders of them.
+
 How: ``rows = build_difficulty_split("hard", math_rows, gsm8k_rows)`` gives uniform rows (uid, question, answer,
 level, source); ``write_jsonl(rows, "hard.jsonl")`` and train with ``DatasetConfig(path="hard.jsonl",
-uid_field="uid", level_field="level", source_field="source")``.
+uid_field="uid", level_field="level", source_field="source")``. From the shell::
+
+    megatron-zero data --split hard --math MATH/train --out data/hard.jsonl
+    megatron-zero data --split easy --math math_train.parquet --gsm8k gsm8k_train.jsonl --out data/easy.jsonl
 """
 
 import dataclasses
@@ -26,6 +32,47 @@ from megatron_zero.rewards.extraction import last_boxed
 logger = logging.getLogger(__name__)
 
 _MATH_LEVEL = re.compile(r"Level (\d)")
+
+
+ROW_FILE_SUFFIXES = (".jsonl", ".parquet", ".json")
+# DatasetConfig fields (data.train.<key>=<value>) that read a written split; question/answer are the defaults.
+SPLIT_DATASET_FIELDS = {"uid_field": "uid", "level_field": "level", "source_field": "source"}
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a .jsonl / .json / .parquet file, or of every such file under a folder (sorted by path)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix in ROW_FILE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path}: a folder without {'/'.join(ROW_FILE_SUFFIXES)} files")
+        return [row for file in files for row in read_rows(file)]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        rows = [rows] if isinstance(rows, dict) else rows
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise ValueError(f"{path}: expected a JSON object or a list of objects")
+        return rows
+    if path.suffix != ".jsonl":
+        raise ValueError(f"{path}: unsupported file type; use one of {list(ROW_FILE_SUFFIXES)}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+    return rows
 
 
 def _require(row: Mapping[str, Any], fields: tuple[str, ...], where: str) -> None:
@@ -102,6 +149,10 @@ def build_difficulty_split(
     if name not in DIFFICULTY_SPLITS:
         raise ValueError(f"difficulty split {name!r} is unknown; use one of {sorted(DIFFICULTY_SPLITS)}")
     split = DIFFICULTY_SPLITS[name]
+    gsm8k_rows = list(gsm8k_rows)
+    if gsm8k_rows and not split.include_gsm8k:
+        raise ValueError(f"difficulty split {name!r} is MATH levels {list(split.math_levels)} only; it has no place "
+                         f"for the {len(gsm8k_rows)} GSM8K rows given (only 'easy' includes GSM8K); leave them out")
     math = read_math_rows(math_rows)
     unknown_level = sum(row["level"] is None for row in math)
     if unknown_level:

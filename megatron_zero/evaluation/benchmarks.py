@@ -20,19 +20,17 @@ accepts in order of preference. Usage::
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_zero.data.splits import gsm8k_final_answer
+from megatron_zero.data.splits import ROW_FILE_SUFFIXES, gsm8k_final_answer, read_rows
 from megatron_zero.rewards.extraction import last_boxed
 
 logger = logging.getLogger(__name__)
 
 SPLIT = "test"
-FILE_SUFFIXES = (".jsonl", ".parquet", ".json")
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,7 @@ def get_benchmark(name: str) -> BenchmarkSpec:
 def benchmark_file(name: str, data_dir: str | Path) -> Path:
     """The file of benchmark `name` under `data_dir`; raises naming every path tried if none exists."""
     get_benchmark(name)
-    candidates = [Path(data_dir) / name / f"{SPLIT}{suffix}" for suffix in FILE_SUFFIXES]
+    candidates = [Path(data_dir) / name / f"{SPLIT}{suffix}" for suffix in ROW_FILE_SUFFIXES]
     for path in candidates:
         if path.is_file():
             return path
@@ -107,32 +105,11 @@ def benchmark_file(name: str, data_dir: str | Path) -> Path:
     )
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-        return rows
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
-    return rows
-
-
 def load_benchmark(name: str, data_dir: str | Path, max_problems: int | None = None) -> list[Problem]:
     """Read benchmark `name` from `data_dir`: one `Problem` per row, in file order."""
     spec = get_benchmark(name)
     path = benchmark_file(name, data_dir)
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if max_problems is not None:
         rows = rows[:max_problems]
     problems = []

@@ -64,6 +64,11 @@ def _metric_columns(result: BenchmarkResult) -> dict[str, float]:
     return columns
 
 
+def load_benchmarks(config: EvalConfig) -> dict[str, list[Problem]]:
+    """Every benchmark of `config`, read and checked (call it before starting an engine: errors come in seconds)."""
+    return {name: load_benchmark(name, config.data_dir, config.max_problems) for name in config.benchmarks}
+
+
 def evaluate(
     config: EvalConfig,
     generate: Generator,
@@ -71,11 +76,12 @@ def evaluate(
     format_prompt: Callable[[str], str],
     *,
     step: int = 0,
+    problems: dict[str, list[Problem]] | None = None,
 ) -> EvalReport:
-    """Run every benchmark of `config`; `format_prompt` applies the prompt template to a question."""
-    problems_by_benchmark = {
-        name: load_benchmark(name, config.data_dir, config.max_problems) for name in config.benchmarks
-    }
+    """Run every benchmark of `config`; `format_prompt` applies the prompt template to a question.
+
+    `problems`: what `load_benchmarks(config)` returned, if the caller read them already."""
+    problems_by_benchmark = load_benchmarks(config) if problems is None else problems
     temperature, top_p = (0.0, 1.0) if config.greedy else (config.temperature, config.top_p)
     results, samples = [], []
     for name, problems in problems_by_benchmark.items():

@@ -58,35 +58,19 @@ def run_demo(output_dir: str, num_steps: Optional[int] = None, overrides: Option
 
     config = demo_config(output_dir, num_steps, overrides)
     out = Path(output_dir)
-    summary_path = out / "summary.json"
     trainer = Trainer(config)
     try:
-        before = _accuracy_before(trainer, out)
+        # The trainer scores the held-out set before step 1 and at the end, and writes summary.json.
         trainer.fit()
-        after = trainer.evaluate()
-        trainer.metrics.log_eval(trainer.step, after)
     finally:
         trainer.close()
-    summary = {"accuracy_before": before, "accuracy_after": after["accuracy"], "num_steps": trainer.step,
-               "eval_problems": len(after["samples"]), "decoding": "greedy",
-               "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None}
-    summary_path.write_text(json.dumps(summary, indent=2))
+    summary = trainer.summary()
     plot = plot_training(out / "metrics.jsonl", out / "training.png")
     report = _behaviour_report(out)
-    print(f"accuracy (greedy, held-out): {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}")
-    print(f"summary:  {summary_path}\nmetrics:  {out / 'metrics.jsonl'}\nplot:     {plot}\nreport:   {report}")
+    if summary["accuracy_after"] is not None:
+        print(f"accuracy (greedy, held-out): {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}")
+    print(f"summary:  {out / 'summary.json'}\nmetrics:  {out / 'metrics.jsonl'}\nplot:     {plot}\nreport:   {report}")
     return summary
-
-
-def _accuracy_before(trainer, out: Path) -> float:
-    """Greedy held-out accuracy of the base model, measured once (kept across resumes)."""
-    path = out / "accuracy_before.json"
-    if path.is_file():
-        return json.loads(path.read_text())["accuracy"]
-    result = trainer.evaluate()
-    trainer.metrics.log_eval(trainer.step, result)
-    path.write_text(json.dumps({"accuracy": result["accuracy"]}))
-    return result["accuracy"]
 
 
 def plot_training(metrics_path: Path, png_path: Path) -> Path:

@@ -7,11 +7,16 @@ The step reads like the algorithm; placement (Ray), the actor (Megatron), the en
 live in their own modules. Every step checks what silently breaks RL trainers: the engine/actor
 log-prob gap (stale or broken weight sync), the step-0 policy/reference KL, and the grader's
 error rate; each stops the run with a clear error.
+
+With ``eval.path`` set, the held-out set is scored greedily before step 1 (the base model's baseline), every
+``run.eval_every`` steps and at the end; ``summary.json`` in the output directory holds those accuracies and what
+the data filters kept (``data.pass_rate_filter``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -29,6 +34,7 @@ from megatron_zero.models.registry import read_architecture
 from megatron_zero.parallel.data_parallel import ShardPlan, row_costs
 from megatron_zero.parallel.reshard import RECEIVED_KINDS
 from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, gather, request_seed
+from megatron_zero.rollout.factory import build_engine
 
 if TYPE_CHECKING:
     from megatron_zero.rewards import BatchGrades, GradingSession
@@ -76,7 +82,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = _load_tokenizer(config.model_path)
         self.arch = read_architecture(config.model_path)  # row costs for the data-parallel split
-        self.sampler = _load_sampler(config, self.tokenizer)
+        # Before Ray starts: a missing or mismatched pass-rate table fails here, in one line.
+        self.sampler, self.pass_rate_report = _load_sampler(config, self.tokenizer)
         self.eval_problems = _load_eval(config, self.tokenizer)
         self.mcore_dir = config.mcore_path or _convert_base_model(config.model_path, self.output_dir / "base_mcore")
         self.grader = GraderPool(config.reward)
@@ -84,8 +91,9 @@ class Trainer:
         self.placement, self.rollout_placement = _create_placements(config)
         # The engine starts before the actor loads its weights: SGLang sizes its KV cache once, from the memory
         # free at startup. Colocated, it then releases its memory until the actor is loaded.
-        self.engine = _build_engine(config, self.tokenizer, self.rollout_placement or self.placement, log_dir,
-                                    sglang_server_command)
+        self.engine = build_engine(config.rollout.engine, config.model_path, config.rollout.torch,
+                                   config.rollout.sglang, config.cluster, self.rollout_placement or self.placement,
+                                   self.tokenizer, log_dir, sglang_server_command)
         if config.cluster.colocate:
             self.engine.release_memory()
         # SGLang servers take their weights from the ranks (weight_push.py), never through the driver.
@@ -98,6 +106,8 @@ class Trainer:
         self.progress = None  # the console's progress bar while fit() runs
         self.actor_offloaded = False
         self.resumed_from = self.maybe_resume()
+        # Held-out accuracies by step; a resumed run keeps its earlier ones (the baseline among them).
+        self.eval_history = _read_eval_history(self.output_dir, self.step) if self.resumed_from else {}
         # A resume has synced its policy already. Otherwise colocated engines need the weights release_memory()
         # dropped, and SGLang servers of their own get a first sync anyway: it proves the broadcast path before
         # the first rollout rather than after it.
@@ -110,20 +120,28 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> None:
-        """Train until run.num_steps; on SIGTERM (preemption) save and return after the current step."""
+        """Train until run.num_steps; on SIGTERM (preemption) save and return after the current step.
+
+        With a held-out set: evaluated before step 1, every run.eval_every steps and at the end (not on SIGTERM:
+        the grace period is for the checkpoint); summary.json is written on return."""
         from tqdm import tqdm
 
         with _stop_on_sigterm(self), tqdm(total=self.config.run.num_steps, initial=self.step, desc="zero-RL steps",
                                           unit="step", dynamic_ncols=True) as self.progress:
+            if self.step == 0:
+                self.evaluate_and_log()
             while self.step < self.config.run.num_steps and not self.stop_requested:
                 self.train_one_step()
                 self.progress.update(1)
                 if self.config.run.eval_every and self.step % self.config.run.eval_every == 0:
-                    self.metrics.log_eval(self.step, self.evaluate())
+                    self.evaluate_and_log()
                 if self.config.run.save_every and self.step % self.config.run.save_every == 0:
                     self.save_checkpoint()
             if self.stop_requested or not self.config.run.save_every or self.step % self.config.run.save_every:
                 self.save_checkpoint()
+            if not self.stop_requested:
+                self.evaluate_and_log()
+        self.write_summary()
 
     def train_one_step(self) -> dict[str, Any]:
         timings: dict[str, float] = {}
@@ -338,6 +356,36 @@ class Trainer:
         accuracy = sum(r.score >= 1.0 for r in grades.results) / len(grades.results)
         return {"accuracy": accuracy, "samples": samples}
 
+    def evaluate_and_log(self) -> None:
+        """Evaluate the current policy once per step (no-op without eval.path) into the metrics."""
+        if not self.eval_problems or self.step in self.eval_history:
+            return
+        result = self.evaluate()
+        self.metrics.log_eval(self.step, result)
+        self.eval_history[self.step] = result["accuracy"]
+
+    def summary(self) -> dict[str, Any]:
+        """The run at a glance: held-out accuracy before / after (greedy) and what the data filters kept."""
+        history = dict(sorted(self.eval_history.items()))
+        report = self.pass_rate_report
+        return {
+            "num_steps": self.step,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "accuracy_before": history.get(0),
+            "accuracy_after": history.get(self.step) if self.step > 0 else None,
+            "eval_history": [{"step": step, "accuracy": accuracy} for step, accuracy in history.items()],
+            "eval_problems": len(self.eval_problems),
+            "decoding": "greedy",
+            "num_train_problems": len(self.sampler.problems),
+            "pass_rate_filter": None if report is None else {**dataclasses.asdict(report),
+                                                              "num_dropped": report.num_dropped},
+        }
+
+    def write_summary(self) -> Path:
+        path = self.output_dir / "summary.json"
+        path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        return path
+
     # ---- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
@@ -437,10 +485,23 @@ def _load_tokenizer(model_path: str):
 
 
 def _load_sampler(config: TrainConfig, tokenizer):
-    """Prompts (already formatted with data.train.template and length-checked) in a resumable sampler."""
-    from megatron_zero.data import PromptSampler, load_problems
+    """Prompts (already formatted with data.train.template, length-checked and in data.pass_rate_filter's band)
+    in a resumable sampler, and the filter's report (None without a table)."""
+    from megatron_zero.data import PromptSampler, apply_pass_rate_filter, load_problems
 
-    return PromptSampler(load_problems(config.data.train, tokenizer=tokenizer), config.data.sampler)
+    problems = load_problems(config.data.train, tokenizer=tokenizer)
+    problems, report = apply_pass_rate_filter(problems, config.data.pass_rate_filter)
+    return PromptSampler(problems, config.data.sampler), report
+
+
+def _read_eval_history(output_dir: Path, step: int) -> dict[int, float]:
+    """Accuracies in eval.jsonl up to ``step`` (the checkpoint resumed from); a later record is from steps the
+    resumed run repeats, so it is left out, and the last record of a step wins."""
+    path = output_dir / "eval.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {record["step"]: record["accuracy"] for record in records if record["step"] <= step}
 
 
 def _load_eval(config: TrainConfig, tokenizer) -> list:
@@ -464,26 +525,6 @@ def _convert_base_model(model_path: str, out_dir: Path) -> str:
             shutil.rmtree(out_dir)  # a half-written conversion from an interrupted run
         run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(model_path, str(out_dir)))
     return str(out_dir)
-
-
-def _build_engine(config: TrainConfig, tokenizer, placement, log_dir: Path,
-                  sglang_server_command: Optional[Sequence[str]]) -> RolloutEngine:
-    if config.rollout.engine == "torch":
-        from megatron_zero.rollout.torch_engine import TorchEngine
-
-        return TorchEngine.from_pretrained(config.model_path, config.rollout.torch, tokenizer=tokenizer)
-    from megatron_zero.rollout.sglang_servers import EngineRouter, launch_sglang_router
-
-    sglang = config.rollout.sglang
-    if not sglang.launch:
-        from megatron_zero.rollout.sglang_engine import SGLangEngine
-
-        engine = SGLangEngine(sglang)  # started by hand at sglang.host:port
-        engine.wait_until_ready()
-        return EngineRouter([engine])
-    # One server per sglang.tp_size GPUs of the placement, in Ray actors: on the ranks' GPUs (colocated) or on
-    # the rollout placement's.
-    return launch_sglang_router(config.cluster, placement, sglang, log_dir, server_command=sglang_server_command)
 
 
 def _create_placements(config: TrainConfig):

@@ -1,0 +1,79 @@
+"""Pass rates of training problems under a model: sample n responses per problem with an engine, grade them.
+
+Why: the paper matches data difficulty to the base model; ``data.pass_rate_filter`` keeps the problems whose rate
+is in a band, and this writes the table it reads (``megatron-zero difficulty``). Generation and grading are the
+evaluation's (`Generator`, `Grader`), so the CLI wraps whichever engine the user has (evaluation/engines.py).
+
+How::
+
+    rates = measure_pass_rates(problems, EngineGenerator(engine, tokenizer), grade, PassRateEstimateConfig())
+    save_pass_rates(rates, "rates.jsonl")
+    # or all of it, from a model directory (what `megatron-zero difficulty` calls):
+    estimate_model_pass_rates("models/base", DatasetConfig(path="hard.jsonl"), PassRateEstimateConfig(),
+                              EngineConfig(), "rates.jsonl")
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from megatron_zero.config.data import DatasetConfig, PassRateEstimateConfig
+from megatron_zero.config.evaluation import EngineConfig
+from megatron_zero.config.reward import RewardConfig
+from megatron_zero.data.difficulty import PassRate, estimate_pass_rates, save_pass_rates
+from megatron_zero.data.problems import Problem
+from megatron_zero.evaluation.generation import Generator, Grader
+
+logger = logging.getLogger(__name__)
+
+
+def measure_pass_rates(problems: list[Problem], generate: Generator, grade: Grader,
+                       config: PassRateEstimateConfig) -> dict[str, PassRate]:
+    """Each problem's pass rate from ``config.num_samples`` samples of its prompt (``Problem.prompt_text``)."""
+    calls = 0
+
+    def generate_and_grade(batch: list[Problem], n: int) -> list[list[float]]:
+        nonlocal calls
+        # A seed per call: batches are sampled independently, and a rerun repeats the table on seeded engines.
+        outputs = generate([problem.prompt_text for problem in batch], n=n, temperature=config.temperature,
+                           top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed + calls)
+        calls += 1
+        if len(outputs) != len(batch) or any(len(samples) != n for samples in outputs):
+            raise ValueError(f"generator returned {[len(samples) for samples in outputs]} samples for {len(batch)} "
+                             f"prompts; expected {n} each")
+        scores = grade([sample.text for samples in outputs for sample in samples],
+                       [problem.ground_truth for problem in batch for _ in range(n)])
+        return [list(scores[i * n:(i + 1) * n]) for i in range(len(batch))]
+
+    return estimate_pass_rates(problems, generate_and_grade, config.num_samples, config.batch_size,
+                               config.success_threshold)
+
+
+def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling: PassRateEstimateConfig,
+                              engine: EngineConfig, out_path: str | Path, *, reward: RewardConfig | None = None,
+                              server_command: Sequence[str] | None = None) -> dict[str, PassRate]:
+    """``megatron-zero difficulty``: the pass-rate table of ``dataset``'s problems under ``model_path``, written to
+    ``out_path`` (the file ``data.pass_rate_filter.pass_rate_file`` names). The problems are read, and their
+    prompts built and length-checked, exactly as the trainer reads them with the same DatasetConfig."""
+    from megatron_zero.data.problems import load_problems
+    from megatron_zero.evaluation.engines import standalone_engine
+    from megatron_zero.evaluation.generation import EngineGenerator
+    from megatron_zero.evaluation.model_eval import check_model_dir, load_tokenizer, pool_grader
+    from megatron_zero.rewards import GraderPool
+
+    check_model_dir(model_path)
+    if Path(out_path).is_dir():
+        raise ValueError(f"--out {out_path} is a folder; name the table's file, e.g. {Path(out_path) / 'rates.jsonl'}")
+    tokenizer = load_tokenizer(model_path)
+    problems = load_problems(dataset, tokenizer)
+    log_dir = Path(out_path).parent / "logs"
+    with standalone_engine(engine, model_path, tokenizer, log_dir, server_command=server_command) as rollout_engine, \
+            GraderPool(reward) as pool:
+        rates = measure_pass_rates(problems, EngineGenerator(rollout_engine, tokenizer), pool_grader(pool), sampling)
+    save_pass_rates(rates, out_path)
+    solved = [rate.pass_rate for rate in rates.values()]
+    logger.info("pass rates of %d problems written to %s: mean %.3f, never solved %d, always solved %d", len(rates),
+                out_path, sum(solved) / len(solved), solved.count(0.0), solved.count(1.0))
+    return rates

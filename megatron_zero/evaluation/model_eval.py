@@ -1,0 +1,58 @@
+"""Evaluate a Hugging Face model directory on the math benchmarks, end to end (``megatron-zero eval``).
+
+Why: the paper reports the base model and the RL model on the same six benchmarks with pass@k; this runs the whole
+protocol with the engine the user has (evaluation/engines.py: the torch engine on CPU, SGLang on GPUs) and the
+real rule-based grader (megatron_zero/rewards), and writes the outputs of `write_eval_outputs`.
+
+How::
+
+    report = evaluate_model("models/base", EvalConfig(benchmarks=["math500"]), EngineConfig(), "outputs/eval")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_zero.config.evaluation import EngineConfig, EvalConfig
+from megatron_zero.config.reward import RewardConfig
+from megatron_zero.evaluation.generation import Grader
+
+
+def check_model_dir(model_path: str, flag: str = "--model") -> None:
+    if not Path(model_path, "config.json").is_file():
+        raise FileNotFoundError(f"{flag} {model_path}: no config.json there; pass a Hugging Face model directory")
+
+
+def pool_grader(pool: Any) -> Grader:
+    """A `Grader` over a ``GraderPool``: the score of each response (errors and timeouts score as wrong)."""
+    return lambda responses, ground_truths: pool.grade_batch(responses, ground_truths).scores
+
+
+def load_tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, out_dir: str | Path, *,
+                   reward: RewardConfig | None = None, server_command: Sequence[str] | None = None):
+    """Evaluate ``model_path`` on ``config``'s benchmarks and write the results under ``out_dir``; returns the
+    `EvalReport`. Benchmark files are read before the engine starts. ``server_command``: see `standalone_engine`."""
+    from megatron_zero.data.templates import make_prompt_formatter
+    from megatron_zero.evaluation.engines import standalone_engine
+    from megatron_zero.evaluation.generation import EngineGenerator
+    from megatron_zero.evaluation.runner import evaluate, load_benchmarks, write_eval_outputs
+    from megatron_zero.rewards import GraderPool
+
+    check_model_dir(model_path)
+    problems = load_benchmarks(config)
+    tokenizer = load_tokenizer(model_path)
+    format_prompt = make_prompt_formatter(config.template, tokenizer)
+    with standalone_engine(engine, model_path, tokenizer, Path(out_dir) / "logs",
+                           server_command=server_command) as rollout_engine, GraderPool(reward) as pool:
+        report = evaluate(config, EngineGenerator(rollout_engine, tokenizer), pool_grader(pool), format_prompt,
+                          problems=problems)
+    write_eval_outputs(report, out_dir)
+    return report
