@@ -1,0 +1,237 @@
+"""The ``megatron-zero`` command: train, demo, eval, difficulty, data, export.
+
+    megatron-zero train --config examples/configs/qwen2.5-7b.yaml run.num_steps=200 actor.lr=1e-6
+    megatron-zero train --help                 # every config field with its default
+    megatron-zero demo --output-dir outputs/demo
+    megatron-zero eval --model DIR --benchmarks gsm8k math500 --data-dir data/eval
+    megatron-zero eval --model DIR --benchmarks math500 --engine sglang --num-gpus 8 --tp-size 2
+    megatron-zero difficulty --model DIR --data data/hard.jsonl --n 8 --out rates.jsonl
+    megatron-zero data --split hard --math MATH/train --out data/hard.jsonl
+    megatron-zero export --checkpoint outputs/run/checkpoints/step_000100 --out hf_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from megatron_zero.config.trainer import load_config
+    from megatron_zero.trainer.loop import Trainer
+
+    config = load_config(args.config, args.overrides)
+    trainer = Trainer(config)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from megatron_zero.trainer.demo import run_demo
+
+    run_demo(args.output_dir, num_steps=args.steps, overrides=args.overrides)
+    return 0
+
+
+def _engine_config(args: argparse.Namespace):
+    """The --engine options as an EngineConfig: the torch engine here, SGLang launched on --num-gpus GPUs through
+    Ray, or the SGLang server at --sglang-url."""
+    from urllib.parse import urlsplit
+
+    from megatron_zero.config.evaluation import EngineConfig
+    from megatron_zero.config.rollout import TorchEngineConfig
+    from megatron_zero.config.sglang import SGLangConfig
+
+    dtype = {"dtype": args.dtype} if args.dtype else {}
+    if args.engine == "torch":
+        return EngineConfig(engine="torch", torch=TorchEngineConfig(device=args.device, **dtype))
+    if args.sglang_url:
+        url = urlsplit(args.sglang_url)
+        if not url.hostname or not url.port:
+            raise ValueError(f"--sglang-url {args.sglang_url!r} must be http://HOST:PORT")
+        where = {"launch": False, "host": url.hostname, "port": url.port}
+    else:
+        where = {"launch": True}
+    sglang = SGLangConfig(model_path=args.model, colocated=False, tp_size=args.tp_size,
+                          enable_deterministic_inference=args.deterministic, context_length=args.context_length,
+                          extra_server_args=list(args.sglang_arg), **where, **dtype)
+    return EngineConfig(engine="sglang", sglang=sglang, num_gpus=args.num_gpus, ray_address=args.ray_address)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from megatron_zero.config.evaluation import EvalConfig
+    from megatron_zero.evaluation.model_eval import evaluate_model
+    from megatron_zero.evaluation.runner import results_table
+
+    config = EvalConfig(benchmarks=args.benchmarks, data_dir=args.data_dir, template=args.template,
+                        n_samples=args.n, temperature=args.temperature, top_p=args.top_p,
+                        max_new_tokens=args.max_new_tokens, max_problems=args.max_problems,
+                        pass_k=args.pass_k or [], seed=args.seed)
+    report = evaluate_model(args.model, config, _engine_config(args), args.out)
+    print(results_table(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _difficulty(args: argparse.Namespace) -> int:
+    from megatron_zero.config.data import DatasetConfig, PassRateEstimateConfig
+    from megatron_zero.evaluation.difficulty import estimate_model_pass_rates
+
+    dataset = DatasetConfig(path=args.data, question_field=args.question_field, answer_field=args.answer_field,
+                            uid_field=args.uid_field, template=args.template, max_prompt_tokens=args.max_prompt_tokens)
+    sampling = PassRateEstimateConfig(num_samples=args.n, temperature=args.temperature, top_p=args.top_p,
+                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    rates = estimate_model_pass_rates(args.model, dataset, sampling, _engine_config(args), args.out)
+    print(f"wrote {args.out}: pass rates of {len(rates)} problems; train on a band with "
+          f"data.pass_rate_filter.pass_rate_file={args.out} data.pass_rate_filter.min_pass_rate=0.1 "
+          "data.pass_rate_filter.max_pass_rate=0.9 (same data.train.path and uid field)")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from megatron_zero.data.splits import SPLIT_DATASET_FIELDS, build_difficulty_split, read_rows, write_jsonl
+
+    rows = build_difficulty_split(args.split, [row for path in args.math for row in read_rows(path)],
+                                  [row for path in args.gsm8k for row in read_rows(path)],
+                                  max_problems=args.max_problems, seed=args.seed)
+    write_jsonl(rows, args.out)
+    fields = " ".join(f"data.train.{key}={value}" for key, value in SPLIT_DATASET_FIELDS.items())
+    print(f"wrote {len(rows)} {args.split} problems to {args.out}; train with data.train.path={args.out} {fields}")
+    return 0
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine", "torch: in this process (CPU or one GPU); sglang: servers launched "
+                                                "on --num-gpus GPUs of the Ray cluster, or the one at --sglang-url")
+    group.add_argument("--engine", choices=("torch", "sglang"), default="torch")
+    group.add_argument("--device", default="cpu", help="torch engine: cpu, cuda or cuda:N")
+    group.add_argument("--dtype", default=None, help="weights dtype (default: torch float32, SGLang bfloat16)")
+    group.add_argument("--sglang-url", default=None, help="use the SGLang server running at http://HOST:PORT")
+    group.add_argument("--num-gpus", type=int, default=1, help="GPUs for launched SGLang servers")
+    group.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs per SGLang server")
+    group.add_argument("--context-length", type=int, default=None)
+    group.add_argument("--deterministic", action="store_true",
+                       help="SGLang deterministic inference: honours --seed (slower sampling)")
+    group.add_argument("--sglang-arg", action="append", default=[],
+                       help="extra sglang.launch_server argument (repeatable), e.g. --sglang-arg=--disable-cuda-graph")
+    group.add_argument("--ray-address", default="auto")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megatron_zero.config.parallel import ParallelConfig
+    from megatron_zero.models.mcore_checkpoint import convert_mcore_to_hf
+    from megatron_zero.parallel.local_launch import run_local_workers
+    from megatron_zero.trainer.checkpoint import COMPLETE_MARKER
+
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete training checkpoint (no {COMPLETE_MARKER} marker)")
+    run_local_workers(convert_mcore_to_hf, ParallelConfig(), args=(str(checkpoint / "actor"), args.out))
+    print(f"wrote HF model {args.out}")
+    return 0
+
+
+def _config_help() -> str:
+    from omegaconf import OmegaConf
+
+    from megatron_zero.config.sglang import SGLangConfig
+    from megatron_zero.config.trainer import TrainConfig
+
+    # rollout.sglang defaults to null (the torch engine needs none), so its fields are listed on their own.
+    return ("every field, with its default (override any with key.sub=value):\n\n"
+            + OmegaConf.to_yaml(OmegaConf.structured(TrainConfig))
+            + "\nrollout.sglang, required with rollout.engine=sglang (rollout.sglang.model_path=... etc.):\n\n"
+            + OmegaConf.to_yaml(OmegaConf.structured(SGLangConfig)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-zero", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run zero-RL training from a YAML config",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_help())
+    train.add_argument("--config", help="YAML experiment file")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    train.set_defaults(run=_train)
+
+    demo = commands.add_parser("demo", help="the whole zero-RL loop on this CPU box, no downloads (~10 min)")
+    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.add_argument("--steps", type=int, default=None, help="RL steps (default: the demo's tuned number)")
+    demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo's config")
+    demo.set_defaults(run=_demo)
+
+    ev = commands.add_parser("eval", help="evaluate an HF model on math benchmarks (local files)")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--benchmarks", nargs="+", required=True)
+    ev.add_argument("--data-dir", default="data/eval")
+    ev.add_argument("--template", default="qwen-boxed")
+    ev.add_argument("--n", type=int, default=1)
+    ev.add_argument("--temperature", type=float, default=0.0)
+    ev.add_argument("--top-p", type=float, default=0.95)
+    ev.add_argument("--max-new-tokens", type=int, default=4096)
+    ev.add_argument("--max-problems", type=int, default=None)
+    ev.add_argument("--pass-k", type=int, nargs="+", default=None, help="k of pass@k (default 1, 2, 4, ... n)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default="outputs/eval")
+    _add_engine_arguments(ev)
+    ev.set_defaults(run=_eval)
+
+    difficulty = commands.add_parser("difficulty", help="pass rate of each training problem under a model "
+                                                        "(the table data.pass_rate_filter reads)")
+    difficulty.add_argument("--model", required=True)
+    difficulty.add_argument("--data", required=True, help="training problems (.jsonl / .json / .parquet)")
+    difficulty.add_argument("--out", required=True, help="the pass-rate table to write (.jsonl)")
+    difficulty.add_argument("--n", type=int, default=8, help="samples per problem")
+    difficulty.add_argument("--template", default="qwen-boxed")
+    difficulty.add_argument("--question-field", default="question")
+    difficulty.add_argument("--answer-field", default="answer")
+    difficulty.add_argument("--uid-field", default=None, help="stable problem ids (default: <file stem>-<row>)")
+    difficulty.add_argument("--max-prompt-tokens", type=int, default=1024)
+    difficulty.add_argument("--temperature", type=float, default=1.0)
+    difficulty.add_argument("--top-p", type=float, default=1.0)
+    difficulty.add_argument("--max-new-tokens", type=int, default=3072)
+    difficulty.add_argument("--batch-size", type=int, default=256, help="problems per generation call")
+    difficulty.add_argument("--seed", type=int, default=0)
+    _add_engine_arguments(difficulty)
+    difficulty.set_defaults(run=_difficulty)
+
+    data = commands.add_parser("data", help="the paper's Easy / Medium / Hard training split from local MATH and "
+                                            "GSM8K files")
+    data.add_argument("--split", required=True, help="easy (GSM8K + MATH level 1), medium (MATH 1-4) or hard (3-5)")
+    data.add_argument("--math", nargs="+", required=True,
+                      help="MATH files or folders (problem, level, type, solution; .jsonl / .json / .parquet)")
+    data.add_argument("--gsm8k", nargs="+", default=[], help="GSM8K files (question, answer with '####'); easy only")
+    data.add_argument("--max-problems", type=int, default=None, help="subsample to this many (the paper: ~8000)")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--out", required=True)
+    data.set_defaults(run=_data)
+
+    export = commands.add_parser("export", help="a training checkpoint -> HF safetensors")
+    export.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/checkpoints/step_N")
+    export.add_argument("--out", required=True)
+    export.set_defaults(run=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
+
+    silence_cpu_fallback_warnings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
