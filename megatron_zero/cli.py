@@ -8,6 +8,7 @@
     megatron-zero difficulty --model DIR --data data/hard.jsonl --n 8 --out rates.jsonl
     megatron-zero data --split hard --math MATH/train --out data/hard.jsonl
     megatron-zero export --checkpoint outputs/run/checkpoints/step_000100 --out hf_model
+    megatron-zero plan --config examples/configs/qwen2.5-7b-zero-2node.yaml --gpu-memory-gib 80
 """
 
 from __future__ import annotations
@@ -137,6 +138,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from megatron_zero.config.trainer import load_config
+    from megatron_zero.models.registry import read_architecture
+    from megatron_zero.planning.memory import GIB, format_plan, plan_inputs, plan_memory, recommend_layouts
+
+    config = load_config(args.config, args.overrides)
+    inputs = plan_inputs(config, read_architecture(config.model_path), device_bytes=int(args.gpu_memory_gib * GIB),
+                         overhead_bytes=int(args.overhead_gib * GIB),
+                         cuda_graph_reserve_bytes=int(args.cuda_graph_reserve_gib * GIB), kernels=args.kernels)
+    plan = plan_memory(inputs)
+    cluster = config.cluster
+    recommendations = recommend_layouts(inputs, world_size=cluster.num_workers, gpus_per_node=cluster.gpus_per_node,
+                                        rollout_num_gpus=cluster.rollout_num_gpus, limit=args.recommend)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "recommendations": [rec.to_dict() for rec in recommendations]}, indent=2))
+    else:
+        print(format_plan(plan, recommendations))
+    return 0 if plan.fits else 1
+
+
 def _config_help() -> str:
     from omegaconf import OmegaConf
 
@@ -217,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="OUTPUT_DIR/checkpoints/step_N")
     export.add_argument("--out", required=True)
     export.set_defaults(run=_export)
+
+    plan = commands.add_parser("plan", help="per-GPU memory of a config's phases (docs/planning.md); exit 1 if it "
+                                            "does not fit")
+    plan.add_argument("--config", required=True, help="YAML experiment file")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default: H100 80GB)")
+    plan.add_argument("--overhead-gib", type=float, default=2.0,
+                      help="per process on a GPU: CUDA context, NCCL buffers, allocator slack (an assumption)")
+    plan.add_argument("--cuda-graph-reserve-gib", type=float, default=3.0,
+                      help="SGLang memory outside its static fraction: CUDA graphs, forward activations")
+    plan.add_argument("--kernels", default="transformer_engine", choices=["transformer_engine", "local"],
+                      help="layer implementation whose saved activations are counted (GPU: transformer_engine)")
+    plan.add_argument("--recommend", type=int, default=5, help="list this many layouts that fit")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(run=_plan)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Planning before paying for nodes: per-GPU memory of a run's phases (``memory.py``)."""
