@@ -105,13 +105,21 @@ def compare_actor_with_hf(hf_dir: str | Path, mcore_dir: str | Path, params_dtyp
 
 # --------------------------------------------------------------------------- IPC hand-off
 
+# A view of the buffer as dtype X must start at a multiple of X's size (torch refuses otherwise): 16 covers all.
+_ALIGN = 16
+
 
 def flatten_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """One uint8 buffer on the tensors' device holding their bytes end to end, and each tensor's name, dtype,
-    shape and byte range (SGLang's ``FlattenedTensorBucket`` layout)."""
+    """One uint8 buffer on the tensors' device holding their bytes one after the other, each starting at a multiple
+    of ``_ALIGN`` bytes, and each tensor's name, dtype, shape and byte range (SGLang's ``FlattenedTensorBucket``
+    layout, which the receiving side views back into tensors)."""
     metadata, parts, offset = [], [], 0
     for name, tensor in named_tensors:
         raw = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        pad = -offset % _ALIGN
+        if pad:
+            parts.append(raw.new_zeros(pad))
+            offset += pad
         metadata.append({"name": name, "dtype": tensor.dtype, "shape": tuple(tensor.shape), "start": offset,
                          "end": offset + raw.numel()})
         parts.append(raw)
