@@ -433,7 +433,7 @@ def _numerals(rng: random.Random, count: int) -> list[str]:
 
 def _fast_parse_corpus() -> list[str]:
     rng = random.Random(0)
-    numerals = _numerals(rng, 30)
+    numerals = _numerals(rng, 24)
     corpus = list(numerals)
     for a, b in zip(numerals, reversed(numerals)):
         space = rng.choice(["", " "])
@@ -450,6 +450,7 @@ def _fast_parse_corpus() -> list[str]:
         "(5, 3)", "[5, 3]", "(3, 3]", "(1,2)", "07/14", "-0/5", "4/2", "1/0", "1.5/2", "\\frac{4}{2}", "\\frac{1}{0}",
         "\\frac12", "\\frac{-0}{4}", "\\frac{3}{-4}", "50\\%", "50%", "x=3", "1e3", "+3", "1 000", "10^3", "3 ",
         "1,  2", "[1,  2)", "٣", "1" * 101, "(-\\infty, 2]",
+        *"ABCDEFGHIJe", *(f"({letter})" for letter in "ABCDEFGHIJe"), "(B", "B)", "b", "AB",
     ]
     return list(dict.fromkeys(corpus))
 
@@ -473,21 +474,21 @@ def test_fast_parse_is_math_verify_parse_for_every_answer_it_takes():
             paths[fast.path, wrap] += 1
             assert _parse_key(fast.parsed) == _parse_key(math_reward_module._reference_parse(text, wrap)), (text, wrap)
     # Every path is taken, so a pattern that stopped matching shows up here rather than as a silent slow-down.
-    for path in ("integer", "thousands", "decimal", "fraction", "interval", "set"):
+    for path in ("integer", "thousands", "decimal", "fraction", "interval", "set", "choice"):
         assert paths[path, True] >= 10, (path, paths)
-    assert paths["integer", False] >= 10
+    assert paths["integer", False] >= 10 and paths["decimal", False] >= 10
     # Answers math-verify's normalisation treats specially, or whose parse is not a plain number: left to it.
     for text in ("0,594", "-0,772", "07/14", "-0/5", "1.5/2", "50\\%", "x=3", "1e3", "+3", "1 000", ".5",
-                 "1,  2", "٣", "1" * 101, "(-\\infty, 2]", "12,345.5"):
+                 "1,  2", "٣", "1" * 101, "(-\\infty, 2]", "12,345.5", "I", "e", "(B", "AB"):
         assert fast_parse(text, True) is None, text
-    assert fast_parse("007", False) is None and fast_parse("0.5", False) is None
+    assert fast_parse("007", False) is None and fast_parse("00.5", False) is None
 
 
 def _grading_corpus() -> list[tuple[str, str]]:
     """(ground truth, response) pairs: right, wrong and unboxed answers in many forms against many answer types."""
     rng = random.Random(1)
     pairs = []
-    for _ in range(8):
+    for _ in range(6):
         a, b = rng.randint(2, 60), rng.randint(2, 9)
         value = a * b
         golds = {
@@ -529,8 +530,8 @@ def test_fast_grades_equal_math_verify_grades():
             num_fast_parsed += 1
             gold_parse = math_reward_module._parse(gold, True)
             decided[certainly_wrong(gold_parse, math_reward_module._parse(answer.text, wrap))] += 1
-    assert len(pairs) > 400 and num_fast_parsed > 0.6 * len(pairs), (num_fast_parsed, len(pairs))
-    assert decided["interval"] >= 10 and decided["numeric_gap"] >= 20, decided
+    assert len(pairs) > 300 and num_fast_parsed > 0.6 * len(pairs), (num_fast_parsed, len(pairs))
+    assert decided["interval"] >= 10 and decided["numeric_gap"] >= 40, decided
 
 
 def test_fast_paths_are_taken_without_math_verify(monkeypatch):
@@ -555,8 +556,9 @@ def test_fast_paths_are_taken_without_math_verify(monkeypatch):
         grade_math(answer if "answer is" in answer else boxed(answer), gold, config)
     assert calls["parse"] == 0, calls
     num_verified = calls["verify"]
-    # A cached gold parse from math-verify, then wrong numbers decided without verify.
-    for gold, answer in (("2\\sqrt{3}", "6"), ("2\\sqrt{3}", "3.46"), ("[1, 4)", "2"), ("\\frac{\\pi}{2}", "1.5")):
+    # A cached gold parse from math-verify, then wrong numbers and expressions decided without verify.
+    for gold, answer in (("2\\sqrt{3}", "6"), ("2\\sqrt{3}", "3.46"), ("[1, 4)", "2"), ("\\frac{\\pi}{2}", "1.5"),
+                         ("2\\sqrt{3}", "2\\sqrt{5}"), ("0.25", "0.3")):
         assert grade_math(boxed(answer), gold, config).correct is False
     assert calls["verify"] == num_verified, calls
     # Close enough to need math-verify's rounding rule: verified, and right.

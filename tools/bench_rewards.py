@@ -5,7 +5,10 @@ a correct boxed answer in an equivalent form (~45%), a wrong boxed answer (~30%)
 box (~10%), no final answer (~10%), or a truncated box (~5%). Ground truths mix integers, fractions, radicals,
 decimals, intervals, sets and multiple-choice letters, with random values so caches do not make it trivial.
 --hostile-fraction replaces that share of endings with a power tower that runs into the timeout.
-Prints one table row per worker count, with the projected time for the 8k responses of a 32B step.
+First grades the batch in one worker with math-verify's parse and verify for every answer (the reference) and
+with the fast paths (megatron_zero/rewards/fast_parse.py, fast_verify.py), prints both rates per core, their
+ratio and how many grades differ (must be 0); then one table row per worker count, with the projected time for
+the 8k responses of a 32B step. Other work on the machine slows both alike: compare the ratio.
 
     python tools/bench_rewards.py --num-responses 4000 --workers 1 2
     python tools/bench_rewards.py --num-responses 1000 --hostile-fraction 0.01 --timeout-s 10
@@ -19,7 +22,7 @@ import random
 import time
 
 from megatron_zero.config.reward import RewardConfig
-from megatron_zero.rewards import GraderPool
+from megatron_zero.rewards import BatchGrades, GradeResult, GraderPool
 
 _FILLER = [
     "Let's think step by step.",
@@ -92,6 +95,19 @@ def make_batch(
     return responses[:num_responses], truths[:num_responses]
 
 
+# Math-verify's parse and verify for every answer: what the fast paths must agree with.
+_REFERENCE = "megatron_zero.rewards.math_reward:grade_math_reference"
+
+
+def _grade(responses: list[str], truths: list[str], config: RewardConfig) -> BatchGrades:
+    with GraderPool(config) as pool:
+        return pool.grade_batch(responses, truths)
+
+
+def _verdict(result: GradeResult) -> tuple:
+    return result.score, result.status, result.correct, result.extracted, result.source
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-responses", type=int, default=4000)
@@ -108,6 +124,12 @@ def main() -> None:
         f"{len(responses)} responses, mean {mean_chars:.0f} chars, {args.samples_per_prompt} per prompt; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on the machine slows this down)"
     )
+    reference = _grade(responses, truths, RewardConfig(reward_fn=_REFERENCE, num_workers=1, timeout_s=args.timeout_s))
+    fast = _grade(responses, truths, RewardConfig(num_workers=1, timeout_s=args.timeout_s))
+    reference_rate, fast_rate = len(responses) / reference.seconds, len(responses) / fast.seconds
+    differ = sum(_verdict(a) != _verdict(b) for a, b in zip(reference.results, fast.results))
+    print(f"one worker: math-verify {reference_rate:.1f} resp/s, fast paths {fast_rate:.1f} resp/s, "
+          f"ratio {fast_rate / reference_rate:.2f}; grades that differ: {differ}")
     print(f"{'workers':>7} {'start s':>8} {'grade s':>8} {'resp/s':>8} {'8k est s':>9} {'accuracy':>8}  counts")
     for num_workers in args.workers:
         started = time.perf_counter()

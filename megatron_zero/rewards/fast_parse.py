@@ -1,4 +1,4 @@
-r"""Plain answers (integers, decimals, fractions of integers, integer intervals and sets) parsed without
+r"""Plain answers (integers, decimals, fractions of integers, integer intervals and sets, choice letters) parsed without
 math-verify's LaTeX parser, into exactly the value and string math-verify's `parse` returns for them.
 
 Why: math-verify runs every answer through an ANTLR LaTeX grammar that costs 1-25 ms (an interval ``[3, 7)``
@@ -41,11 +41,15 @@ _SET = re.compile(rf"\\{{ ?({_INT}(?: ?, ?{_INT})*) ?\\}}")
 # A bare list in a box, "\boxed{1, 2}": a set, unless it is a number with thousands separators.
 _LIST = re.compile(rf"{_INT}(?: ?, ?{_INT})+")
 _LIST_SEPARATOR = re.compile(r" ?, ?")
+# A multiple-choice letter, bare or in parentheses; I is the imaginary unit, so the letters stop before it.
+_CHOICE = re.compile(r"([A-H])|\(([A-H])\)")
+# Unboxed, math-verify's expression regex keeps a decimal as written when its integer part has no leading zero.
+_BARE_DECIMAL = re.compile(r"-?(?:[1-9][0-9]*|0)\.[0-9]+")
 
 
 @dataclasses.dataclass(frozen=True)
 class FastParse:
-    # Which pattern matched: "integer", "thousands", "decimal", "fraction", "interval" or "set".
+    # Which pattern matched: "integer", "thousands", "decimal", "fraction", "interval", "set" or "choice".
     path: str
     # What math-verify's parse returns: (sympy value, normalised string).
     parsed: tuple
@@ -102,6 +106,10 @@ def _boxed(text: str) -> Optional[FastParse]:
     if match:
         # Written order kept: FiniteSet remembers it (math-verify reads it for tuples of answers).
         return FastParse("set", (FiniteSet(*_integers(match.group(1) if match.re is _SET else text)), text))
+    match = _CHOICE.fullmatch(text)
+    if match:
+        # latex2sympy2_extended lower-cases symbols and makes them real (nothing here reads as complex).
+        return FastParse("choice", (sympy.Symbol((match.group(1) or match.group(2)).lower(), real=True), text))
     return None
 
 
@@ -116,4 +124,6 @@ def fast_parse(text: str, wrap_in_box: bool) -> Optional[FastParse]:
     # a numeral without leading zeros; only such numerals are taken here.
     if re.fullmatch(_CANONICAL_INT, text):
         return FastParse("integer", (_integer(text), text))
+    if _BARE_DECIMAL.fullmatch(text):
+        return FastParse("decimal", (sympy.Number(text), text))
     return None
