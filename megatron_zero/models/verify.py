@@ -87,20 +87,55 @@ def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits.float()
 
 
+@dataclass(frozen=True)
+class ConversionCase:
+    """One checkpoint to verify: its HF original, its conversion, and the test sequence length."""
+
+    hf_dir: str | Path
+    mcore_dir: str | Path
+    seq_length: int = 16
+
+
+def megatron_logits_of_each(mcore_dirs: list[str], tokens: list[torch.Tensor],
+                            params_dtype: str) -> list[Optional[torch.Tensor]]:
+    """Worker body: ``megatron_logits`` of several checkpoints in one launch (one process start and one
+    parallel init instead of one per checkpoint)."""
+    return [megatron_logits(mcore_dir, case_tokens, params_dtype) for mcore_dir, case_tokens in zip(mcore_dirs, tokens)]
+
+
+def verify_conversions(cases: list[ConversionCase], tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                       *, batch_size: int = 2, seed: int = 0, tolerance: Optional[float] = None,
+                       params_dtype: str = "float32") -> list[VerifyResult]:
+    """``verify_conversion`` of each case at one TP x PP layout, all in one launch of local workers."""
+    from megatron_zero.models.mcore_checkpoint import read_checkpoint_info
+
+    tokens, references = [], []
+    for case in cases:
+        info = read_checkpoint_info(case.mcore_dir)
+        info.arch.check_parallel_sizes(tensor_parallel_size, pipeline_parallel_size, info.vocab_pad_multiple)
+        tokens.append(random_tokens(info.arch.vocab_size, batch_size, case.seq_length, seed))
+        references.append(hf_logits(case.hf_dir, tokens[-1]))
+    parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+    per_rank = run_local_workers(megatron_logits_of_each, parallel,
+                                 args=([str(case.mcore_dir) for case in cases], tokens, params_dtype))
+    # Exactly one rank (last stage, TP rank 0) returns the logits.
+    megatron = next(logits for logits in per_rank if logits[0] is not None)
+    bound = DEFAULT_TOLERANCE[params_dtype] if tolerance is None else tolerance
+    results = []
+    for case, reference, logits in zip(cases, references, megatron):
+        if logits.shape != reference.shape:
+            raise ValueError(f"{case.mcore_dir}: logit shapes differ: Megatron {tuple(logits.shape)} vs HF "
+                             f"{tuple(reference.shape)}")
+        results.append(VerifyResult(max_abs_diff=(logits - reference).abs().max().item(), tolerance=bound,
+                                    tensor_parallel_size=tensor_parallel_size,
+                                    pipeline_parallel_size=pipeline_parallel_size))
+    return results
+
+
 def verify_conversion(hf_dir: str | Path, mcore_dir: str | Path, tensor_parallel_size: int = 1,
                       pipeline_parallel_size: int = 1, *, batch_size: int = 2, seq_length: int = 16, seed: int = 0,
                       tolerance: Optional[float] = None, params_dtype: str = "float32") -> VerifyResult:
-    from megatron_zero.models.mcore_checkpoint import read_checkpoint_info
-
-    info = read_checkpoint_info(mcore_dir)
-    info.arch.check_parallel_sizes(tensor_parallel_size, pipeline_parallel_size, info.vocab_pad_multiple)
-    tokens = random_tokens(info.arch.vocab_size, batch_size, seq_length, seed)
-    reference = hf_logits(hf_dir, tokens)
-    parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
-    per_rank = run_local_workers(megatron_logits, parallel, args=(str(mcore_dir), tokens, params_dtype))
-    megatron = next(logits for logits in per_rank if logits is not None)
-    if megatron.shape != reference.shape:
-        raise ValueError(f"logit shapes differ: Megatron {tuple(megatron.shape)} vs HF {tuple(reference.shape)}")
-    diff = (megatron - reference).abs().max().item()
-    return VerifyResult(max_abs_diff=diff, tolerance=DEFAULT_TOLERANCE[params_dtype] if tolerance is None else tolerance,
-                        tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+    (result,) = verify_conversions([ConversionCase(hf_dir, mcore_dir, seq_length)], tensor_parallel_size,
+                                   pipeline_parallel_size, batch_size=batch_size, seed=seed, tolerance=tolerance,
+                                   params_dtype=params_dtype)
+    return result
