@@ -442,6 +442,7 @@ def _fast_parse_corpus() -> list[str]:
             f"{a}.{rng.randint(0, 999)}", f"{a}/{b}", f"\\frac{{{a}}}{{{b}}}", f"-\\dfrac{{{a}}}{{{b}}}",
             f"\\tfrac{{{a}}}{{{b}}}", f"{left}{a},{space}{b}{right}", f"{left}{b}, {a}{right}",
             f"\\{{{a},{space}{b}\\}}", f"{a},{space}{b}", f"{rng.randint(1, 999)},{rng.randint(0, 999):03d}",
+            f"{a}\\sqrt{{{b}}}", f"\\sqrt{{{b}}}", f"-\\sqrt{{{a}}}",
         ]
     # Hand-picked: math-verify's normalisation special cases and look-alikes of the patterns.
     corpus += [
@@ -450,6 +451,7 @@ def _fast_parse_corpus() -> list[str]:
         "(5, 3)", "[5, 3]", "(3, 3]", "(1,2)", "07/14", "-0/5", "4/2", "1/0", "1.5/2", "\\frac{4}{2}", "\\frac{1}{0}",
         "\\frac12", "\\frac{-0}{4}", "\\frac{3}{-4}", "50\\%", "50%", "x=3", "1e3", "+3", "1 000", "10^3", "3 ",
         "1,  2", "[1,  2)", "٣", "1" * 101, "(-\\infty, 2]",
+        "\\sqrt3", "2\\sqrt3", "2 \\sqrt{3}", "\\sqrt{-3}", "0\\sqrt{3}", "\\sqrt{0}", "\\sqrt{1}", "1\\sqrt{4}",
         *"ABCDEFGHIJe", *(f"({letter})" for letter in "ABCDEFGHIJe"), "(B", "B)", "b", "AB",
     ]
     return list(dict.fromkeys(corpus))
@@ -474,12 +476,13 @@ def test_fast_parse_is_math_verify_parse_for_every_answer_it_takes():
             paths[fast.path, wrap] += 1
             assert _parse_key(fast.parsed) == _parse_key(math_reward_module._reference_parse(text, wrap)), (text, wrap)
     # Every path is taken, so a pattern that stopped matching shows up here rather than as a silent slow-down.
-    for path in ("integer", "thousands", "decimal", "fraction", "interval", "set", "choice"):
+    for path in ("integer", "thousands", "decimal", "fraction", "radical", "interval", "set", "choice"):
         assert paths[path, True] >= 10, (path, paths)
     assert paths["integer", False] >= 10 and paths["decimal", False] >= 10
     # Answers math-verify's normalisation treats specially, or whose parse is not a plain number: left to it.
     for text in ("0,594", "-0,772", "07/14", "-0/5", "1.5/2", "50\\%", "x=3", "1e3", "+3", "1 000", ".5",
-                 "1,  2", "٣", "1" * 101, "(-\\infty, 2]", "12,345.5", "I", "e", "(B", "AB"):
+                 "1,  2", "٣", "1" * 101, "(-\\infty, 2]", "12,345.5", "I", "e", "(B", "AB",
+                 "\\sqrt3", "2 \\sqrt{3}", "\\sqrt{-3}"):
         assert fast_parse(text, True) is None, text
     assert fast_parse("007", False) is None and fast_parse("00.5", False) is None
 
@@ -497,7 +500,8 @@ def _grading_corpus() -> list[tuple[str, str]]:
             f"\\frac{{{a}}}{{{b}}}": [f"{a}/{b}", f"\\dfrac{{{a}}}{{{b}}}", f"{a / b:.6f}", f"{a / b:.3f}", str(a)],
             f"{a}.{b}": [f"{a}.{b}0", f"\\frac{{{a * 10 + b}}}{{10}}", f"{a}.{b + 1}", str(a)],
             f"{a}\\sqrt{{{b}}}": [f"{a * b ** 0.5:.6f}", f"{a * b ** 0.5:.2f}", str(a * b), f"\\sqrt{{{a * a * b}}}",
-                                  str(round(a * b ** 0.5))],
+                                  str(round(a * b ** 0.5)), f"{a}\\sqrt{{{b}}}", f"{a}\\sqrt{{{b + 1}}}",
+                                  f"-{a}\\sqrt{{{b}}}"],
             f"\\frac{{\\pi}}{{{b}}}": [f"{3.141592653589793 / b:.6f}", str(b), f"{3.14159 / b:.5f}"],
             f"[{a}, {a + b})": [f"[{a},{a + b})", f"({a}, {a + b})", str(a), f"{a}.5", f"{a}, {a + b}"],
             f"({a}, {a + b})": [f"{a}, {a + b}", f"\\{{{a}, {a + b}\\}}", str(a)],
@@ -556,7 +560,7 @@ def test_fast_paths_are_taken_without_math_verify(monkeypatch):
         grade_math(answer if "answer is" in answer else boxed(answer), gold, config)
     assert calls["parse"] == 0, calls
     num_verified = calls["verify"]
-    # A cached gold parse from math-verify, then wrong numbers and expressions decided without verify.
+    # Wrong numbers and expressions decided without verify (the ground truth pi/2 parsed by math-verify).
     for gold, answer in (("2\\sqrt{3}", "6"), ("2\\sqrt{3}", "3.46"), ("[1, 4)", "2"), ("\\frac{\\pi}{2}", "1.5"),
                          ("2\\sqrt{3}", "2\\sqrt{5}"), ("0.25", "0.3")):
         assert grade_math(boxed(answer), gold, config).correct is False

@@ -1,5 +1,6 @@
-r"""Plain answers (integers, decimals, fractions of integers, integer intervals and sets, choice letters) parsed without
-math-verify's LaTeX parser, into exactly the value and string math-verify's `parse` returns for them.
+r"""Plain answers (integers, decimals, fractions of integers, multiples of square roots, integer intervals and sets,
+choice letters) parsed without math-verify's LaTeX parser, into exactly the value and string math-verify's `parse`
+returns for them.
 
 Why: math-verify runs every answer through an ANTLR LaTeX grammar that costs 1-25 ms (an interval ``[3, 7)``
 needs full-context prediction), while comparing two parsed numbers costs microseconds. Most answers are plain
@@ -41,6 +42,8 @@ _SET = re.compile(rf"\\{{ ?({_INT}(?: ?, ?{_INT})*) ?\\}}")
 # A bare list in a box, "\boxed{1, 2}": a set, unless it is a number with thousands separators.
 _LIST = re.compile(rf"{_INT}(?: ?, ?{_INT})+")
 _LIST_SEPARATOR = re.compile(r" ?, ?")
+# An integer multiple of a square root, braced: "2\sqrt{3}", "-\sqrt{12}" (unbraced "\sqrt3" is rewritten).
+_RADICAL = re.compile(rf"(-?)((?:{_NATURAL})?)\\sqrt\{{({_NATURAL})\}}")
 # A multiple-choice letter, bare or in parentheses; I is the imaginary unit, so the letters stop before it.
 _CHOICE = re.compile(r"([A-H])|\(([A-H])\)")
 # Unboxed, math-verify's expression regex keeps a decimal as written when its integer part has no leading zero.
@@ -49,7 +52,7 @@ _BARE_DECIMAL = re.compile(r"-?(?:[1-9][0-9]*|0)\.[0-9]+")
 
 @dataclasses.dataclass(frozen=True)
 class FastParse:
-    # Which pattern matched: "integer", "thousands", "decimal", "fraction", "interval", "set" or "choice".
+    # Which pattern matched: "integer", "thousands", "decimal", "fraction", "radical", "interval", "set" or "choice".
     path: str
     # What math-verify's parse returns: (sympy value, normalised string).
     parsed: tuple
@@ -77,6 +80,13 @@ def _interval(text: str) -> Optional[sympy.Basic]:
     return sympy.Interval(left, right, left_open=left_open, right_open=right_open)
 
 
+def _radical(sign: str, coefficient: str, radicand: str) -> sympy.Basic:
+    # latex2sympy2_extended builds these unevaluated (\sqrt{12} stays sqrt(12)), a leading minus as a factor -1.
+    root = sympy.Pow(_integer(radicand), sympy.Rational(1, 2), evaluate=False)
+    factors = ([sympy.Integer(-1)] if sign else []) + ([_integer(coefficient)] if coefficient else []) + [root]
+    return root if len(factors) == 1 else sympy.Mul(*factors, evaluate=False)
+
+
 def _boxed(text: str) -> Optional[FastParse]:
     """The parse of ``\\boxed{text}``."""
     if _INTEGER.fullmatch(text):
@@ -88,7 +98,7 @@ def _boxed(text: str) -> Optional[FastParse]:
     if _DECIMAL.fullmatch(text):
         if text == "0.5":  # math-verify's normalisation rewrites exactly this decimal to a fraction
             return FastParse("decimal", (sympy.Rational(1, 2), "\\frac{1}{2}"))
-        return FastParse("decimal", (sympy.Number(text), text))
+        return FastParse("decimal", (sympy.Float(text), text))
     match = _SLASH.fullmatch(text)
     if match:
         numerator, denominator = match.groups()
@@ -106,6 +116,9 @@ def _boxed(text: str) -> Optional[FastParse]:
     if match:
         # Written order kept: FiniteSet remembers it (math-verify reads it for tuples of answers).
         return FastParse("set", (FiniteSet(*_integers(match.group(1) if match.re is _SET else text)), text))
+    match = _RADICAL.fullmatch(text)
+    if match:
+        return FastParse("radical", (_radical(*match.groups()), text))
     match = _CHOICE.fullmatch(text)
     if match:
         # latex2sympy2_extended lower-cases symbols and makes them real (nothing here reads as complex).
@@ -125,5 +138,5 @@ def fast_parse(text: str, wrap_in_box: bool) -> Optional[FastParse]:
     if re.fullmatch(_CANONICAL_INT, text):
         return FastParse("integer", (_integer(text), text))
     if _BARE_DECIMAL.fullmatch(text):
-        return FastParse("decimal", (sympy.Number(text), text))
+        return FastParse("decimal", (sympy.Float(text), text))
     return None

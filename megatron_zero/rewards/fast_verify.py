@@ -14,6 +14,7 @@ How: ``certainly_wrong(gold_parse, answer_parse)`` with parses as `math_reward._
 """
 
 import functools
+import math
 from typing import Optional
 
 import sympy
@@ -25,13 +26,18 @@ _EVALF_DIGITS = 30
 
 
 @functools.lru_cache(maxsize=4096)
-def _numeric_value(expr: sympy.Basic) -> Optional[sympy.Float]:
+def _numeric_value(expr: sympy.Basic) -> Optional[float]:
     """The real value of a number or numeric expression without special comparison rules, None otherwise."""
+    if isinstance(expr, (sympy.Rational, sympy.Float)):
+        value = float(expr)
     # Percentages (x * UnevaluatedExpr(1/100)) compare as integers in math-verify (50% = 50): not by value.
-    if not isinstance(expr, sympy.Expr) or not expr.is_number or expr.has(sympy.UnevaluatedExpr):
+    elif isinstance(expr, sympy.Expr) and expr.is_number and not expr.has(sympy.UnevaluatedExpr):
+        evaluated = expr.evalf(_EVALF_DIGITS)
+        value = float(evaluated) if evaluated.is_Float else math.nan
+    else:
         return None
-    value = expr.evalf(_EVALF_DIGITS)
-    return value if value.is_Float and value.is_finite else None
+    # A float's 16 digits are far finer than the gap below; beyond its range, math-verify decides.
+    return value if math.isfinite(value) else None
 
 
 def _split(parsed: tuple) -> Optional[tuple[sympy.Basic, str]]:
