@@ -58,7 +58,7 @@ def main() -> None:
                          engine_batch_size=args.engine_batch_size, bucket_mb=args.bucket_mb,
                          grader_workers=args.grader_workers, repeats=args.repeats, peak_tflops=args.peak_tflops,
                          seed=args.seed)
-    graded = None if args.no_grading else make_batch(spec.num_rows, spec.samples_per_prompt, spec.seed)
+    graded = None if args.no_grading else make_batch(spec.num_graded, spec.samples_per_prompt, spec.seed)
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         result = run_benchmark(spec, workdir, graded=graded)
     result["command"] = shlex.join([Path(sys.executable).name, *sys.argv])

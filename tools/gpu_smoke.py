@@ -81,7 +81,7 @@ def part_throughput(workdir: Path) -> dict:
     if importlib.util.find_spec("math_verify") is not None:
         from bench_rewards import make_batch
 
-        graded = make_batch(spec.num_rows, spec.samples_per_prompt, spec.seed)
+        graded = make_batch(spec.num_graded, spec.samples_per_prompt, spec.seed)
     result = run_benchmark(spec, workdir, graded=graded, timeout_s=PARTS_TIMEOUT_S["throughput"])
     result["table"] = markdown_table(result)
     return result

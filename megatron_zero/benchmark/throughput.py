@@ -11,8 +11,8 @@ new weights into the engine. One warm-up step, then ``repeats`` timed steps; eac
 What is measured, per phase:
 * generate: response tokens per second (every row decodes exactly ``response_tokens``: no stop token).
 * reward: responses graded per second. Random weights write no mathematics, so the grader gets a synthetic set
-  of paper-like responses (``responses``: one per sample, e.g. tools/bench_rewards.py's mix) instead of the
-  engine's text; without one the phase is skipped and every reward is 0 (the train step costs the same).
+  of paper-like responses (``graded``: one per sample and step, e.g. tools/bench_rewards.py's mix) instead of
+  the engine's text; without one the phase is skipped and every reward is 0 (the train step costs the same).
 * logprob / train: seconds, the token positions the model ran (counted from its inputs by ``TokenCounter``), the
   model FLOPs (``DecoderArchitecture.forward_flops`` per row; a train step is forward + backward, 3x) and
   TFLOP/s; MFU against the device's peak (``devices.py``) where one is known or given.
@@ -96,6 +96,11 @@ class BenchmarkSpec:
     def num_rows(self) -> int:
         return self.num_prompts * self.samples_per_prompt
 
+    @property
+    def num_graded(self) -> int:
+        """Responses the reward phases of the warm-up and the timed steps grade, each step its own."""
+        return self.num_rows * (self.repeats + 1)
+
 
 def resolve_device(requested: str) -> torch.device:
     """The device the benchmark runs on; refuses "cuda" without one before any work."""
@@ -108,15 +113,16 @@ def run_benchmark(spec: BenchmarkSpec, workdir: str | Path,
                   graded: Optional[tuple[Sequence[str], Sequence[str]]] = None, timeout_s: float = 1800.0) -> dict:
     """On one worker: write the random model under ``workdir``, convert it, run the steps; the result dict.
 
-    ``graded``: (responses, ground truths) to grade in the reward phase, at least ``spec.num_rows`` of each.
+    ``graded``: (responses, ground truths) to grade in the reward phase, ``spec.num_graded`` of each (every
+    step, the warm-up too, grades texts of its own).
     """
     from megatron_zero.models.registry import get_bridge
 
     hf_config = load_shape(spec.shape)
     full_arch = get_bridge(hf_config).parse(hf_config)  # refuses an unsupported config before any work
-    if graded is not None and min(len(graded[0]), len(graded[1])) < spec.num_rows:
-        raise ValueError(f"graded holds {min(len(graded[0]), len(graded[1]))} responses; the step has "
-                         f"{spec.num_rows} samples (num_prompts x samples_per_prompt), give at least that many")
+    if graded is not None and min(len(graded[0]), len(graded[1])) < spec.num_graded:
+        raise ValueError(f"graded holds {min(len(graded[0]), len(graded[1]))} responses; the {spec.repeats + 1} "
+                         f"steps grade {spec.num_rows} each (num_prompts x samples_per_prompt), give {spec.num_graded}")
     if spec.num_layers is not None and spec.num_layers > full_arch.num_layers:
         raise ValueError(f"num_layers={spec.num_layers} exceeds the shape's num_hidden_layers="
                          f"{full_arch.num_layers}; use at most that")
@@ -200,8 +206,9 @@ class _RLStep:
     def __init__(self, engine, actor, grader, graded, info, spec: BenchmarkSpec, device: torch.device) -> None:
         self.engine, self.actor, self.grader, self.info, self.spec, self.device = (engine, actor, grader, info,
                                                                                    spec, device)
-        self.responses, self.truths = ((list(graded[0][:spec.num_rows]), list(graded[1][:spec.num_rows]))
-                                       if graded is not None else ([""] * spec.num_rows, [""] * spec.num_rows))
+        # Each step grades responses of its own: the grader's workers cache parsed answers, so grading the same
+        # texts again would measure the cache.
+        self.graded = graded
 
     def run(self, version: int) -> dict[str, Any]:
         """Timings and counts of one step; ``version`` numbers the weight sync and seeds the prompts."""
@@ -222,15 +229,18 @@ class _RLStep:
             generations = self.engine.generate(rows, params)
         out["generated_tokens"] = sum(len(g.token_ids) for g in generations)
 
+        responses, truths = [""] * spec.num_rows, [""] * spec.num_rows
         scores = [0.0] * spec.num_rows  # no grader: every reward 0, zero advantages, the same compute
         if self.grader is not None:
+            rows_of_step = slice((version - 1) * spec.num_rows, version * spec.num_rows)
+            responses, truths = list(self.graded[0][rows_of_step]), list(self.graded[1][rows_of_step])
             with _timed(seconds, "reward", self.device):
-                grades = self.grader.grade_batch(self.responses, self.truths)
+                grades = self.grader.grade_batch(responses, truths)
             scores, out["grade_counts"] = grades.scores, grades.counts
         rollout = RolloutBatch([
             RolloutSample(group=i // spec.samples_per_prompt, uid=str(i // spec.samples_per_prompt), prompt_ids=row,
                           response_ids=g.token_ids, rollout_logprobs=g.logprobs, finish_reason=g.finish_reason,
-                          prompt_text="", response_text=self.responses[i], ground_truth=self.truths[i],
+                          prompt_text="", response_text=responses[i], ground_truth=truths[i],
                           reward=scores[i])
             for i, (row, g) in enumerate(zip(rows, generations))])
         batch = rollout.to_actor_batch()
@@ -311,12 +321,12 @@ def summarise(steps: list[dict[str, Any]], spec: BenchmarkSpec, arch, device: to
                  "tokens_per_s_per_gpu": batch_tokens / step_seconds,
                  "share": {phase: value / step_seconds for phase, value in seconds.items()}},
         "seconds_per_step": [step["seconds"] for step in steps],
-        "versions": {"torch": torch.__version__, "megatron_core": _megatron_core_version()},
+        "versions": {"torch": torch.__version__, "megatron_core": megatron_core_version()},
         "load_average": os.getloadavg()[0], "cpu_count": os.cpu_count(),
     }
 
 
-def _megatron_core_version() -> str:
+def megatron_core_version() -> str:
     from importlib.metadata import version
 
     return version("megatron-core")
