@@ -321,3 +321,126 @@ def test_data_config_validation():
         PassRateFilterConfig(min_pass_rate=0.9, max_pass_rate=0.1)
     with pytest.raises(ValueError, match="max_prompt_tokens=0"):
         DatasetConfig(max_prompt_tokens=0)
+
+
+def _rate_table(problems, correct_of, tmp_path):
+    """A table written by the real writer: problem i solved correct_of(i) of 4 times."""
+    from megatron_zero.data import problem_fingerprint
+
+    rates = {p.uid: PassRate(p.uid, 4, correct_of(i), problem_fingerprint(p)) for i, p in enumerate(problems)}
+    path = tmp_path / "rates.jsonl"
+    save_pass_rates(rates, path)
+    return path
+
+
+def test_pass_rate_filter_keeps_the_band_and_reports_counts(tmp_path):
+    from megatron_zero.data import apply_pass_rate_filter
+
+    problems = make_problems(10)
+    path = _rate_table(problems, lambda i: i % 5, tmp_path)  # rates 0, .25, .5, .75, 1, 0, ...
+    kept, report = apply_pass_rate_filter(problems, PassRateFilterConfig(pass_rate_file=str(path),
+                                                                         min_pass_rate=0.25, max_pass_rate=0.75))
+    assert [p.uid for p in kept] == [f"p{i}" for i in range(10) if i % 5 in (1, 2, 3)]
+    assert (report.num_kept, report.num_dropped_hard, report.num_dropped_easy, report.num_dropped) == (6, 2, 2, 4)
+    unchanged, none = apply_pass_rate_filter(problems, PassRateFilterConfig())
+    assert unchanged == problems and none is None
+    with pytest.raises(ValueError, match=r"band \[0.3, 0.4\] keeps none of the 10 problems \(4 below it, 6 above"):
+        apply_pass_rate_filter(problems, PassRateFilterConfig(pass_rate_file=str(path), min_pass_rate=0.3,
+                                                              max_pass_rate=0.4))
+    with pytest.raises(FileNotFoundError, match="pass_rate_file='nope.jsonl' does not exist"):
+        apply_pass_rate_filter(problems, PassRateFilterConfig(pass_rate_file="nope.jsonl"))
+
+
+def test_pass_rate_table_for_other_problems_is_refused(tmp_path):
+    problems = make_problems(6)
+    path = _rate_table(problems, lambda i: 2, tmp_path)
+    rates = load_pass_rates(path)
+    # Same uids, other problems (a file whose rows moved under "<stem>-<row>" uids).
+    shifted = [Problem(p.uid, q.question, q.prompt_text, q.ground_truth) for p, q in zip(problems, problems[1:])]
+    with pytest.raises(ValueError, match=r"5 of 5 problems differ from the ones their rows were estimated on .*"
+                                         r"first: \['p0', 'p1', 'p2', 'p3', 'p4'\]"):
+        filter_by_pass_rate(shifted, rates, 0.0, 1.0)
+    # A changed answer is another problem too.
+    edited = [*problems[:5], Problem("p5", "q5", "q5", "6")]
+    with pytest.raises(ValueError, match=r"1 of 6 problems differ .*\['p5'\]"):
+        filter_by_pass_rate(edited, rates, 0.0, 1.0)
+
+
+def test_pass_rate_table_rows_are_checked_when_read(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"uid": "a", "num_samples": 4, "num_correct": 1}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:1: not a pass-rate row .*fingerprint.*megatron-zero difficulty"):
+        load_pass_rates(path)
+    path.write_text('{"uid": "a", "num_samples": 4, "num_correct": 5, "fingerprint": "f"}\n')
+    with pytest.raises(ValueError, match="num_correct=5 of num_samples=4 is not a pass rate"):
+        load_pass_rates(path)
+    row = '{"uid": "a", "num_samples": 4, "num_correct": 1, "fingerprint": "f"}\n'
+    path.write_text(row + row)
+    with pytest.raises(ValueError, match=r"t.jsonl:2: uid 'a' appears twice"):
+        load_pass_rates(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="holds no pass-rate rows"):
+        load_pass_rates(path)
+
+
+def test_measure_pass_rates_samples_n_per_prompt_and_grades_each():
+    from megatron_zero.config.data import PassRateEstimateConfig
+    from megatron_zero.evaluation import GeneratedText
+    from megatron_zero.evaluation.difficulty import measure_pass_rates
+
+    problems = make_problems(5)
+    calls = []
+
+    def generate(prompts, *, n, temperature, top_p, max_new_tokens, seed):
+        calls.append((len(prompts), n, temperature, top_p, max_new_tokens, seed))
+        # Prompt "qi" answered "i" by its first i samples.
+        return [[GeneratedText(str(int(p[1:])) if k < int(p[1:]) else "x", 1, "stop") for k in range(n)]
+                for p in prompts]
+
+    def grade(responses, truths):
+        return [float(r == t) for r, t in zip(responses, truths)]
+
+    config = PassRateEstimateConfig(num_samples=4, temperature=0.7, max_new_tokens=9, batch_size=2, seed=5)
+    rates = measure_pass_rates(problems, generate, grade, config)
+    assert calls == [(2, 4, 0.7, 1.0, 9, 5), (2, 4, 0.7, 1.0, 9, 6), (1, 4, 0.7, 1.0, 9, 7)]
+    assert [rates[p.uid].num_correct for p in problems] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="temperature=0 .* num_samples=4"):
+        PassRateEstimateConfig(num_samples=4, temperature=0.0)
+    with pytest.raises(ValueError, match="difficulty.batch_size=0 must be an integer >= 1"):
+        PassRateEstimateConfig(batch_size=0)
+
+
+def test_data_command_builds_splits_from_local_math_and_gsm8k_files(tmp_path, capsys):
+    """MATH as its original release (a folder tree of one-problem .json files) and as .jsonl; GSM8K as .jsonl."""
+    import json
+
+    from megatron_zero.cli import main
+
+    math_dir = tmp_path / "MATH" / "train"
+    for i, row in enumerate(MATH_ROWS):
+        (math_dir / row["type"].lower()).mkdir(parents=True, exist_ok=True)
+        (math_dir / row["type"].lower() / f"{i:02d}.json").write_text(json.dumps(row))
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    write_jsonl(GSM8K_ROWS, gsm8k)
+    out = tmp_path / "easy.jsonl"
+    assert main(["data", "--split", "easy", "--math", str(math_dir), "--gsm8k", str(gsm8k), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 5 easy problems" in printed
+    overrides = dict(item.split("=", 1) for item in printed.split("train with ")[1].split())
+    config = DatasetConfig(path=overrides["data.train.path"], uid_field=overrides["data.train.uid_field"],
+                           level_field=overrides["data.train.level_field"],
+                           source_field=overrides["data.train.source_field"], cache_dir=str(tmp_path / "cache"))
+    problems = load_problems(config)
+    # Level 1 rows of MATH_ROWS are i = 0 and 5 (answers "0", "5"); GSM8K answers without thousands separators.
+    assert sorted((p.metadata["source"], p.ground_truth) for p in problems) == [
+        ("gsm8k", "1250"), ("gsm8k", "2250"), ("gsm8k", "3250"), ("math", "0"), ("math", "5")]
+    hard = tmp_path / "hard.jsonl"
+    write_jsonl(MATH_ROWS, tmp_path / "math.jsonl")
+    assert main(["data", "--split", "hard", "--math", str(tmp_path / "math.jsonl"), "--max-problems", "3",
+                 "--out", str(hard)]) == 0
+    rows = [json.loads(line) for line in hard.read_text().splitlines()]
+    assert len(rows) == 3 and all(row["level"] >= 3 for row in rows)
+    assert main(["data", "--split", "hard", "--math", str(math_dir), "--gsm8k", str(gsm8k), "--out", str(hard)]) == 2
+    assert "has no place for the 3 GSM8K rows" in capsys.readouterr().err
+    assert main(["data", "--split", "hard", "--math", str(tmp_path / "none"), "--out", str(hard)]) == 2
+    assert "does not exist" in capsys.readouterr().err

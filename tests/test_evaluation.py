@@ -297,3 +297,143 @@ def test_evaluate_checks_files_before_generating_and_checks_outputs(data_dir):
         evaluate(EvalConfig(benchmarks=["gsm8k"], data_dir=str(data_dir)), one_sample_short, exact_match_grade, format_prompt)
     with pytest.raises(ValueError, match="finish_reason='abort'"):
         GeneratedText("x", 1, "abort")
+
+
+# ---------------------------------------------------------------- `megatron-zero eval` end to end (demo model)
+
+
+def _demo_benchmarks(root):
+    """The demo's held-out additions in two public formats: GSM8K ("#### n") and AMC23 (float answers)."""
+    from megatron_zero.demo import TEST_PROMPTS_PATH
+
+    rows = [json.loads(line) for line in TEST_PROMPTS_PATH.read_text().splitlines()[:8]]
+    write_jsonl(root / "gsm8k" / "test.jsonl",
+                [{"question": row["question"], "answer": f"Add them.\n#### {row['answer']}"} for row in rows[:4]])
+    write_jsonl(root / "amc23" / "test.jsonl", [{"id": i, "question": row["question"], "answer": float(row["answer"])}
+                                                for i, row in enumerate(rows[4:])])
+    return root
+
+
+def _eval_argv(data_dir, out, *extra):
+    from megatron_zero.demo import BASE_MODEL_PATH
+
+    return ["eval", "--model", str(BASE_MODEL_PATH), "--benchmarks", "gsm8k", "amc23", "--data-dir", str(data_dir),
+            "--template", "{input}", "--max-new-tokens", "24", "--out", str(out), *extra]
+
+
+def _samples(out):
+    return [json.loads(line) for line in (out / "samples_step0.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def greedy_torch_eval(tmp_path_factory):
+    """`megatron-zero eval` greedy on the torch engine: the reference the SGLang paths must repeat."""
+    from megatron_zero.cli import main
+
+    root = tmp_path_factory.mktemp("greedy")
+    data_dir = _demo_benchmarks(root / "data")
+    assert main(_eval_argv(data_dir, root / "out", "--temperature", "0")) == 0
+    return data_dir, root / "out"
+
+
+def test_eval_command_on_cpu_with_math_verify_and_pass_at_k(tmp_path):
+    from megatron_zero.cli import main
+    from megatron_zero.rewards.math_reward import math_reward
+
+    data_dir = _demo_benchmarks(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(_eval_argv(data_dir, out, "--n", "4", "--temperature", "1.0", "--top-p", "1.0", "--seed", "3")) == 0
+    samples = _samples(out)
+    assert len(samples) == 8 * 4 and {s["benchmark"] for s in samples} == {"gsm8k", "amc23"}
+    # The pool's grades are math-verify's: each response regraded here, in this process.
+    assert [math_reward(s["response"], s["ground_truth"]) for s in samples] == [s["reward"] for s in samples]
+    correct = [s["reward"] >= 1.0 for s in samples]
+    assert 0 < sum(correct) < len(correct), "the demo model should solve some samples, not all"
+    results = json.loads((out / "results_step0.json").read_text())
+    for name in ("gsm8k", "amc23"):
+        rows = [correct[i:i + 4] for i in range(0, len(samples), 4) if samples[i]["benchmark"] == name]
+        assert len(rows) == 4
+        for k in (1, 2, 4):
+            expected = np.mean([brute_force_pass_at_k(4, sum(row), k) for row in rows])  # from the per-sample grades
+            assert results["benchmarks"][name][f"pass@{k}"] == pytest.approx(expected, abs=1e-12)
+            assert results["benchmarks"][name][f"avg@{k}"] == pytest.approx(np.mean([sum(r[:k]) / k for r in rows]))
+    assert results["average"]["pass@1"] == pytest.approx(np.mean([results["benchmarks"][n]["pass@1"]
+                                                                  for n in ("gsm8k", "amc23")]))
+    assert (out / "results_step0.md").read_text().startswith("| Metric | GSM8K | AMC23 | Avg |")
+
+
+def _same_greedy_results(reference_out, out):
+    # Texts may differ in the trimmed stop token; what is graded and counted must not.
+    def graded(path):
+        return [(s["prompt"], s["reward"], s["num_tokens"], s["finish_reason"]) for s in _samples(path)]
+
+    assert graded(out) == graded(reference_out)
+    assert (json.loads((out / "results_step0.json").read_text())["benchmarks"]
+            == json.loads((reference_out / "results_step0.json").read_text())["benchmarks"])
+
+
+def test_eval_command_on_a_running_sglang_server(tmp_path, greedy_torch_eval):
+    """--engine sglang --sglang-url: the SGLang client against the CPU stand-in (a real SGLang HTTP API)."""
+    from test_sglang_cpu_server import start_server, wait_healthy
+
+    from megatron_zero.cli import main
+    from megatron_zero.demo import BASE_MODEL_PATH
+
+    data_dir, reference_out = greedy_torch_eval
+    process, port = start_server(BASE_MODEL_PATH, tmp_path / "server.log")
+    try:
+        wait_healthy(process, port, tmp_path / "server.log")
+        out = tmp_path / "out"
+        assert main(_eval_argv(data_dir, out, "--temperature", "0", "--engine", "sglang", "--sglang-url",
+                               f"http://127.0.0.1:{port}", "--dtype", "float32", "--deterministic")) == 0
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    _same_greedy_results(reference_out, out)
+
+
+def test_evaluate_model_launches_sglang_through_ray_like_the_trainer(tmp_path, greedy_torch_eval):
+    """Launched servers: a Ray placement of their own and the trainer's launch path (CPU stand-in in place of
+    `python -m sglang.launch_server`; Ray is told of one GPU, which the stand-in ignores)."""
+    import sys
+    from pathlib import Path
+
+    import ray
+
+    from megatron_zero.config.evaluation import EngineConfig
+    from megatron_zero.config.sglang import SGLangConfig
+    from megatron_zero.demo import BASE_MODEL_PATH
+    from megatron_zero.evaluation.model_eval import evaluate_model
+
+    data_dir, reference_out = greedy_torch_eval
+    stand_in = [sys.executable, str(Path(__file__).resolve().parent / "sglang_cpu_server.py"), "--model-path",
+                str(BASE_MODEL_PATH), "--host", "{host}", "--port", "{port}", "--dtype", "float32"]
+    engine = EngineConfig(engine="sglang", num_gpus=1, sglang=SGLangConfig(
+        model_path=str(BASE_MODEL_PATH), colocated=False, dtype="float32", startup_timeout_s=120))
+    config = EvalConfig(benchmarks=["gsm8k", "amc23"], data_dir=str(data_dir), template="{input}", temperature=0.0,
+                        top_p=1.0, max_new_tokens=24)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+    try:
+        evaluate_model(str(BASE_MODEL_PATH), config, engine, tmp_path / "out", server_command=stand_in)
+        assert (tmp_path / "out" / "logs" / "sglang_engine_0.log").is_file()
+        # Closing the engine removed its placement group: the GPU is free again.
+        assert ray.available_resources().get("GPU") == 1
+    finally:
+        ray.shutdown()
+    _same_greedy_results(reference_out, tmp_path / "out")
+
+
+def test_engine_config_refuses_what_cannot_work():
+    from megatron_zero.config.evaluation import EngineConfig
+    from megatron_zero.config.sglang import SGLangConfig
+
+    with pytest.raises(ValueError, match=r"engine='vllm' is unknown; use one of \['torch', 'sglang'\]"):
+        EngineConfig(engine="vllm")
+    with pytest.raises(ValueError, match="engine='sglang' needs an SGLangConfig"):
+        EngineConfig(engine="sglang")
+    with pytest.raises(ValueError, match="sglang.colocated=True .* set sglang.colocated=False"):
+        EngineConfig(engine="sglang", sglang=SGLangConfig(model_path="m"))
+    with pytest.raises(ValueError, match="sglang.tp_size=2 must divide cluster.rollout_num_gpus=1"):
+        EngineConfig(engine="sglang", sglang=SGLangConfig(model_path="m", colocated=False, tp_size=2))

@@ -84,15 +84,17 @@ def problems_from_rows(
     required = [config.question_field, config.answer_field]
     optional = {"level": config.level_field, "source": config.source_field}
     fields = required + [field for field in (config.uid_field, *optional.values()) if field]
+    # Metadata may be null in a row (GSM8K problems of the Easy split have no MATH level), but its field must exist.
+    nullable = {field for field in optional.values() if field}
     problems = []
     seen_uids: dict[str, int] = {}
     for row_index, row in enumerate(rows):
         for field in fields:
-            if row.get(field) is None:
+            if (field not in row) if field in nullable else (row.get(field) is None):
                 raise ValueError(
-                    f"{origin} row {row_index}: field {field!r} is missing or null; the row has keys "
-                    f"{sorted(key for key, value in row.items() if value is not None)}. Fix the file or set "
-                    "data.question_field / answer_field / uid_field / level_field / source_field"
+                    f"{origin} row {row_index}: field {field!r} is missing{'' if field in nullable else ' or null'}; "
+                    f"the row has keys {sorted(key for key, value in row.items() if value is not None)}. Fix the file "
+                    "or set data.question_field / answer_field / uid_field / level_field / source_field"
                 )
         question = str(row[config.question_field]).strip()
         ground_truth = _answer_text(row[config.answer_field])
