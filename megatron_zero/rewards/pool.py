@@ -40,7 +40,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Optional
 
 from megatron_zero.config.reward import RewardConfig
-from megatron_zero.rewards.math_reward import grade_math
+from megatron_zero.rewards.math_reward import grade_math_reference
 from megatron_zero.rewards.registry import RewardFn, call_reward, get_reward_fn
 from megatron_zero.rewards.types import BatchGrades, GradeResult, GradeStatus
 
@@ -65,8 +65,9 @@ def _worker_main(conn: Connection, reward_fn: RewardFn, config: RewardConfig) ->
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     # math-verify warns that its own (SIGALRM) timeout is off; this pool enforces the limit instead.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    # The first math-verify call compiles its regexes and LaTeX parser; pay that before the first deadline.
-    grade_math("\\boxed{1}", "1", config)
+    # The first math-verify call compiles its regexes and LaTeX parser; pay that before the first deadline (through
+    # the reference grader: grade_math's fast paths would answer this without math-verify's parser).
+    grade_math_reference("\\boxed{1}", "1", config)
     conn.send(_READY)
     while True:
         try:
