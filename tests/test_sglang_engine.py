@@ -1,7 +1,8 @@
-"""Tests of the SGLang engine adapter against a fake SGLang 0.5.10.post1 HTTP server on 127.0.0.1.
+"""Tests of the SGLang engine adapter against a fake SGLang 0.5.23 HTTP server on 127.0.0.1.
 
-The fake server checks every request body against the field names of sglang 0.5.10.post1 (copied below
-from its source, file named at each set) and answers with the response shapes of that version, using a
+The fake server checks every request body against the field names of sglang 0.5.23 (copied below from its
+source, file named at each set, and checked against the installed wheel by a test that skips without it) and
+answers with the response shapes of that version (weight updates only inside a begin/end session), using a
 tiny deterministic "model" whose log-probs the tests recompute independently in float64. What needs a
 GPU (CUDA IPC serialisation, a real server) is covered only up to the CUDA boundary error.
 
@@ -33,48 +34,52 @@ from megatron_zero.rollout.sglang_engine import (
 )
 from megatron_zero.rollout.sglang_http import SGLangHTTPError
 
-# --- field names of sglang 0.5.10.post1 ----------------------------------------------------------------
+# --- field names of sglang 0.5.23 ----------------------------------------------------------------------
+# Copied so the fake runs without the wheel; test_copied_contract_matches_the_wheel checks them against it.
 
-# sglang/srt/managers/io_struct.py: GenerateReqInput (+ BaseReq's rid, http_worker_ipc), the fields we may send.
+# sglang/api/v1/api_types.py: GenerateRequest, the JSON contract every /generate body must pass (unknown keys are
+# ignored by SGLang; this fake refuses them, so a misspelt field of ours fails here instead of doing nothing).
 GENERATE_FIELDS = {
-    "text", "input_ids", "input_embeds", "image_data", "video_data", "audio_data", "sampling_params",
-    "return_logprob", "logprob_start_len", "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs",
-    "stream", "log_metrics", "return_hidden_states", "return_routed_experts", "routed_experts_start_len",
-    "modalities", "session_params", "lora_path", "lora_id", "custom_logit_processor", "bootstrap_host",
-    "bootstrap_port", "bootstrap_room", "bootstrap_pair_key", "decode_tp_size", "require_reasoning",
-    "routed_dp_rank", "disagg_prefill_dp_rank", "data_parallel_rank", "background", "conversation_id",
-    "priority", "extra_key", "routing_key", "no_logs", "custom_labels", "return_bytes", "return_entropy",
-    "external_trace_header", "received_time", "rid", "http_worker_ipc",
+    "rid", "text", "input_ids", "stream", "sampling_params", "return_logprob", "logprob_start_len",
+    "top_logprobs_num", "token_ids_logprob", "return_hidden_states", "return_text_in_logprobs", "bootstrap_host",
+    "bootstrap_port", "bootstrap_room", "bootstrap_pair_key", "decode_tp_size", "routed_dp_rank",
+    "disagg_prefill_dp_rank", "image_data", "mm_hashes", "video_data", "audio_data", "extra_key", "priority",
+    "cache_salt", "require_reasoning", "lora_path", "session_params", "kv_hints", "routing_key", "max_thinking_tokens",
+    "session_id", "custom_logit_processor", "custom_labels", "images_config", "return_prompt_token_ids",
+    "routed_experts_start_len", "return_sampling_mask", "modalities",
 }
-# sglang/srt/sampling/sampling_params.py: SamplingParams.__init__ arguments.
+# sglang/api/v1/api_types.py: SamplingParams (unknown keys rejected: HTTP 400 "unknown field `x`, expected ...").
 SAMPLING_FIELDS = {
     "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
     "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema",
     "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
-    "no_stop_trim", "custom_params", "stream_interval", "logit_bias", "sampling_seed",
+    "no_stop_trim", "stream_interval", "logit_bias", "sampling_seed", "custom_params", "beam_width", "watermark",
+    "choice",
 }
-# sglang/srt/managers/io_struct.py: (required fields, all fields) of the weight and memory requests.
+# sglang/srt/managers/io_struct.py: (required fields, all fields, class) of the weight and memory requests.
+_BASE = {"rid", "http_worker_ipc"}  # BaseReq
 REQUEST_FIELDS = {
-    "/update_weights_from_tensor": ({"serialized_named_tensors"}, {
+    "/update_weights_from_tensor": ({"serialized_named_tensors"}, _BASE | {
         "serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version",
-        "disable_draft_model", "rid"}),
-    "/update_weights_from_distributed": ({"names", "dtypes", "shapes"}, {
+        "selector", "torch_empty_cache"}, "UpdateWeightsFromTensorReqInput"),
+    "/update_weights_from_distributed": ({"names", "dtypes", "shapes"}, _BASE | {
         "names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version",
-        "load_format", "rid"}),
-    "/init_weights_update_group": ({"master_address", "master_port", "rank_offset", "world_size"}, {
-        "master_address", "master_port", "rank_offset", "world_size", "group_name", "backend", "rid"}),
-    "/destroy_weights_update_group": (set(), {"group_name", "rid"}),
-    "/release_memory_occupation": (set(), {"tags", "rid"}),
-    "/resume_memory_occupation": (set(), {"tags", "rid"}),
+        "load_format", "selector", "torch_empty_cache"}, "UpdateWeightsFromDistributedReqInput"),
+    "/init_weights_update_group": ({"master_address", "master_port", "rank_offset", "world_size"}, _BASE | {
+        "master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"},
+        "InitWeightsUpdateGroupReqInput"),
+    "/destroy_weights_update_group": (set(), _BASE | {"group_name"}, "DestroyWeightsUpdateGroupReqInput"),
+    "/begin_weight_update": (set(), _BASE | {"selector"}, "BeginWeightUpdateReqInput"),
+    "/end_weight_update": (set(), _BASE, "EndWeightUpdateReqInput"),
+    "/release_memory_occupation": (set(), _BASE | {"tags"}, "ReleaseMemoryOccupationReqInput"),
+    "/resume_memory_occupation": (set(), _BASE | {"tags"}, "ResumeMemoryOccupationReqInput"),
 }
+# sglang/srt/managers/scheduler_components/weight_updater.py: the answers outside a weight-update session.
+NO_SESSION = "{} must run between begin_weight_update() and end_weight_update()"
+SESSION_OPEN = "a weight-update session is already open; call end_weight_update() first"
+NO_SESSION_TO_END = "no weight-update session is open; call begin_weight_update() first"
 # sglang/srt/constants.py: GPU_MEMORY_ALL_TYPES.
 MEMORY_TAGS = {"kv_cache", "weights", "cuda_graph"}
-# Flags of `python -m sglang.launch_server` in sglang/srt/server_args.py (those launch_server_command emits).
-SERVER_FLAGS = {
-    "--model-path", "--host", "--port", "--tp-size", "--base-gpu-id", "--mem-fraction-static", "--dtype",
-    "--enable-memory-saver", "--disable-radix-cache", "--enable-deterministic-inference", "--random-seed",
-    "--context-length", "--trust-remote-code",
-}
 
 VOCAB = 11
 
@@ -101,6 +106,7 @@ class FakeSGLang:
         self.health_delay_s = 0.0
         self.health_failures = 0
         self.released: set[str] = set()
+        self.session_open = False
         # Seconds a /generate request holding one of these prompts takes (a long response), keyed by the prompt.
         self.generate_delay_s: dict[tuple[int, ...], float] = {}
 
@@ -214,8 +220,17 @@ def make_handler(state: FakeSGLang):
                     return self._send(400, text="Flush cache failed.\n")
                 return self._send(200, text="Cache flushed.\nPlease check backend logs for more details.\n")
             if self.path in REQUEST_FIELDS:
-                required, allowed = REQUEST_FIELDS[self.path]
+                required, allowed, _ = REQUEST_FIELDS[self.path]
                 assert required <= set(body) <= allowed, (self.path, body)
+                if self.path in ("/begin_weight_update", "/end_weight_update"):
+                    begin = self.path == "/begin_weight_update"
+                    if state.session_open == begin:
+                        return self._send(400, {"success": False, "message": SESSION_OPEN if begin else
+                                                NO_SESSION_TO_END})
+                    state.session_open = begin
+                    return self._send(200, {"success": True, "message": "Success"})
+                if self.path.startswith("/update_weights_from") and not state.session_open:
+                    return self._send(400, {"success": False, "message": NO_SESSION.format(self.path.lstrip("/"))})
                 if "memory_occupation" in self.path:
                     assert set(body["tags"]) <= MEMORY_TAGS
                     if self.path.startswith("/release"):
@@ -446,7 +461,7 @@ def test_colocated_update_stops_at_the_cuda_boundary(fake, tmp_path):
         engine.update_weights([("lm.weight", torch.zeros(1))])
     with pytest.raises(CUDABoundaryError, match=r"not on a CUDA device \(first: 'embed.weight'"):
         engine.update_weights([("embed.weight", torch.zeros(4, 2))])
-    assert fake.requests == []
+    assert fake.requests == [("/begin_weight_update", {})]  # the session opened; no weights were sent
 
 
 def test_split_by_bytes_keeps_order_and_cap():
@@ -475,7 +490,11 @@ def test_disaggregated_update_requests_and_broadcast(fake, gloo_group_of_one):
     updates = [body for path, body in fake.requests if path == "/update_weights_from_distributed"]
     assert updates[-1]["names"] == names and updates[-1]["dtypes"] == ["bfloat16", "float32"]
     assert updates[-1]["shapes"] == [[2, 3], [3]] and updates[-1]["flush_cache"] is False
-    assert fake.requests[-1][0] == "/flush_cache"  # stale prefixes dropped once, at the end of the sync
+    # One session per sync (0.5.23 refuses updates outside one), closed before the single flush of stale prefixes;
+    # the sync that left a tensor stale closed its session too, or the next begin would be refused.
+    paths = [path for path, _ in fake.requests]
+    assert paths.count("/begin_weight_update") == paths.count("/end_weight_update") == 2
+    assert paths[-2:] == ["/end_weight_update", "/flush_cache"] and not fake.session_open
     with pytest.raises(RuntimeError, match="only colocated servers"):
         engine.release_memory()
 
@@ -490,13 +509,50 @@ def test_weights_failure_names_the_server(fake):
 # --- launching and config ----------------------------------------------------------------------------
 
 
+def test_copied_contract_matches_the_wheel():
+    """The field names this fake (and so every test built on it) holds the client to are SGLang 0.5.23's own."""
+    import sglang_contract
+
+    sglang_contract.require_wheel()
+    api = sglang_contract.api_types()
+    assert GENERATE_FIELDS == set(sglang_contract.struct_defaults(api.GenerateRequest))
+    assert SAMPLING_FIELDS == set(sglang_contract.struct_defaults(api.SamplingParams))
+    for path, (required, allowed, class_name) in REQUEST_FIELDS.items():
+        assert (required, allowed) == tuple(map(set, sglang_contract.request_fields(class_name))), path
+    assert MEMORY_TAGS == sglang_contract.memory_tags()
+
+
+def test_generate_payload_passes_the_wheels_contract():
+    """generate_payload (what a dry run prints) is what generate sends, and SGLang's own /generate schema admits it;
+    a misspelt sampling field is refused by that schema, as the server answers it (HTTP 400)."""
+    import sglang_contract
+
+    from megatron_zero.rollout.sglang_engine import generate_payload
+
+    params = SamplingParams(temperature=0.7, max_new_tokens=4, stop=("\n",), stop_token_ids=(7,), seed=3)
+    payload = generate_payload([[1, 2], [1, 2]], params, deterministic=True)
+    assert payload["input_ids"] == [[1, 2], [1, 2]] and len({s["sampling_seed"] for s in payload["sampling_params"]}) == 2
+    with pytest.raises(ValueError, match="enable_deterministic_inference"):
+        generate_payload([[1]], params, deterministic=False)
+    sglang_contract.require_wheel()
+    api = sglang_contract.api_types()
+    parsed = api.GenerateRequest.from_json_value(json.loads(json.dumps(payload)))
+    assert [s.sampling_seed for s in parsed.sampling_params] == [s["sampling_seed"] for s in payload["sampling_params"]]
+    assert parsed.sampling_params[0].no_stop_trim is True and parsed.logprob_start_len == -1
+    with pytest.raises(api.JsonContractError, match="unknown field `seed`"):
+        api.GenerateRequest.from_json_value({**payload, "sampling_params": [{"seed": 3}]})
+
+
 def test_launch_command_uses_real_flags():
+    import sglang_contract
+
+    sglang_contract.require_wheel()
     config = SGLangConfig(model_path="/ckpt/qwen", port=31000, tp_size=2, base_gpu_id=4, mem_fraction_static=0.6,
                           disable_radix_cache=True, random_seed=7, extra_server_args=["--chunked-prefill-size", "8192"])
     command = launch_server_command(config)
     assert command[1:3] == ["-m", "sglang.launch_server"]
     flags = [arg for arg in command[3:-2] if arg.startswith("--")]
-    assert set(flags) <= SERVER_FLAGS, set(flags) - SERVER_FLAGS
+    assert set(flags) <= sglang_contract.server_flags(), set(flags) - sglang_contract.server_flags()
     pairs = dict(zip(command[3::1], command[4::1]))
     assert pairs["--model-path"] == "/ckpt/qwen" and pairs["--tp-size"] == "2" and pairs["--base-gpu-id"] == "4"
     assert pairs["--port"] == "31000" and pairs["--mem-fraction-static"] == "0.6" and pairs["--dtype"] == "bfloat16"

@@ -2,9 +2,9 @@
 
 Why: ``megatron_zero.rollout.sglang_engine.SGLangEngine`` drives one ``sglang.launch_server`` process
 (tensor-parallel over ``tp_size`` GPUs starting at ``base_gpu_id``); everything it needs is here, validated
-at construction so a bad value fails before a GPU is touched. The pinned server is sglang==0.5.10.post1
-(see docs/sglang.md); the flag names used by ``launch_server_command`` were checked against its
-``sglang/srt/server_args.py``.
+at construction so a bad value fails before a GPU is touched. The pinned server is sglang==0.5.23
+(see docs/sglang.md); the flag names used by ``launch_server_command`` are checked against its
+``sglang/srt/arg_groups/fields/`` by tests/test_sglang_engine.py.
 
 How: ``SGLangConfig(model_path="/ckpt/Qwen2.5-Math-7B", tp_size=2, port=30000)`` or
 ``OmegaConf.structured(SGLangConfig)``.
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:
     from megatron_zero.config.cluster import ClusterConfig
 
-# The --dtype choices of sglang 0.5.10.post1 (sglang/srt/server_args.py).
+# The --dtype choices of sglang 0.5.23 (sglang/srt/arg_groups/fields/model.py).
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 

@@ -1,9 +1,9 @@
 """The SGLang rollout engine: our ``RolloutEngine`` contract mapped onto one SGLang server's HTTP API.
 
-Why: rollouts run on SGLang (sglang==0.5.10.post1, the gpu extra), one server per engine, tensor-parallel
+Why: rollouts run on SGLang (sglang==0.5.23, the gpu extra), one server per engine, tensor-parallel
 over its GPUs; colocated with the actor it is launched on the actor's GPUs, gives its memory back during
 training and receives new weights as CUDA IPC handles. Every endpoint, request field and response shape
-used here was read from the 0.5.10.post1 source (docs/sglang.md lists them):
+used here was read from the 0.5.23 source (docs/sglang.md lists them):
 
 - ``generate``        POST /generate, ``input_ids`` batch, ``return_logprob``; ``meta_info.output_token_logprobs``
                       holds (logprob, token_id, text) tuples, ``meta_info.finish_reason`` {"type": ...}.
@@ -11,17 +11,19 @@ used here was read from the 0.5.10.post1 source (docs/sglang.md lists them):
                       response as its request returns.
 - ``compute_logprobs`` POST /generate with ``max_new_tokens=0`` (prefill only) and ``logprob_start_len``;
                       ``meta_info.input_token_logprobs`` starts with (None, first id) at that position.
-- weights             colocated: POST /update_weights_from_tensor, ``load_format="flattened_bucket"``, one
-                      base64 pickled CUDA IPC handle per TP rank; disaggregated: POST
-                      /update_weights_from_distributed while this process broadcasts over NCCL.
-- memory              POST /release_memory_occupation and /resume_memory_occupation with ``tags``.
+- weights             every sync is one session: POST /begin_weight_update, the buckets, POST /end_weight_update
+                      (0.5.23 refuses updates outside a session). Colocated: POST /update_weights_from_tensor,
+                      ``load_format="flattened_bucket"``, one base64 pickled CUDA IPC handle per TP rank;
+                      disaggregated: POST /update_weights_from_distributed while this process broadcasts over NCCL.
+- memory              POST /release_memory_occupation and /resume_memory_occupation with ``tags``. Released
+                      weights are discarded (no --enable-weights-cpu-backup): they must be synced after resume.
 - ``flush_cache``     POST /flush_cache;  ``health_check``  GET /health_generate.
 
 Log-prob temperature (checked in sglang/srt/layers/sampler.py and logits_processor.py): sampled-token
 log-probs are log(softmax(logits / T)) over the full vocabulary before top-p / top-k, i.e. our contract,
 unless the server runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1 (then T = 1; ``launch_server_env`` keeps it
 off). Greedy requests (T = 0) return log_softmax(logits) (SGLang treats T = 0 as T = 1, top_k = 1).
-Prompt (input) log-probs are always at T = 1 in 0.5.10 (``temp_scaled_logprobs`` is never set), so
+Prompt (input) log-probs are always at T = 1 in 0.5.23 (log_softmax of the raw logits, logprob_processor.py), so
 ``compute_logprobs`` accepts only temperature 1.0 (or 0, greedy, scored at 1) and refuses others.
 
 CUDA boundary: serialising weights needs CUDA tensors and the sglang package (its pickling patch maps
@@ -31,6 +33,7 @@ against any server speaking the API; tests/test_sglang_engine.py uses a fake one
 
 How: ``cmd = launch_server_command(cfg)`` (start it with ``launch_server_env()``), then
 ``engine = SGLangEngine(cfg); engine.wait_until_ready(); engine.generate(prompts, SamplingParams())``.
+``launch_server_command`` and ``generate_payload`` are pure (no network): a dry run prints what a run would send.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class CUDABoundaryError(RuntimeError):
 
 
 def launch_server_command(config: SGLangConfig) -> list[str]:
-    """The ``python -m sglang.launch_server`` command line for one engine (flags of sglang 0.5.10.post1)."""
+    """The ``python -m sglang.launch_server`` command line for one engine (flags of sglang 0.5.23,
+    sglang/srt/arg_groups/fields/)."""
     command = [
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", config.model_path,
@@ -79,7 +83,8 @@ def launch_server_command(config: SGLangConfig) -> list[str]:
         "--dtype", config.dtype,
     ]
     if config.colocated:
-        # /release_memory_occupation and /resume_memory_occupation need torch_memory_saver's allocator.
+        # /release_memory_occupation and /resume_memory_occupation need torch_memory_saver's allocator. No
+        # --enable-weights-cpu-backup: released weights are discarded, and every resume is followed by a sync.
         command.append("--enable-memory-saver")
     if config.disable_radix_cache:
         command.append("--disable-radix-cache")
@@ -126,6 +131,26 @@ def request_seeds(seed: int, count: int) -> list[int]:
     """One sampling seed per request, all derived from ``seed``. SGLang's seeded sampler draws from (seed, token
     position) alone, so the n samples of a prompt sent with one shared seed would be n copies of one response."""
     return [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(count)]
+
+
+def generate_payload(prompts: Sequence[Sequence[int]], params: SamplingParams, *, deterministic: bool) -> dict:
+    """The JSON body of one POST /generate for ``prompts`` (``GenerateReqInput``), exactly as the engine sends it.
+
+    ``sampling_params`` is a list, one entry per prompt; when seeded each gets a seed of its own (``request_seeds``).
+    Raises before any request for an empty prompt or a seed the server would not honour."""
+    prompts = [list(prompt) for prompt in prompts]
+    empty = [i for i, prompt in enumerate(prompts) if not prompt]
+    if empty:
+        raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token")
+    sampling = sglang_sampling_params(params, deterministic=deterministic)
+    return {
+        "input_ids": prompts,
+        "sampling_params": [sampling] * len(prompts) if params.seed is None else [
+            {**sampling, "sampling_seed": seed} for seed in request_seeds(params.seed, len(prompts))],
+        "return_logprob": True,
+        # -1: log-probs of the generated tokens only.
+        "logprob_start_len": -1,
+    }
 
 
 def _logprob_values(entries: list, url: str, what: str) -> tuple[list[float], list[int]]:
@@ -312,21 +337,8 @@ class SGLangEngine(RolloutEngine):
                           params: SamplingParams) -> tuple[list[list[int]], dict]:
         """The checked prompts and the /generate payload for all of them (raises before any request)."""
         self._check_serving("generate")
-        prompts = [list(prompt) for prompt in prompts]
-        empty = [i for i, prompt in enumerate(prompts) if not prompt]
-        if empty:
-            raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token")
-        sampling = sglang_sampling_params(params, deterministic=self.config.enable_deterministic_inference)
-        payload = {
-            "input_ids": prompts,
-            # A list: one entry per prompt, each with a seed of its own when seeded (see request_seeds).
-            "sampling_params": [sampling] * len(prompts) if params.seed is None else [
-                {**sampling, "sampling_seed": seed} for seed in request_seeds(params.seed, len(prompts))],
-            "return_logprob": True,
-            # -1: log-probs of the generated tokens only.
-            "logprob_start_len": -1,
-        }
-        return prompts, payload
+        payload = generate_payload(prompts, params, deterministic=self.config.enable_deterministic_inference)
+        return payload["input_ids"], payload
 
     def _stream_requests(self, prompts: list[list[int]], payload: dict) -> Iterator[tuple[int, Generation]]:
         if not prompts:
@@ -382,8 +394,8 @@ class SGLangEngine(RolloutEngine):
         # 0 (greedy) is scored at temperature 1, like generate's greedy log-probs.
         if temperature not in (0.0, 1.0):
             raise ValueError(
-                f"compute_logprobs(temperature={temperature}): SGLang 0.5.10 returns prompt log-probs at "
-                "temperature 1 only (temp_scaled_logprobs is never set); use temperature 1.0 or the actor"
+                f"compute_logprobs(temperature={temperature}): SGLang 0.5.23 returns prompt log-probs at "
+                "temperature 1 only (log_softmax of the raw logits); use temperature 1.0 or the actor"
             )
         self._check_serving("compute_logprobs")
         if not prompt_ids:
@@ -429,8 +441,11 @@ class SGLangEngine(RolloutEngine):
             from megatron_zero.models.hf_io import HFCheckpointReader
 
             self._expected_names = frozenset(HFCheckpointReader(self.config.model_path).names())
-        self._stats = WeightUpdateStats(version=version)
         self._sync_start = time.perf_counter()
+        # SGLang 0.5.23 takes weights only inside a session (scheduler_components/weight_updater.py); it waits for
+        # running requests (the model-update writer lock). Not retried: a second begin is refused while one is open.
+        self._client.post("/begin_weight_update", {}, timeout_s=self.config.control_timeout_s, retry=False)
+        self._stats = WeightUpdateStats(version=version)
 
     def update_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
         if not self.config.colocated:
@@ -555,6 +570,8 @@ class SGLangEngine(RolloutEngine):
         if self._stats is None:
             raise RuntimeError("finish_weight_update called without begin_weight_update")
         stats, self._stats = self._stats, None
+        # The session closes even when tensors are missing: an open one would refuse the next begin.
+        self._client.post("/end_weight_update", {}, timeout_s=self.config.control_timeout_s, retry=False)
         missing = sorted(self._expected_names - stats.names)
         if missing:
             raise RuntimeError(f"weight update version {stats.version} for {self.url} left {len(missing)} tensor(s) "

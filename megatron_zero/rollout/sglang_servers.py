@@ -28,7 +28,7 @@ from 0, so ``sglang.base_gpu_id`` must stay 0.
 
 Placement also decides host and port: each server binds its node's IP on a port found free on that node
 (``sglang.host`` and ``sglang.port`` are for a server started by hand). SGLang's other endpoints use IPC sockets
-and a port it finds free itself (``PortArgs.init_new`` in 0.5.10), so several servers on one node do not clash.
+and a port it finds free itself (``PortArgs.init_new`` in 0.5.23, server_args.py), so several servers on one node do not clash.
 
 Process lifetime: the server runs in its own process group (SGLang's scheduler and detokenizer processes join
 it), with stdout and stderr in ``<log_dir>/sglang_engine_<i>.log`` on its node. ``shutdown`` sends SIGTERM to the
@@ -79,7 +79,9 @@ assert ENGINE_GPU_SHARE <= 1 - COLOCATED_GPU_SHARE
 # Stand-in command placeholders (see SGLangServerActor): replaced by the node IP and the port found free there.
 HOST_PLACEHOLDER = "{host}"
 PORT_PLACEHOLDER = "{port}"
-# SGLang answers GET /health with 503 until its warm-up generation has run (http_server.py, ServerStatus.Up).
+# SGLang 0.5.23 answers GET /health with 503 while ServerStatus is Starting (until its warm-up generation has run),
+# then runs a one-token generation per call, like /health_generate (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION on by
+# default; http_server.py). /ready (new: healthy and not paused) would refuse a server paused for a weight update.
 _HEALTH_ENDPOINT = "/health"
 _HEALTH_POLL_S = 0.5
 _HEALTH_REQUEST_TIMEOUT_S = 5.0
@@ -151,6 +153,14 @@ def server_env(base: Mapping[str, str], gpu_ids: Sequence[int]) -> dict[str, str
     return env
 
 
+def slot_server_launch(config: SGLangConfig, slot: EngineSlot, host: str, port: int,
+                       base_env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment ``slot``'s server is started with, bound to ``host:port``: pure (no Ray, no network),
+    so the actor runs exactly what a dry run prints. The GPUs are CUDA_VISIBLE_DEVICES, numbered from 0 inside."""
+    command = launch_server_command(dataclasses.replace(config, host=host, port=port))
+    return command, server_env(base_env, slot.gpu_ids)
+
+
 # --------------------------------------------------------------------------- one server, inside a Ray actor
 
 
@@ -200,13 +210,10 @@ class SGLangServerActor:
         self._check_gpus()
         node_ip = ray.util.get_node_ip_address()
         port = free_port()
-        launch_config = dataclasses.replace(self._config, host=node_ip, port=port)
-        if self._server_command is None:
-            command = launch_server_command(launch_config)
-        else:
+        command, env = slot_server_launch(self._config, self._slot, node_ip, port, os.environ)
+        if self._server_command is not None:
             command = [arg.replace(HOST_PLACEHOLDER, node_ip).replace(PORT_PLACEHOLDER, str(port))
                        for arg in self._server_command]
-        env = server_env(os.environ, self._slot.gpu_ids)
         Path(self._log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self._log_path, "a") as log:
             log.write(f"# {self._slot.describe()}: CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')} "
