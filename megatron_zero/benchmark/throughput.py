@@ -135,10 +135,10 @@ def run_benchmark(spec: BenchmarkSpec, workdir: str | Path,
     if num_layers == full_arch.num_layers:
         layers_note = "all layers of the config"
     elif spec.num_layers is not None:
-        layers_note = f"{num_layers} of {full_arch.num_layers} layers, as asked (num_layers)"
+        layers_note = "fewer, as asked (num_layers)"
     else:
-        layers_note = (f"{num_layers} of {full_arch.num_layers} layers: the whole model with its optimizer state and "
-                       f"the engine's copy would exceed 70% of the device's {device_memory / 2**30:.0f} GiB")
+        layers_note = (f"cut to fit: the whole model with its optimizer state and the engine's copy would exceed "
+                       f"70% of the device's {device_memory / 2**30:.0f} GiB")
 
     # One worker writes the model, converts it and runs the steps: each spawned process costs seconds of imports.
     result = run_local_workers(_benchmark_job, ParallelConfig(), world_size=1,
