@@ -177,7 +177,7 @@ def test_logprob_gap_bounds_follow_the_precision_of_engine_and_actor():
 
     demo = demo_config("/tmp/unused", 1, [])
     assert demo.logprob_precision == "fp32" and demo.logprob_gap_bounds == LOGPROB_GAP_BOUNDS["fp32"] == (1e-3, 5e-2)
-    example = load_config(str(Path(__file__).resolve().parents[1] / "examples/configs/qwen2.5-7b-zero.yaml"), [])
+    example = load_config(str(Path(__file__).resolve().parents[1] / "examples/configs/qwen2.5-7b-zero-2node.yaml"), [])
     assert example.logprob_precision == "16bit" and example.logprob_gap_bounds == (0.1, 2.0)
     # Either side in 16 bits is enough: a float32 actor against a bf16 torch engine.
     assert load_config(None, ["model_path=/m", *BASE, "model.params_dtype=float32",
