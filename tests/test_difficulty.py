@@ -91,11 +91,9 @@ def test_missing_or_mismatched_table_is_one_line_before_ray(tmp_path, rates_file
         assert not ray.is_initialized()
     code = main(_train_args(tmp_path / "run", base_mcore, train_file, *SMOKE,
                             f"data.pass_rate_filter.pass_rate_file={rates_file}",
-                            "data.pass_rate_filter.min_pass_rate=1.0"))
-    err = _error_line(capsys)
-    if any(row["pass_rate"] == 1.0 for row in _rows(rates_file)):
-        pytest.skip("the demo model solved a problem every time; the empty-band case needs none solved")
-    assert code == 2 and "keeps none of the 12 problems" in err, err
+                            "data.pass_rate_filter.min_pass_rate=0.3", "data.pass_rate_filter.max_pass_rate=0.4"))
+    err = _error_line(capsys)  # with 4 samples a rate is 0, 0.25, 0.5, 0.75 or 1: none in [0.3, 0.4]
+    assert code == 2 and "band [0.3, 0.4] keeps none of the 12 problems" in err, err
     assert not ray.is_initialized()
 
 
