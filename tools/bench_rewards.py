@@ -5,10 +5,12 @@ a correct boxed answer in an equivalent form (~45%), a wrong boxed answer (~30%)
 box (~10%), no final answer (~10%), or a truncated box (~5%). Ground truths mix integers, fractions, radicals,
 decimals, intervals, sets and multiple-choice letters, with random values so caches do not make it trivial.
 --hostile-fraction replaces that share of endings with a power tower that runs into the timeout.
-First grades the batch in one worker with math-verify's parse and verify for every answer (the reference) and
-with the fast paths (megatron_zero/rewards/fast_parse.py, fast_verify.py), prints both rates per core, their
-ratio and how many grades differ (must be 0); then one table row per worker count, with the projected time for
-the 8k responses of a 32B step. Other work on the machine slows both alike: compare the ratio.
+First grades the batch with math-verify's parse and verify for every answer (the reference) and with the fast
+paths (megatron_zero/rewards/fast_parse.py, fast_verify.py), one worker each, taking turns chunk by chunk so
+that other work on the machine slows both alike; prints both rates per core, their ratio and how many grades
+differ (must be 0). Each pool first grades --warm-up other responses untimed, as a training run's long-lived
+pool is warm. Then one table row per worker count, with the projected time for the 8k responses of a 32B
+step.
 
     python tools/bench_rewards.py --num-responses 4000 --workers 1 2
     python tools/bench_rewards.py --num-responses 1000 --hostile-fraction 0.01 --timeout-s 10
@@ -17,12 +19,14 @@ the 8k responses of a 32B step. Other work on the machine slows both alike: comp
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import random
 import time
 
 from megatron_zero.config.reward import RewardConfig
-from megatron_zero.rewards import BatchGrades, GradeResult, GraderPool
+from megatron_zero.rewards import BatchGrades, GradeResult, GraderPool, extract_answer
+from megatron_zero.rewards.fast_parse import fast_parse
 
 _FILLER = [
     "Let's think step by step.",
@@ -99,9 +103,21 @@ def make_batch(
 _REFERENCE = "megatron_zero.rewards.math_reward:grade_math_reference"
 
 
-def _grade(responses: list[str], truths: list[str], config: RewardConfig) -> BatchGrades:
-    with GraderPool(config) as pool:
-        return pool.grade_batch(responses, truths)
+def _compare(responses: list[str], truths: list[str], timeout_s: float, chunk: int,
+             warm_up: tuple[list[str], list[str]]) -> tuple[BatchGrades, BatchGrades]:
+    """The batch graded by math-verify alone and with the fast paths, one worker each, chunk by chunk in turn, so
+    that load from other work on the machine falls on both alike."""
+    graded: dict[str, list[BatchGrades]] = {"reference": [], "fast": []}
+    configs = {"reference": RewardConfig(reward_fn=_REFERENCE, num_workers=1, timeout_s=timeout_s),
+               "fast": RewardConfig(num_workers=1, timeout_s=timeout_s)}
+    with GraderPool(configs["reference"]) as reference_pool, GraderPool(configs["fast"]) as fast_pool:
+        reference_pool.grade_batch(*warm_up)
+        fast_pool.grade_batch(*warm_up)
+        for start in range(0, len(responses), chunk):
+            for name, pool in (("reference", reference_pool), ("fast", fast_pool)):
+                graded[name].append(pool.grade_batch(responses[start : start + chunk], truths[start : start + chunk]))
+    return tuple(BatchGrades(results=[result for grades in graded[name] for result in grades.results],
+                             seconds=sum(grades.seconds for grades in graded[name])) for name in ("reference", "fast"))
 
 
 def _verdict(result: GradeResult) -> tuple:
@@ -115,6 +131,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0], help="worker counts to compare; 0 = CPUs")
     parser.add_argument("--timeout-s", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk", type=int, default=200, help="responses per turn in the math-verify comparison")
+    parser.add_argument("--warm-up", type=int, default=400,
+                        help="responses (another seed) each pool grades untimed first: a training run's pool is warm "
+                        "(math-verify's LaTeX parser builds its tables on first use of each construct)")
     parser.add_argument("--hostile-fraction", type=float, default=0.0, help="share of power-tower answers")
     args = parser.parse_args()
 
@@ -124,17 +144,27 @@ def main() -> None:
         f"{len(responses)} responses, mean {mean_chars:.0f} chars, {args.samples_per_prompt} per prompt; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work on the machine slows this down)"
     )
-    reference = _grade(responses, truths, RewardConfig(reward_fn=_REFERENCE, num_workers=1, timeout_s=args.timeout_s))
-    fast = _grade(responses, truths, RewardConfig(num_workers=1, timeout_s=args.timeout_s))
+    config = RewardConfig()
+    answers = [extract_answer(response, config.stop_tokens) for response in responses]
+    paths = collections.Counter(
+        "no answer" if answer is None else getattr(fast_parse(answer.text, answer.source != "answer_is"), "path",
+                                                   "math-verify")
+        for answer in answers
+    )
+    shares = ", ".join(f"{path} {count / len(responses):.0%}" for path, count in paths.most_common())
+    print(f"answers by parser: {shares}")
+    warm_up = make_batch(args.warm_up, args.samples_per_prompt, args.seed + 1)
+    reference, fast = _compare(responses, truths, args.timeout_s, args.chunk, warm_up)
     reference_rate, fast_rate = len(responses) / reference.seconds, len(responses) / fast.seconds
     differ = sum(_verdict(a) != _verdict(b) for a, b in zip(reference.results, fast.results))
-    print(f"one worker: math-verify {reference_rate:.1f} resp/s, fast paths {fast_rate:.1f} resp/s, "
+    print(f"one worker each: math-verify {reference_rate:.1f} resp/s, fast paths {fast_rate:.1f} resp/s, "
           f"ratio {fast_rate / reference_rate:.2f}; grades that differ: {differ}")
     print(f"{'workers':>7} {'start s':>8} {'grade s':>8} {'resp/s':>8} {'8k est s':>9} {'accuracy':>8}  counts")
     for num_workers in args.workers:
         started = time.perf_counter()
         with GraderPool(RewardConfig(num_workers=num_workers, timeout_s=args.timeout_s)) as pool:
             startup_s = time.perf_counter() - started
+            pool.grade_batch(*warm_up)
             grades = pool.grade_batch(responses, truths)
         rate = len(responses) / grades.seconds
         accuracy = sum(score == 1.0 for score in grades.scores) / len(responses)
