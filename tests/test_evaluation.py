@@ -418,8 +418,10 @@ def test_evaluate_model_launches_sglang_through_ray_like_the_trainer(tmp_path, g
     try:
         evaluate_model(str(BASE_MODEL_PATH), config, engine, tmp_path / "out", server_command=stand_in)
         assert (tmp_path / "out" / "logs" / "sglang_engine_0.log").is_file()
-        # Closing the engine removed its placement group: the GPU is free again.
-        assert ray.available_resources().get("GPU") == 1
+        # Closing the engine removed its placement group: the GPU is free again (Ray frees it asynchronously).
+        from ray.util.placement_group import placement_group_table
+
+        assert {group["state"] for group in placement_group_table().values()} == {"REMOVED"}
     finally:
         ray.shutdown()
     _same_greedy_results(reference_out, tmp_path / "out")
