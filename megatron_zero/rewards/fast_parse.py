@@ -9,21 +9,29 @@ math-verify's `verify` still compares the result, so a grade can differ from mat
 differs from math-verify's. Each pattern is therefore narrow (ASCII digits, single spaces, canonical numerals where
 math-verify's normalisation rewrites them) and mirrors the normalisation and conversion code of math-verify 0.9 /
 latex2sympy2_extended 1.11 it replaces; tests/test_rewards.py checks every path against math-verify's own parse
-on generated and hand-picked answers. Anything else returns None and goes to math-verify.
+on generated and hand-picked answers. Anything else returns None and goes to math-verify. With other versions
+installed, `fast_paths_apply()` is False and math_reward.py sends every answer to math-verify.
 
 How: ``fast_parse("\\dfrac{3}{4}", wrap_in_box=True)`` gives ``FastParse("fraction", (Rational(3, 4),
 "\\frac{3}{4}"))``, the same tuple as ``parse("\\boxed{\\dfrac{3}{4}}")``; ``fast_parse("x+1", True)`` is None.
 """
 
 import dataclasses
+import functools
+import importlib.metadata
+import logging
 import re
 from typing import Optional
 
 import sympy
 from latex2sympy2_extended.sets import FiniteSet
 
-# Longer numerals go to math-verify: Python refuses int() of > 4300 digits, and no real answer is near this.
-_MAX_DIGITS = 100
+logger = logging.getLogger(__name__)
+
+# The versions whose parse (and, for fast_verify.py, verify) code the fast paths mirror, and were tested against.
+VERIFIED_VERSIONS = {"math-verify": "0.9.0", "latex2sympy2_extended": "1.11.0"}
+# Longer answers go to math-verify: Python refuses int() of > 4300 digits, and no real answer is near this.
+_MAX_CHARS = 100
 _INT = r"-?[0-9]+"
 # Numerals as Python's str(int) writes them: math-verify rewrites "a/b" to \frac only for these.
 _CANONICAL_INT = r"(?:-?[1-9][0-9]*|0)"
@@ -48,6 +56,17 @@ _RADICAL = re.compile(rf"(-?)((?:{_NATURAL})?)\\sqrt\{{({_NATURAL})\}}")
 _CHOICE = re.compile(r"([A-H])|\(([A-H])\)")
 # Unboxed, math-verify's expression regex keeps a decimal as written when its integer part has no leading zero.
 _BARE_DECIMAL = re.compile(r"-?(?:[1-9][0-9]*|0)\.[0-9]+")
+
+
+@functools.cache
+def fast_paths_apply() -> bool:
+    """Whether the installed math-verify is the one the fast paths reproduce (warns once when not)."""
+    installed = {name: importlib.metadata.version(name) for name in VERIFIED_VERSIONS}
+    if installed != VERIFIED_VERSIONS:
+        logger.warning("grading fast paths are off: they mirror %s but %s is installed, so every answer goes to "
+                       "math-verify (slower, same grades); check them with tests/test_rewards.py and update "
+                       "megatron_zero.rewards.fast_parse.VERIFIED_VERSIONS", VERIFIED_VERSIONS, installed)
+    return installed == VERIFIED_VERSIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +148,7 @@ def _boxed(text: str) -> Optional[FastParse]:
 def fast_parse(text: str, wrap_in_box: bool) -> Optional[FastParse]:
     """Math-verify's parse of answer `text` (of ``\\boxed{text}`` when `wrap_in_box`), or None where it would take
     math-verify's parser to know it. `text` is stripped, as the extraction and the ground truths are."""
-    if len(text) > _MAX_DIGITS:
+    if len(text) > _MAX_CHARS:
         return None
     if wrap_in_box:
         return _boxed(text)

@@ -6,9 +6,11 @@ the last \\boxed{...}, compare through math-verify, 1.0 if equal else 0.0 (other
 sets and intervals, \\text{(B)} = B.
 
 How: `grade_math(response, ground_truth, config)` grades one response in this process with NO time limit, so it
-is what grader workers run; untrusted model output goes through `GraderPool` (megatron_zero/rewards/pool.py),
-which enforces `RewardConfig.timeout_s` by killing the worker. math-verify's own timeouts use SIGALRM, which
-fails off the main thread, so they are disabled here.
+is what grader workers run; plain answers take fast paths (fast_parse.py, fast_verify.py) that give
+math-verify's grades without its LaTeX parser or simplify (`grade_math_reference` is math-verify alone).
+Untrusted model output goes through `GraderPool` (megatron_zero/rewards/pool.py), which enforces
+`RewardConfig.timeout_s` by killing the worker. math-verify's own timeouts use SIGALRM, which fails off the main
+thread, so they are disabled here.
 """
 
 import functools
@@ -20,7 +22,7 @@ from sympy import Basic, MatrixBase
 
 from megatron_zero.config.reward import RewardConfig
 from megatron_zero.rewards.extraction import extract_answer
-from megatron_zero.rewards.fast_parse import fast_parse
+from megatron_zero.rewards.fast_parse import fast_parse, fast_paths_apply
 from megatron_zero.rewards.fast_verify import certainly_wrong
 from megatron_zero.rewards.types import GradeResult, GradeStatus
 
@@ -83,6 +85,8 @@ def _grade(response: str, ground_truth: str, config: RewardConfig, parse_answer:
 
 def grade_math(response: str, ground_truth: str, config: RewardConfig) -> GradeResult:
     """Grade one response against its ground-truth answer (no time limit: run it inside `GraderPool`)."""
+    if not fast_paths_apply():  # another math-verify version than the fast paths reproduce
+        return grade_math_reference(response, ground_truth, config)
     return _grade(response, ground_truth, config, _parse, _verify)
 
 
