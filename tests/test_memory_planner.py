@@ -133,11 +133,13 @@ def test_activations_match_saved_tensors(measured, layout, tp):
     planned = train_activation_bytes(TINY_ARCH, LAYER_KERNELS["local"], tensor_parallel_size=tp,
                                      pipeline_parallel_size=1, stage=0, num_tokens=NUM_TOKENS, e=2,
                                      recompute=NO_RECOMPUTE, vocab_pad_multiple=128)
-    assert measured[layout]["model_activations"] == pytest.approx(planned.layers + planned.ends, rel=0.15)
+    # Term by term: exact at TP=1, 0.02% off at TP=2 (the brief's bar is 15%).
+    assert measured[layout]["model_activations"] == pytest.approx(planned.layers + planned.ends, rel=0.01)
     # The head saves one float32 copy (the probabilities) of the HEAD_FP32_WORKING_COPIES alive at its peak, over
-    # rank 0's real-vocabulary columns: all 251 at TP=1, the first 128 of the padded 256 at TP=2.
+    # rank 0's real-vocabulary columns (all 251 at TP=1, the first 128 of the padded 256 at TP=2), plus per token
+    # the entropy (float32) and the target ids (int64; at TP=1 the embedding already holds them).
     local_vocab = min(251, 256 // tp)
-    assert measured[layout]["head_saved"] == pytest.approx(4 * NUM_TOKENS * local_vocab, rel=0.15)
+    assert measured[layout]["head_saved"] == pytest.approx(4 * NUM_TOKENS * local_vocab + 12 * NUM_TOKENS, rel=0.01)
 
 
 def test_wrong_profile_is_caught(measured):
