@@ -9,6 +9,7 @@
     megatron-zero data --split hard --math MATH/train --out data/hard.jsonl
     megatron-zero export --checkpoint outputs/run/checkpoints/step_000100 --out hf_model
     megatron-zero plan --config examples/configs/qwen2.5-7b-zero-2node.yaml --gpu-memory-gib 80
+    megatron-zero launch prepare|wait ...      # used by examples/launch/ (docs/launching.md)
 """
 
 from __future__ import annotations
@@ -160,6 +161,31 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+def _launch_prepare(args: argparse.Namespace) -> int:
+    from megatron_zero.config.trainer import load_config
+    from megatron_zero.trainer.launch import check_allocation, prepare
+
+    config = load_config(args.config, args.overrides)
+    if args.nodes is not None:
+        check_allocation(config.cluster, args.nodes, args.gpus_per_node, args.cpus_per_node)
+    print(prepare(config))  # the last line of stdout: the launch scripts read it
+    return 0
+
+
+def _launch_wait(args: argparse.Namespace) -> int:
+    from megatron_zero.config.trainer import load_config
+    from megatron_zero.trainer.launch import wait_for_hosts
+    from megatron_zero.trainer.placement import ClusterNotReadyError
+
+    config = load_config(args.config, args.overrides)
+    try:
+        wait_for_hosts(config.cluster, args.address, [host for host in args.hosts.split(",") if host])
+    except ClusterNotReadyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _config_help() -> str:
     from omegaconf import OmegaConf
 
@@ -255,6 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--recommend", type=int, default=5, help="list this many layouts that fit")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(run=_plan)
+
+    launch = commands.add_parser("launch", help="checks the launch scripts run (examples/launch/, docs/launching.md)")
+    steps = launch.add_subparsers(dest="launch_step", required=True)
+    prep = steps.add_parser("prepare", help="before Ray: validate, check the allocation, convert model_path once; "
+                                            "print the Megatron checkpoint's directory")
+    prep.add_argument("--config", help="YAML experiment file")
+    prep.add_argument("--nodes", type=int, default=None, help="nodes of the allocation (omit: no allocation check)")
+    prep.add_argument("--gpus-per-node", type=int, default=0)
+    prep.add_argument("--cpus-per-node", type=int, default=0)
+    prep.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    prep.set_defaults(run=_launch_prepare)
+    wait = steps.add_parser("wait", help="wait until every host's Ray node joined (cluster.startup_timeout_s)")
+    wait.add_argument("--config", help="YAML experiment file")
+    wait.add_argument("--address", required=True, help="the Ray head, HOST:PORT")
+    wait.add_argument("--hosts", required=True, help="comma-separated host names (ray_node.sh's NODE_NAME)")
+    wait.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    wait.set_defaults(run=_launch_wait)
     return parser
 
 
