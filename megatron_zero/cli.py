@@ -1,6 +1,7 @@
 """The ``megatron-zero`` command: train, demo, eval, difficulty, data, export.
 
-    megatron-zero train --config examples/configs/qwen2.5-7b.yaml run.num_steps=200 actor.lr=1e-6
+    megatron-zero train --config examples/configs/qwen2.5-7b-zero-2node.yaml run.num_steps=200 actor.lr=1e-6
+    megatron-zero train --config examples/configs/qwen2.5-7b-zero-2node.yaml --dry-run   # what a run would do
     megatron-zero train --help                 # every config field with its default
     megatron-zero demo --output-dir outputs/demo
     megatron-zero eval --model DIR --benchmarks gsm8k math500 --data-dir data/eval
@@ -24,6 +25,12 @@ def _train(args: argparse.Namespace) -> int:
     from megatron_zero.trainer.loop import Trainer
 
     config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from megatron_zero.trainer.dry_run import dry_run
+
+        report = dry_run(config)
+        print(report.text)
+        return 0 if report.fits else 1
     trainer = Trainer(config)
     try:
         trainer.fit()
@@ -207,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run zero-RL training from a YAML config",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_help())
     train.add_argument("--config", help="YAML experiment file")
+    train.add_argument("--dry-run", action="store_true",
+                       help="validate config and files, print the layout, memory plan, server command lines and "
+                            "first requests a run would use, and exit (no Ray, no GPU)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     train.set_defaults(run=_train)
 
@@ -295,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     wait = steps.add_parser("wait", help="wait until every host's Ray node joined (cluster.startup_timeout_s)")
     wait.add_argument("--config", help="YAML experiment file")
     wait.add_argument("--address", required=True, help="the Ray head, HOST:PORT")
-    wait.add_argument("--hosts", required=True, help="comma-separated host names (ray_node.sh's NODE_NAME)")
+    wait.add_argument("--hosts", default="", help="comma-separated host names (ray_node.sh's NODE_NAME); "
+                                                  "empty: check only the number of nodes and their GPUs")
     wait.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     wait.set_defaults(run=_launch_wait)
     return parser

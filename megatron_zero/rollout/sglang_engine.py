@@ -153,6 +153,13 @@ def generate_payload(prompts: Sequence[Sequence[int]], params: SamplingParams, *
     }
 
 
+def single_requests(payload: dict) -> Iterator[dict]:
+    """``payload`` (``generate_payload``) as the one-prompt /generate requests ``generate_stream`` sends, in prompt
+    order: each a batch of one, so its answer has the same shape as a batched request's."""
+    for prompt, sampling in zip(payload["input_ids"], payload["sampling_params"], strict=True):
+        yield {**payload, "input_ids": [prompt], "sampling_params": [sampling]}
+
+
 def _logprob_values(entries: list, url: str, what: str) -> tuple[list[float], list[int]]:
     """Split SGLang's (logprob, token_id, text) tuples; orjson writes -inf and NaN as null, so null is refused."""
     values, ids = [], []
@@ -346,14 +353,14 @@ class SGLangEngine(RolloutEngine):
         # One HTTP client per request thread: a requests.Session is not documented as thread-safe, and its
         # connection pool (10) is smaller than the number of threads.
         local = threading.local()
+        requests_of_one = list(single_requests(payload))
 
         def request(index: int) -> tuple[int, Generation]:
             if not hasattr(local, "client"):
                 local.client = SGLangHTTPClient(self.url, max_retries=self.config.max_retries,
                                                 retry_backoff_s=self.config.retry_backoff_s)
-            # A batch of one: the same answer shape as `generate`.
-            sampling = payload["sampling_params"][index]
-            one = {**payload, "input_ids": [prompts[index]], "sampling_params": [sampling]}
+            one = requests_of_one[index]
+            sampling = one["sampling_params"][0]
             outputs = local.client.post("/generate", one, timeout_s=self.config.generate_timeout_s)
             return index, self._parse_generation(index, prompts[index], _check_batch(outputs, 1, self.url)[0],
                                                  sampling)

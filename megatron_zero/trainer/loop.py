@@ -33,7 +33,7 @@ from megatron_zero.data.rollout_batch import RolloutBatch, RolloutSample
 from megatron_zero.models.registry import read_architecture
 from megatron_zero.parallel.data_parallel import ShardPlan, row_costs
 from megatron_zero.parallel.reshard import RECEIVED_KINDS
-from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, gather, request_seed
+from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, gather
 from megatron_zero.rollout.factory import build_engine
 
 if TYPE_CHECKING:
@@ -54,6 +54,24 @@ def logprob_gap(batch, old_logp: torch.Tensor) -> dict[str, float]:
     # kthvalue, not quantile: torch.quantile refuses inputs above 16M elements (a 32B step has more tokens).
     p99 = gap.kthvalue(max(1, math.ceil(0.99 * gap.numel()))).values
     return {"logprob_gap_mean": float(gap.mean()), "logprob_gap_p99": float(p99), "logprob_gap_max": float(gap.max())}
+
+
+def rollout_prompts(problems: Sequence, tokenizer, num_samples_per_prompt: int) -> list[list[int]]:
+    """The engine's prompts for one step: each problem's formatted prompt as token ids, n times in a row (the
+    router keeps a problem's n samples on one engine, where they share the prefix cache)."""
+    prompts = [tokenizer(problem.prompt_text, add_special_tokens=False)["input_ids"] for problem in problems]
+    return [ids for ids in prompts for _ in range(num_samples_per_prompt)]
+
+
+def rollout_sampling_params(config: TrainConfig, tokenizer, *, honours_seeds: bool, step: int) -> SamplingParams:
+    """Step ``step``'s sampling parameters. Seeded only where the engine can reproduce it (``honours_seeds``: the
+    torch engine; SGLang in deterministic mode): then a resumed run repeats the uninterrupted one's rollouts
+    exactly."""
+    rollout = config.rollout
+    stop_ids = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    return SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                          max_new_tokens=rollout.max_new_tokens, stop_token_ids=stop_ids,
+                          seed=config.run.seed * 1_000_003 + step if honours_seeds else None)
 
 
 def generate_graded(engine: RolloutEngine, prompts: list[list[int]], params: SamplingParams,
@@ -231,11 +249,10 @@ class Trainer:
     def generate(self, problems, grading: GradingSession) -> RolloutBatch:
         """n samples per problem; each response is submitted to ``grading`` the moment the engine finishes it."""
         n = self.config.rollout.num_samples_per_prompt
-        prompts = [self.tokenizer(p.prompt_text, add_special_tokens=False)["input_ids"] for p in problems]
-        # Seeded only where the engine can reproduce it (the torch engine; SGLang in deterministic mode): then a
-        # resumed run repeats the uninterrupted one's rollouts exactly.
-        params = self.sampling_params(seed=request_seed(self.engine, self.config.run.seed * 1_000_003 + self.step))
-        generations = generate_graded(self.engine, [ids for ids in prompts for _ in range(n)], params,
+        prompts = rollout_prompts(problems, self.tokenizer, n)
+        params = rollout_sampling_params(self.config, self.tokenizer, honours_seeds=self.engine.honours_seeds,
+                                         step=self.step)
+        generations = generate_graded(self.engine, prompts, params,
                                       [p.ground_truth for p in problems for _ in range(n)], grading)
         samples = []
         for index, generation in enumerate(generations):
@@ -333,12 +350,6 @@ class Trainer:
         moved = {f"weight_sync_bytes_{kind}": float(sum(stats["received_bytes"][kind] for stats in per_rank))
                  for kind in RECEIVED_KINDS}
         return {"weight_sync_seconds": seconds, "weight_sync_gb_per_s": num_bytes / 1e9 / max(seconds, 1e-9), **moved}
-
-    def sampling_params(self, seed: Optional[int]) -> SamplingParams:
-        rollout = self.config.rollout
-        stop_ids = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
-        return SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-                              max_new_tokens=rollout.max_new_tokens, stop_token_ids=stop_ids, seed=seed)
 
     def evaluate(self) -> dict[str, Any]:
         """Greedy accuracy on the held-out set, with the samples kept for the behaviour report."""

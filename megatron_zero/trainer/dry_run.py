@@ -1,0 +1,200 @@
+"""``megatron-zero train --dry-run``: everything a run decides before it needs a GPU, printed, and nothing started.
+
+Why: a multi-node job that fails at its first rollout has already paid for the allocation, the container pull and
+the checkpoint conversion. A dry run does what a run does up to that point, on any machine and in seconds: it
+validates the config and its files (including the checkpoint's tensor names against what the architecture needs),
+loads the tokenizer and the data (with the pass-rate filter), lays the ranks and the SGLang engines out on the
+cluster the config describes, prints the memory plan, and builds the server command lines and the first
+/generate requests with the functions a run calls, so what it prints is what a run would do.
+
+How: ``megatron-zero train --config CFG --dry-run [key=value ...]``; exit 0 when a run could start, 1 when the
+memory plan does not fit (``error:`` lines, exit 2, for a config or file error). No Ray, no GPU, no weights read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_zero.config.trainer import TrainConfig
+from megatron_zero.trainer.placement import Bundle, order_bundles
+
+# A payload's token ids beyond this many are elided in the printout (the count stays).
+_SHOWN_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class DryRunReport:
+    text: str
+    fits: bool
+
+
+def hypothetical_bundles(num_nodes: int, per_node: int, use_gpus: bool, *, first_node: int = 0,
+                         first_gpu: int = 0) -> tuple[Bundle, ...]:
+    """The bundles a placement of ``num_nodes`` x ``per_node`` would give, in rank order, on nodes named
+    ``node-<i>`` (a real run gets their IPs from Ray). ``first_gpu``: disaggregated engines take the GPUs after
+    the ranks' on a shared node."""
+    bundles = [Bundle(index=node * per_node + slot, node_id=f"node-{first_node + node}",
+                      node_ip=f"node-{first_node + node}", gpu_id=first_gpu + slot if use_gpus else None)
+               for node in range(num_nodes) for slot in range(per_node)]
+    return order_bundles(bundles)
+
+
+def rollout_bundles(config: TrainConfig) -> tuple[Bundle, ...]:
+    """Where the engines' GPUs would be: the ranks' own (colocated) or ``cluster.rollout_num_gpus`` more, filled
+    node by node after the ranks' (the PACK strategy of ``create_rollout_placement``)."""
+    cluster = config.cluster
+    if not cluster.rollout_num_gpus:
+        return hypothetical_bundles(cluster.num_nodes, cluster.workers_per_node, cluster.use_gpus)
+    per_node = cluster.gpus_per_node or cluster.cpus_per_worker
+    full, rest = divmod(cluster.rollout_num_gpus, per_node)
+    bundles = list(hypothetical_bundles(full, per_node, cluster.use_gpus, first_node=cluster.num_nodes))
+    bundles += hypothetical_bundles(1 if rest else 0, rest, cluster.use_gpus, first_node=cluster.num_nodes + full)
+    return tuple(replace(bundle, index=i) for i, bundle in enumerate(bundles))
+
+
+def check_checkpoint_names(config: TrainConfig) -> str:
+    """The HF checkpoint at ``model_path`` lists every tensor the architecture needs (names only: the index or the
+    safetensors headers, no tensor is read). Raises naming the missing tensors."""
+    from megatron_zero.models.hf_io import HFCheckpointReader
+    from megatron_zero.models.registry import get_bridge
+
+    hf_config = json.loads(Path(config.model_path, "config.json").read_text())
+    bridge = get_bridge(hf_config)
+    arch = bridge.parse(hf_config)
+    expected = {name for mapping in bridge.weight_mappings(arch) for name in mapping.hf}
+    present = set(HFCheckpointReader(config.model_path).names())
+    missing = sorted(expected - present)
+    if missing:
+        raise ValueError(f"model_path={config.model_path!r}: the checkpoint lacks {len(missing)} of the "
+                         f"{len(expected)} tensors a {arch.model_type} of this config.json needs, e.g. {missing[:3]}; "
+                         "is config.json from another model?")
+    return f"{len(expected)} tensors named by the checkpoint, all the architecture needs"
+
+
+def _shown(payload: dict[str, Any]) -> str:
+    """The request as JSON, long token lists cut to their first ``_SHOWN_TOKENS`` with the total count."""
+    shown = dict(payload)
+    shown["input_ids"] = [ids[:_SHOWN_TOKENS] + ([f"... {len(ids)} tokens"] if len(ids) > _SHOWN_TOKENS else [])
+                          for ids in payload["input_ids"]]
+    return json.dumps(shown)
+
+
+def _rollout_lines(config: TrainConfig, tokenizer, problems: list) -> list[str]:
+    """The first step's engine requests, built by the functions the trainer and the engines call."""
+    from megatron_zero.trainer.loop import rollout_prompts, rollout_sampling_params
+
+    prompts = rollout_prompts(problems, tokenizer, config.rollout.num_samples_per_prompt)
+    lengths = sorted(len(ids) for ids in prompts)
+    lines = [f"first step: {len(problems)} prompts x {config.rollout.num_samples_per_prompt} samples = "
+             f"{len(prompts)} responses; prompt tokens min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
+             f"max {lengths[-1]}"]
+    if config.rollout.engine == "torch":
+        # The torch engine always honours seeds (RolloutEngine's default); building one would load the weights.
+        params = rollout_sampling_params(config, tokenizer, honours_seeds=True, step=0)
+        return lines + [f"torch engine in the driver, sampling {params}"]
+    from megatron_zero.rollout.sglang_engine import SGLangEngine, generate_payload, single_requests
+    from megatron_zero.rollout.sglang_servers import split_by_prompt_runs
+
+    engine = SGLangEngine(config.rollout.sglang)  # no request is sent: it only answers honours_seeds
+    params = rollout_sampling_params(config, tokenizer, honours_seeds=engine.honours_seeds, step=0)
+    parts = split_by_prompt_runs(prompts, _num_engines(config))
+    for index, part in enumerate(parts):
+        if not len(part):
+            lines.append(f"engine {index}: no requests (fewer prompt groups than engines)")
+            continue
+        payload = generate_payload([prompts[k] for k in part], params,
+                                   deterministic=config.rollout.sglang.enable_deterministic_inference)
+        first = next(single_requests(payload))
+        lines.append(f"engine {index}: {len(part)} POST /generate requests (responses {part.start}-{part.stop - 1}),"
+                     f" the first: {_shown(first)}")
+    return lines
+
+
+def _num_engines(config: TrainConfig) -> int:
+    sglang = config.rollout.sglang
+    if not sglang.launch:
+        return 1
+    return len(rollout_bundles(config)) // sglang.tp_size
+
+
+def _layout_lines(config: TrainConfig) -> list[str]:
+    cluster, parallel = config.cluster, config.parallel
+    data_parallel = cluster.check_layout(parallel)
+    lines = [f"cluster: {cluster.describe()}; Megatron TP={parallel.tensor_parallel_size} "
+             f"PP={parallel.pipeline_parallel_size} DP={data_parallel}"]
+    ranks = hypothetical_bundles(cluster.num_nodes, cluster.workers_per_node, cluster.use_gpus)
+    for node in sorted({bundle.node_id for bundle in ranks}):
+        on_node = [rank for rank, bundle in enumerate(ranks) if bundle.node_id == node]
+        lines.append(f"  {node}: ranks {on_node[0]}-{on_node[-1]}")
+    return lines
+
+
+def _engine_lines(config: TrainConfig) -> list[str]:
+    if config.rollout.engine == "torch":
+        return []
+    sglang = config.rollout.sglang
+    if not sglang.launch:
+        return [f"SGLang server started by hand at {sglang.url} (weights by NCCL broadcast from rank 0)"]
+    from megatron_zero.rollout.sglang_servers import plan_engines, slot_server_launch
+
+    sglang.check_launch(config.cluster)
+    slots = plan_engines(rollout_bundles(config), sglang.tp_size)
+    where = "on the ranks' GPUs (colocated)" if config.cluster.colocate else "on GPUs of their own"
+    lines = [f"SGLang: {len(slots)} server(s) of tp {sglang.tp_size} {where}; --host and --port shown are "
+             "placeholders (a run binds each server to its node's IP and a free port)"]
+    for slot in slots:
+        # The port is free_port() on the node at start; the host is the node's IP.
+        command, env = slot_server_launch(sglang, slot, host=slot.node_ip, port=30000 + slot.index, base_env={})
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        lines.append(f"  {slot.describe()}: " + (f"CUDA_VISIBLE_DEVICES={visible} " if visible else "")
+                     + " ".join(command))
+    return lines
+
+
+def _memory_lines(config: TrainConfig) -> tuple[list[str], bool]:
+    if not config.cluster.use_gpus:
+        return ["memory plan: CPU mode (cluster.gpus_per_node=0), no device memory to plan"], True
+    from megatron_zero.models.registry import read_architecture
+    from megatron_zero.planning.memory import format_plan, plan_inputs, plan_memory
+
+    plan = plan_memory(plan_inputs(config, read_architecture(config.model_path)))
+    return [format_plan(plan)], plan.fits
+
+
+def dry_run(config: TrainConfig) -> DryRunReport:
+    """What a run of ``config`` would do before its first GPU kernel; raises (one line) on a config or file error."""
+    from megatron_zero.trainer.loop import _load_eval, _load_sampler, _load_tokenizer
+
+    config.check_inputs()
+    lines = ["megatron-zero train --dry-run: nothing started (no Ray, no GPU, no weights read)",
+             f"files: {check_checkpoint_names(config)}"]
+    tokenizer = _load_tokenizer(config.model_path)
+    sampler, filter_report = _load_sampler(config, tokenizer)
+    kept = "" if filter_report is None else (
+        f" in the pass-rate band [{filter_report.min_pass_rate}, {filter_report.max_pass_rate}] of "
+        f"{filter_report.pass_rate_file} ({filter_report.num_dropped_hard} harder and {filter_report.num_dropped_easy}"
+        " easier dropped)")
+    lines.append(f"data: {config.data.train.path}: {len(sampler.problems)} problems{kept}")
+    if config.eval.path is not None:
+        lines.append(f"eval: {config.eval.path}: {len(_load_eval(config, tokenizer))} problems")
+    checkpoint = _latest_checkpoint(config)
+    if checkpoint is not None:
+        lines.append(f"note: {checkpoint} exists and run.resume=true: a run would resume there, not from step 0")
+    lines += _layout_lines(config)
+    lines.append(f"precision: engine vs actor log-prob gap bounds (mean, max) {config.logprob_gap_bounds} "
+                 f"({config.logprob_precision})")
+    memory, fits = _memory_lines(config)
+    lines += memory + _engine_lines(config) + _rollout_lines(config, tokenizer, sampler.next_batch())
+    lines.append("dry run: a run could start" if fits else "dry run: the memory plan does not fit (see above)")
+    return DryRunReport(text="\n".join(lines), fits=fits)
+
+
+def _latest_checkpoint(config: TrainConfig) -> Optional[Path]:
+    from megatron_zero.trainer.checkpoint import latest_checkpoint
+
+    if not config.run.resume or not Path(config.run.output_dir).is_dir():
+        return None
+    return latest_checkpoint(Path(config.run.output_dir))
