@@ -43,7 +43,7 @@ def _actor_job(mcore_dir: str, max_tokens_per_microbatch: int, train: bool, pack
     from megatron_zero.config.algorithm import PolicyLossConfig
     from megatron_zero.config.model import ModelConfig
 
-    model_config = ModelConfig(params_dtype="float32", **model_fields)
+    model_config = ModelConfig(**{"params_dtype": "float32", **model_fields})
     # The full path: DDP, distributed optimizer, gradient clipping at the recipe's 1.0, LR scheduler.
     config = ActorConfig(lr=1e-3, clip_grad=1.0, temperature=TEMPERATURE,
                          max_tokens_per_microbatch=max_tokens_per_microbatch, pack_sequences=pack)
@@ -55,8 +55,8 @@ def _actor_job(mcore_dir: str, max_tokens_per_microbatch: int, train: bool, pack
     if not train:
         return result
     # Kept in host memory between passes; another token budget than the actor's.
-    reference = ReferenceModel(mcore_dir, model_config, dataclasses.replace(config, max_tokens_per_microbatch=64,
-                                                                            offload_reference=True))
+    reference = ReferenceModel(mcore_dir, model_config, dataclasses.replace(
+        config, max_tokens_per_microbatch=2 * max_tokens_per_microbatch, offload_reference=True))
     ref_logp = reference.compute_logprobs(batch)
     result["reference_offloaded_after_pass"] = reference.offloaded
     advantages = torch.randn(batch.tokens.shape, generator=torch.Generator().manual_seed(1))
@@ -97,10 +97,14 @@ def _run(mcore_dir: str, tp: int, pp: int, max_tokens: int, train: bool, pack: b
 
 @pytest.fixture(scope="module")
 def hf_reference(tiny_qwen2):
+    return hf_logprobs(tiny_qwen2[0])
+
+
+def hf_logprobs(hf_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """HF transformers log-probs and entropy of make_batch() at TEMPERATURE, float64, zero outside the response."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2[0]), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     batch = make_batch()
     attention_mask = (torch.arange(SEQ_LENGTH).unsqueeze(0) < batch.lengths.unsqueeze(1)).long()
     with torch.no_grad():
@@ -224,14 +228,14 @@ def test_packed_split_and_microbatch_layout():
     rows = [1, 2, 0]
     microbatch = batch.microbatch(rows, packed=True)
     expected_row = torch.cat([batch.tokens[i, : batch.lengths[i]] for i in rows])
-    assert torch.equal(microbatch["packed_tokens"], expected_row.unsqueeze(0))
+    assert torch.equal(microbatch["model_tokens"], expected_row.unsqueeze(0))
     assert microbatch["cu_seqlens"].tolist() == [0, 14, 20, 29]
     # Brute force: padded entry [k, c] predicts token c + 1 of row k; the packed log-prob j predicts packed
     # token j + 1, so the index must point at that same token.
     for k, row in enumerate(rows):
         for c in range(int(batch.lengths[row]) - 1):
             j = int(microbatch["logp_index"][k, c])
-            assert microbatch["packed_tokens"][0, j + 1] == batch.tokens[row, c + 1]
+            assert microbatch["model_tokens"][0, j + 1] == batch.tokens[row, c + 1]
             assert j + 1 < int(microbatch["cu_seqlens"][k + 1])  # never reaches into the next sequence
 
 

@@ -8,6 +8,9 @@ moments, the Adam step, the cosine LR schedule and the step count to have come b
 Adam's state forgotten (the negative control) differs at the scale of the update. Spawning costs ~5 s of
 imports per process, so each layout is one job that runs a short script of steps, saves and loads.
 
+Where megatron-core itself has a bug on this path, ``test_megatron_core_bugs_match_their_switches`` shows it
+present exactly where ``megatron_zero.actor.mcore_bugs`` switches its workaround on, on each CI stack.
+
     python -m pytest tests/test_actor_checkpoint.py -q
 """
 
@@ -209,3 +212,85 @@ def test_checkpoint_of_another_model_fails_clearly(runs):
     message = runs["tp1pp2"][runs["paths"]["tp2"]]
     assert "(saved at TP=2 x PP=1 x DP=1) does not fit this actor at TP=1 x PP=2 x DP=1" in message
     assert "decoder.layers.mlp.linear_fc1.weight" in message
+
+
+def _megatron_bugs_job(mcore_dir: str) -> dict:
+    """Worker (one process): run megatron-core's own code where ``mcore_bugs`` names a bug; return what it did."""
+    import megatron.core
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_zero.actor.actor import load_model
+    from megatron_zero.actor.checkpointing import _param_state
+    from megatron_zero.config.model import ModelConfig
+
+    module, _ = load_model(mcore_dir, ModelConfig(params_dtype="float32"))
+    # Small buckets: several per buffer, each padded at its end (the actor's DDP has one bucket at PP=1; the tied
+    # embedding's own bucket at PP > 1 is the case that corrupted a checkpoint).
+    ddp = DistributedDataParallel(config=module.config, module=module, ddp_config=DistributedDataParallelConfig(
+        use_distributed_optimizer=True, overlap_grad_reduce=True, bucket_size=20_000))
+    chained = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=0.0, params_dtype=torch.float32,
+                                                     use_distributed_optimizer=True), [ddp])
+    (optimizer,) = chained.chained_optimizers
+    optimizer._init_optimizer_states_with_dummy_values()
+    seen: dict = {"version": megatron.core.__version__, "num_buckets": len(optimizer.buffers[0].buckets)}
+
+    names = {param: name for name, param in module.named_parameters()}
+    in_state_order = [param for buffer in optimizer.buffers for param in buffer.param_index_map]
+    model_state = module.sharded_state_dict()
+
+    def misplaced(param_state: dict) -> list[str]:
+        # Without mixed precision the saved main param of each parameter is the parameter itself.
+        return [names[param] for param, tensors in zip(in_state_order, param_state.values(), strict=True)
+                if not torch.equal(tensors["param"].data, param.data)]
+
+    seen["megatron_misplaced"] = misplaced(optimizer.sharded_param_state_fully_reshardable(model_state, metadata={}))
+    ours = _param_state(optimizer, model_state, is_loading=False)
+    seen["ours_misplaced"] = misplaced(ours)
+    try:
+        optimizer.load_parameter_state_from_fully_reshardable(
+            {index: {name: tensor.data.clone() for name, tensor in tensors.items()} for index, tensors in ours.items()})
+        seen["param_state_load_error"] = None
+    except KeyError as error:
+        seen["param_state_load_error"] = repr(error)
+    chained.load_state_dict(chained.state_dict())
+    steps = [state["step"] for state in optimizer.optimizer.state.values()]
+    seen["num_steps"], seen["num_step_tensors"] = len(steps), len({id(step) for step in steps})
+
+    scheduler = OptimizerParamScheduler(chained, init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=1,
+                                        lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+                                        wd_incr_steps=1, wd_incr_style="constant")
+    scheduler.step(increment=3)
+    saved = scheduler.state_dict()
+    scheduler.step(increment=2)
+    scheduler.load_state_dict(saved)
+    seen["scheduler_steps_after_loading_3"] = scheduler.num_steps
+    return seen
+
+
+def test_megatron_core_bugs_match_their_switches(tiny_qwen2):
+    """Each bug ``mcore_bugs`` switches a workaround on for is present in this megatron-core, and absent where
+    the switch is off: a release that fixes one fails here (set its ``fixed_in``) instead of running a workaround
+    nobody needs, and one the switch wrongly calls fixed fails here before it corrupts a resume."""
+    from packaging.version import Version
+
+    from megatron_zero.actor import mcore_bugs
+
+    seen = run_local_workers(_megatron_bugs_job, ParallelConfig(), args=(tiny_qwen2[1],))[0]
+    version = seen["version"]
+    assert Version(version) == mcore_bugs.MCORE_VERSION
+    assert seen["num_buckets"] > 1
+    assert seen["ours_misplaced"] == []  # our cut is right whatever megatron-core does
+    assert bool(seen["megatron_misplaced"]) == mcore_bugs.FULLY_RESHARDABLE_SAVE_SHIFTS_PARAMS, (
+        f"megatron-core {version}'s fully_reshardable save misplaced {seen['megatron_misplaced']}")
+    copies_step = mcore_bugs.PARAM_STATE_LOAD_COPIES_ADAM_STEP
+    assert seen["param_state_load_error"] == ("KeyError('step')" if copies_step else None), (
+        f"megatron-core {version}'s param state load raised {seen['param_state_load_error']}")
+    assert seen["num_steps"] > 1
+    shares_step = mcore_bugs.OPTIMIZER_LOAD_SHARES_ADAM_STEP
+    assert seen["num_step_tensors"] == (1 if shares_step else seen["num_steps"]), (
+        f"megatron-core {version} loaded {seen['num_steps']} parameters' steps into {seen['num_step_tensors']} tensors")
+    assert seen["scheduler_steps_after_loading_3"] == (5 + 3 if mcore_bugs.SCHEDULER_LOAD_ADDS_STEPS else 3), (
+        f"megatron-core {version}'s scheduler, at step 5, is at {seen['scheduler_steps_after_loading_3']} after "
+        "loading a state saved at step 3")

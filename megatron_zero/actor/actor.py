@@ -18,7 +18,8 @@ Design choices:
   (``actor.pack_sequences=false``, or a sliding-window model on CPU) rows are right-padded and get no mask:
   every real token's causal window then holds only real tokens, so megatron's built-in causal (or
   sliding-window) mask is exact for them; outputs at padding positions are computed and dropped.
-* Microbatches by token budget (``batching.split_by_token_budget``), packed or padded to their own longest row.
+* Microbatches by token budget (``batching.split_by_token_budget``), packed or padded to their own longest row,
+  and with FP8 padded further to Transformer Engine's token multiple (``batching.fp8_token_multiple``).
   The pipeline schedule then sends activations of different shapes between stages, so models are built with
   ``variable_seq_lengths=True``: megatron's p2p layer exchanges each tensor's shape before the tensor.
 * Loss normalisation: each microbatch's loss is ``sum / global normaliser`` (``losses.py``), the normaliser
@@ -38,7 +39,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_zero.actor.batching import ActorBatch, split_by_token_budget
+from megatron_zero.actor.batching import ActorBatch, fp8_token_multiple, split_by_token_budget
 from megatron_zero.actor.checkpointing import load_actor_checkpoint, save_actor_checkpoint
 from megatron_zero.actor.logprobs import vocab_parallel_logprobs_entropy
 from megatron_zero.actor.losses import aggregation_normaliser, compute_policy_loss
@@ -65,7 +66,8 @@ _TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "dual_clip_fraction", "tis_
 class TokenCounter:
     """Counts the token positions a model's forward passes ran on, read from the inputs the model received.
 
-    Packed rows count their real tokens, padded rows their padding too (the model computes it). Counted from the
+    Packed rows count their real tokens, padded rows their padding too (the model computes it), and both count
+    FP8's padding to a token multiple. Counted from the
     model's own inputs, not from the batch handed in, so a claim that each data-parallel replica ran 1/DP of a
     batch is checked against what its model did.
     """
@@ -87,8 +89,9 @@ def load_model(mcore_dir: str | Path, model_config: ModelConfig) -> tuple[torch.
     if model_config.vocab_pad_multiple != info.vocab_pad_multiple:
         raise ValueError(f"model.vocab_pad_multiple={model_config.vocab_pad_multiple} differs from the checkpoint's "
                          f"{info.vocab_pad_multiple} ({mcore_dir}); set it to {info.vocab_pad_multiple}")
-    # variable_seq_lengths: microbatches differ in shape (module docstring). megatron-core rejects it with its
-    # default MoE dispatcher "allgather" even for dense models, where the dispatcher is never built.
+    # variable_seq_lengths: microbatches differ in shape (module docstring). megatron-core (0.16.1 and 0.19.2)
+    # rejects it with its default MoE dispatcher "allgather" even for dense models, where the dispatcher is never
+    # built; naming another one is harmless in any version, so it is not switched by version (mcore_bugs.py).
     model = info.bridge.build_model(info.arch, model_config, variable_seq_lengths=True,
                                     moe_token_dispatcher_type="alltoall")
     load_mcore_weights(model, mcore_dir)
@@ -110,6 +113,7 @@ class ReferenceModel:
         self.model.requires_grad_(False)
         self.vocab_size = info.arch.vocab_size
         self.packing = packing_format(model_config, info.arch, enabled=actor_config.pack_sequences)
+        self.token_multiple = fp8_token_multiple(model_config)
         self.config = actor_config
         self._memory = StorageOffloader("reference model")
         if actor_config.offload_reference:
@@ -127,7 +131,8 @@ class ReferenceModel:
         try:
             logp, _ = compute_logprobs(self.model, batch, temperature=self.config.temperature,
                                        max_tokens_per_microbatch=self.config.max_tokens_per_microbatch,
-                                       vocab_size=self.vocab_size, packing=self.packing)
+                                       vocab_size=self.vocab_size, packing=self.packing,
+                                       token_multiple=self.token_multiple)
         finally:
             if keep_offloaded:
                 self.offload()
@@ -145,16 +150,19 @@ class ReferenceModel:
 
 
 def _model_tokens(microbatch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The token rows the model runs on: the packed row, or the padded rows."""
-    return microbatch.get("packed_tokens", microbatch["tokens"])
+    """The token rows the model runs on: the packed row, or the padded rows (both with any FP8 padding)."""
+    return microbatch.get("model_tokens", microbatch["tokens"])
 
 
-def _make_microbatches(batch: ActorBatch, max_tokens: int, packing: Optional[str]) -> tuple[list[list[int]], list]:
-    """Row groups by token budget and their microbatches on the compute device, packed unless ``packing`` is None."""
+def _make_microbatches(batch: ActorBatch, max_tokens: int, packing: Optional[str],
+                       token_multiple: int) -> tuple[list[list[int]], list]:
+    """Row groups by token budget and their microbatches on the compute device, packed unless ``packing`` is None,
+    the rows the model runs on padded to ``token_multiple`` tokens."""
     packed = packing is not None
-    groups = split_by_token_budget(batch.lengths, max_tokens, packed=packed)
+    groups = split_by_token_budget(batch.lengths, max_tokens, packed=packed, token_multiple=token_multiple)
     device = compute_device()
-    return groups, [{name: tensor.to(device) for name, tensor in batch.microbatch(group, packed=packed).items()}
+    return groups, [{name: tensor.to(device)
+                     for name, tensor in batch.microbatch(group, packed=packed, token_multiple=token_multiple).items()}
                     for group in groups]
 
 
@@ -173,11 +181,15 @@ def _token_logprobs(logits: torch.Tensor, microbatch: dict[str, torch.Tensor], t
     """Log-prob and entropy [b, s - 1] of tokens 1..s-1 of the padded rows, vocab-parallel over TP.
 
     Computed from the logits at 0..s-2 of the rows the model ran on; for a packed row, the values at sequence
-    boundaries (predicting the next sequence's first token) are computed and dropped by ``logp_index``.
+    boundaries (predicting the next sequence's first token) and FP8 padding are computed and dropped by
+    ``logp_index``; padded rows' FP8 padding columns are cut off.
     """
     from megatron.core import parallel_state
 
     tokens = _model_tokens(microbatch)
+    if "logp_index" not in microbatch:
+        width = microbatch["tokens"].shape[1]
+        logits, tokens = logits[:, :width], tokens[:, :width]
     logp, entropy = vocab_parallel_logprobs_entropy(
         logits[:, :-1], tokens[:, 1:], parallel_state.get_tensor_model_parallel_group(),
         temperature=temperature, vocab_size=vocab_size,
@@ -198,15 +210,16 @@ def _run_microbatches(model: torch.nn.Module, microbatches: list[dict[str, torch
 
 
 def compute_logprobs(model: torch.nn.Module, batch: ActorBatch, *, temperature: float,
-                     max_tokens_per_microbatch: int, vocab_size: int,
-                     packing: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_tokens_per_microbatch: int, vocab_size: int, packing: Optional[str] = None,
+                     token_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy [B, S] (float32) of each response token, aligned with ``batch.tokens``.
 
     Entry [i, t] is log p(tokens[i, t] | tokens[i, :t]) under softmax(logits / temperature) over the true
     vocabulary (``vocab_size``); 0 where ``batch.response_mask`` is False. Returned on every pipeline rank.
-    ``packing``: None for padded rows, else the ``packing.packing_format`` of this model.
+    ``packing``: None for padded rows, else the ``packing.packing_format`` of this model; ``token_multiple``:
+    ``batching.fp8_token_multiple`` of this model.
     """
-    groups, microbatches = _make_microbatches(batch, max_tokens_per_microbatch, packing)
+    groups, microbatches = _make_microbatches(batch, max_tokens_per_microbatch, packing, token_multiple)
 
     def output_fn(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
         logp, entropy = _token_logprobs(logits, microbatch, temperature, vocab_size)
@@ -252,6 +265,7 @@ class MegatronActor:
         self.vocab_size = info.arch.vocab_size
         # How microbatches are laid out (packing.py): "thd", "dense_mask", or None for padded rows.
         self.packing = packing_format(model_config, info.arch, enabled=config.pack_sequences)
+        self.token_multiple = fp8_token_multiple(model_config)
         # The distributed optimizer shards Adam state over DP ranks (on CPU too, through the CPU adapter).
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=True)
@@ -268,7 +282,8 @@ class MegatronActor:
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if config.lr_warmup_steps else config.lr, max_lr=config.lr,
             min_lr=config.min_lr, lr_warmup_steps=config.lr_warmup_steps,
-            # megatron requires decay steps > warmup steps even for the constant schedule, which ignores them.
+            # megatron (0.16.1 and 0.19.2) requires decay steps > warmup steps even for the constant schedule,
+            # which ignores them.
             lr_decay_steps=config.lr_decay_steps or config.lr_warmup_steps + 1, lr_decay_style=config.lr_schedule,
             start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
         )
@@ -285,7 +300,7 @@ class MegatronActor:
         self._check_on_device("compute_logprobs")
         return compute_logprobs(self.model, batch, temperature=self.config.temperature,
                                 max_tokens_per_microbatch=self.config.max_tokens_per_microbatch,
-                                vocab_size=self.vocab_size, packing=self.packing)
+                                vocab_size=self.vocab_size, packing=self.packing, token_multiple=self.token_multiple)
 
     # ---- training --------------------------------------------------------------------------------
 
@@ -308,7 +323,8 @@ class MegatronActor:
 
         self._check_on_device("train_step")
         self._check_train_batch(batch)
-        _, microbatches = _make_microbatches(batch, self.config.max_tokens_per_microbatch, self.packing)
+        _, microbatches = _make_microbatches(batch, self.config.max_tokens_per_microbatch, self.packing,
+                                             self.token_multiple)
         dp_group = parallel_state.get_data_parallel_group()
         dp_size = dist.get_world_size(dp_group)
         normaliser = sum(aggregation_normaliser(mb["response_mask"][:, 1:], self.policy_loss.aggregation,

@@ -18,7 +18,8 @@ the buffers as they are (same TP/PP only) and "fully_sharded_model_space" (its d
 loading, each rank holds the main params and both Adam moments of its whole TP x PP shard in host memory
 (12 bytes per parameter of the shard), not only its DP slice.
 
-megatron-core 0.16.1 gets three things wrong on this path; each is bridged here and caught by the tests:
+megatron-core (0.16.1 and 0.19.2, the newest release) gets four things wrong on this path; each is bridged
+here under its switch in ``mcore_bugs`` (on where the installed version has the bug) and caught by the tests:
 
 * Its save cuts each parameter out of the gathered buffers at the parameter's offset in the *padded* DDP
   buffer, but the gathered buffers leave out the padding at the end of each bucket, so every parameter
@@ -32,7 +33,9 @@ megatron-core 0.16.1 gets three things wrong on this path; each is bridged here 
   megatron keeps in the param groups and leaves out of the per-parameter tensors, but its loader copies
   *every* key of the live per-parameter state from the loaded one: ``KeyError: 'step'``.
   ``_load_optimizer_state`` loads the param groups (and with them the step) first and sets ``step`` aside
-  while the tensors are copied; ``_adam_step_set_aside`` also un-shares the step tensor megatron installs.
+  while the tensors are copied (``_adam_step_set_aside``).
+* Loading the param groups puts one step tensor into every parameter's state, which torch's Adam would then
+  advance once per parameter per step; ``_unshare_adam_steps`` gives each parameter its own copy.
 * Its LR scheduler's ``load_state_dict`` adds the saved step count to its own, which is right only for a
   scheduler that never stepped: loading into an actor that had trained on ran ahead on the schedule.
 
@@ -51,6 +54,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+
+from megatron_zero.actor.mcore_bugs import (
+    FULLY_RESHARDABLE_SAVE_SHIFTS_PARAMS,
+    OPTIMIZER_LOAD_SHARES_ADAM_STEP,
+    PARAM_STATE_LOAD_COPIES_ADAM_STEP,
+    SCHEDULER_LOAD_ADDS_STEPS,
+)
+from megatron_zero.models.common.spec import load_checkpoint_allowing_extra_state, load_state_dict_allowing_extra_state
 
 if TYPE_CHECKING:
     from megatron_zero.actor.actor import MegatronActor
@@ -113,11 +124,19 @@ def _param_state(optimizer: Any, model_state: dict[str, Any], is_loading: bool) 
     return state
 
 
+def _fully_reshardable_param_state(optimizer: Any, model_state: dict[str, Any], is_loading: bool) -> dict[int, Any]:
+    if FULLY_RESHARDABLE_SAVE_SHIFTS_PARAMS:
+        return _param_state(optimizer, model_state, is_loading)
+    return optimizer.sharded_param_state_fully_reshardable(model_state, is_loading=is_loading, metadata={})
+
+
 def _sharded_state_dict(actor: "MegatronActor", is_loading: bool) -> dict[str, Any]:
     model_state = actor.model.module.sharded_state_dict()
-    # What DistributedOptimizer.sharded_state_dict returns for OPTIMIZER_SHARDING, with our param state;
-    # several chained optimizers (e.g. for expert parameters) give {index: state}, as in megatron-core.
-    optimizer_states = [{**optimizer.state_dict(), "param_state": _param_state(optimizer, model_state, is_loading),
+    # What DistributedOptimizer.sharded_state_dict returns for OPTIMIZER_SHARDING (with our param state where
+    # megatron's is shifted); several chained optimizers (e.g. for expert parameters) give {index: state}, as in
+    # megatron-core.
+    optimizer_states = [{**optimizer.state_dict(),
+                         "param_state": _fully_reshardable_param_state(optimizer, model_state, is_loading),
                          "param_state_sharding_type": OPTIMIZER_SHARDING} for optimizer in actor.distributed_optimizers]
     return {
         "model": model_state,
@@ -163,8 +182,11 @@ def _check_format(checkpoint_dir: Path) -> dict[str, int]:
 
 
 def load_actor_checkpoint(actor: "MegatronActor", checkpoint_dir: Path) -> None:
-    """Load what ``save_actor_checkpoint`` wrote, at any TP x PP x DP layout, into an actor of the same model."""
-    from megatron.core import dist_checkpointing
+    """Load what ``save_actor_checkpoint`` wrote, at any TP x PP x DP layout, into an actor of the same model.
+
+    Transformer Engine layers' ``_extra_state`` (FP8 scaling state) comes back where the checkpoint has it, e.g.
+    not from one saved by local layers on CPU (``models/common/spec.py``); every other key must match.
+    """
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -175,16 +197,17 @@ def load_actor_checkpoint(actor: "MegatronActor", checkpoint_dir: Path) -> None:
         if not optimizer.optimizer.state:
             optimizer._init_optimizer_states_with_dummy_values()
     try:
-        state = dist_checkpointing.load(_sharded_state_dict(actor, is_loading=True), str(checkpoint_dir))
+        state = load_checkpoint_allowing_extra_state(_sharded_state_dict(actor, is_loading=True), checkpoint_dir)
     # megatron's own validation, or torch's wrapping of it (e.g. a tensor of another shape).
     except (CheckpointingException, CheckpointException) as error:
         raise ValueError(f"actor checkpoint {checkpoint_dir} (saved at {_describe(saved_layout)}) does not fit this "
                          f"actor at {_describe(_current_layout())}: {error}") from error
-    actor.model.module.load_state_dict(state["model"], strict=True)
+    load_state_dict_allowing_extra_state(actor.model.module, state["model"])
     _load_optimizer_state(actor, state["optimizer"])
-    # megatron's scheduler load advances its step count by the saved one (it assumes a new scheduler), so an
-    # actor that has trained since it was built would run ahead on the LR schedule.
-    actor.scheduler.num_steps = 0
+    if SCHEDULER_LOAD_ADDS_STEPS:
+        # megatron's scheduler load advances its step count by the saved one (it assumes a new scheduler), so an
+        # actor that has trained since it was built would run ahead on the LR schedule.
+        actor.scheduler.num_steps = 0
     actor.scheduler.load_state_dict(state["scheduler"])
     actor.num_steps = int(state["num_steps"])
     logger.info("loaded actor checkpoint %s (saved at %s) at %s, step %d", checkpoint_dir,
@@ -204,20 +227,26 @@ def _load_optimizer_state(actor: "MegatronActor", optimizer_state: dict[str, Any
     with torch.no_grad():
         actor.optimizer.load_state_dict(optimizer_state)
         for optimizer, param_state in zip(optimizers, param_states):
-            with _adam_step_set_aside(optimizer.optimizer):
+            if OPTIMIZER_LOAD_SHARES_ADAM_STEP:
+                _unshare_adam_steps(optimizer.optimizer)
+            with _adam_step_set_aside(optimizer.optimizer) if PARAM_STATE_LOAD_COPIES_ADAM_STEP else \
+                    contextlib.nullcontext():
                 optimizer.load_parameter_state_from_fully_reshardable(param_state)
+
+
+def _unshare_adam_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter its own copy of torch Adam's ``step``: Adam increments it in place, per parameter."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = state["step"].detach().clone()
 
 
 @contextlib.contextmanager
 def _adam_step_set_aside(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Remove torch Adam's per-parameter ``step`` for the duration, then give each parameter its own copy.
-
-    Own copies: megatron's ``load_state_dict`` puts one shared step tensor into every parameter's state, and
-    torch's Adam increments each parameter's step in place, so a shared one would advance once per parameter.
-    """
+    """Remove torch Adam's per-parameter ``step`` for the duration (megatron's copy has none to give it)."""
     steps = {param: state.pop("step") for param, state in optimizer.state.items() if "step" in state}
     try:
         yield
     finally:
         for param, step in steps.items():
-            optimizer.state[param]["step"] = step.detach().clone()
+            optimizer.state[param]["step"] = step

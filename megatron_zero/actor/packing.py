@@ -58,7 +58,8 @@ def block_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 
 def packed_attention_inputs(cu_seqlens: torch.Tensor, fmt: str) -> dict[str, Any]:
-    """Keyword arguments of the GPTModel call for one packed row with sequence boundaries ``cu_seqlens``."""
+    """Keyword arguments of the GPTModel call for one packed row with sequence boundaries ``cu_seqlens`` (with FP8,
+    the last sequence is the row's padding, ``batching.py``: attending only to itself, it changes no real token)."""
     if fmt == "dense_mask":
         return {"attention_mask": block_causal_mask(cu_seqlens)}
     if fmt == "thd":

@@ -36,6 +36,7 @@ import torch
 from megatron_zero.config.model import ModelConfig
 from megatron_zero.models.common.architecture import DecoderArchitecture, read_hf_config
 from megatron_zero.models.common.bridge import ModelBridge
+from megatron_zero.models.common.spec import load_checkpoint_allowing_extra_state, load_state_dict_allowing_extra_state
 from megatron_zero.models.hf_io import HFCheckpointReader, HFCheckpointWriter, copy_non_weight_files
 from megatron_zero.models.registry import get_bridge
 
@@ -343,10 +344,11 @@ def convert_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, max_shard_by
 
 
 def load_mcore_weights(model: torch.nn.Module, mcore_dir: str | Path) -> None:
-    """Load a megatron-zero checkpoint into a GPTModel built at any TP/PP (dist_checkpointing reshards)."""
-    from megatron.core import dist_checkpointing
+    """Load a megatron-zero checkpoint into a GPTModel built at any TP/PP (dist_checkpointing reshards).
 
+    Strict but for Transformer Engine layers' ``_extra_state``, which checkpoints converted through the local
+    spec lack (``models/common/spec.py``).
+    """
     info = read_checkpoint_info(mcore_dir)
-    sharded = model.sharded_state_dict()
-    loaded = dist_checkpointing.load(sharded, str(info.path))
-    model.load_state_dict(loaded, strict=True)
+    loaded = load_checkpoint_allowing_extra_state(model.sharded_state_dict(), info.path)
+    load_state_dict_allowing_extra_state(model, loaded)

@@ -129,8 +129,15 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron_rng() -> None:
+    import megatron.core
     from megatron.core.tensor_parallel import random as mcore_random
 
+    # Present in megatron-core 0.16.1 and 0.19.2; a release that renames them would otherwise leave the CUDA RNG
+    # calls in place (and these patches unused) without a word.
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
+        if not hasattr(mcore_random, name):
+            raise RuntimeError(f"megatron-core {megatron.core.__version__} has no tensor_parallel.random.{name}; the "
+                               "CPU adapter (megatron_zero/parallel/cpu_adapter.py) needs updating for this version")
     mcore_random._get_cuda_rng_state = _cpu_get_rng_state
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
 
