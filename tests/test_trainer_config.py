@@ -7,7 +7,9 @@ import pytest
 from megatron_zero.config.trainer import load_config
 from megatron_zero.models.tiny import save_tiny_model
 
-BASE = ["cluster.cpu_workers_per_node=2", "actor.max_tokens_per_microbatch=4096", "rollout.max_new_tokens=64"]
+# The tiny test models have 256 positions: prompts up to 128 tokens + 64 new tokens fit.
+BASE = ["cluster.cpu_workers_per_node=2", "actor.max_tokens_per_microbatch=4096", "rollout.max_new_tokens=64",
+        "data.train.max_prompt_tokens=128"]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -16,7 +18,10 @@ BASE = ["cluster.cpu_workers_per_node=2", "actor.max_tokens_per_microbatch=4096"
     (["run.num_minibatches=3", "data.sampler.batch_size=4", "rollout.num_samples_per_prompt=2"],
      r"run.num_minibatches=3 must divide .* = 8"),
     (["actor.temperature=0.7"], r"actor.temperature=0.7 must equal rollout.temperature=1.0"),
-    (["rollout.max_new_tokens=8192"], r"actor.max_tokens_per_microbatch=4096 is smaller than one response"),
+    (["rollout.max_new_tokens=8192"], r"actor.max_tokens_per_microbatch=4096 is smaller than one sequence of "
+                                      r"data.train.max_prompt_tokens=128 \+ rollout.max_new_tokens=8192 = 8320 tokens"),
+    # The prompt counts too: 4000 new tokens fit the budget alone, not after a 128-token prompt.
+    (["rollout.max_new_tokens=4000"], r"max_tokens_per_microbatch=4096 is smaller than one sequence .* = 4128 tokens"),
     (["loss.clip_low=1.5"], r"clip_low=1.5"),
     (["advantage.estimator=ppo_gae"], r"ppo_gae"),
     (["model.params_dtype=float8"], r"model.params_dtype='float8'"),
@@ -107,9 +112,14 @@ def test_file_checks_run_before_workers(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.train.path='/nonexistent.jsonl' does not exist"):
         config.check_inputs()
     # TP must divide the model's heads (4) and query groups (2): TP=2 does, and the data error comes first.
-    config = load_config(None, [f"model_path={model}", "cluster.cpu_workers_per_node=4", "actor.max_tokens_per_microbatch=4096",
-                                "rollout.max_new_tokens=64", "parallel.tensor_parallel_size=4"])
+    config = load_config(None, [f"model_path={model}", *BASE, "cluster.cpu_workers_per_node=4",
+                                "parallel.tensor_parallel_size=4"])
     with pytest.raises(ValueError, match="tensor_parallel_size=4 must divide num_key_value_heads=2"):
+        config.check_inputs()
+    # Prompt + response beyond the model's context (the tiny qwen2 has 256 positions).
+    config = load_config(None, [f"model_path={model}", *BASE, "data.train.max_prompt_tokens=200"])
+    with pytest.raises(ValueError, match=r"data.train.max_prompt_tokens=200 \+ rollout.max_new_tokens=64 = 264 "
+                                         r"tokens exceed the model's context, max_position_embeddings=256"):
         config.check_inputs()
     # Expert parallelism needs experts; every supported family is dense.
     config = load_config(None, [f"model_path={model}", *BASE, "parallel.expert_parallel_size=2"])

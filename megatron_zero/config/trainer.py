@@ -139,9 +139,14 @@ class TrainConfig:
         if self.actor.temperature != self.rollout.temperature:
             raise ValueError(f"actor.temperature={self.actor.temperature} must equal rollout.temperature="
                              f"{self.rollout.temperature}: the loss's log-probs must use the sampling distribution")
-        if self.rollout.max_new_tokens * 1 > self.actor.max_tokens_per_microbatch:
+        # The actor packs whole sequences into microbatches: the longest prompt + response must fit one.
+        longest = self.rollout.max_new_tokens + (self.data.train.max_prompt_tokens or 0)
+        if longest > self.actor.max_tokens_per_microbatch:
+            prompt = ("" if self.data.train.max_prompt_tokens is None
+                      else f"data.train.max_prompt_tokens={self.data.train.max_prompt_tokens} + ")
             raise ValueError(f"actor.max_tokens_per_microbatch={self.actor.max_tokens_per_microbatch} is smaller than "
-                             f"one response of rollout.max_new_tokens={self.rollout.max_new_tokens}; raise it")
+                             f"one sequence of {prompt}rollout.max_new_tokens={self.rollout.max_new_tokens} = "
+                             f"{longest} tokens; raise it to at least {longest}")
 
     @property
     def logprob_precision(self) -> str:
@@ -190,6 +195,13 @@ class TrainConfig:
                              "to 1")
         arch.check_parallel_sizes(self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size,
                                   self.model.vocab_pad_multiple)
+        if self.data.train.max_prompt_tokens is not None:
+            longest = self.data.train.max_prompt_tokens + self.rollout.max_new_tokens
+            if longest > arch.max_position_embeddings:
+                raise ValueError(f"data.train.max_prompt_tokens={self.data.train.max_prompt_tokens} + "
+                                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} = {longest} tokens exceed the "
+                                 f"model's context, max_position_embeddings={arch.max_position_embeddings} "
+                                 f"({self.model_path}/config.json); lower one of them")
         # The HF directory also feeds the tokenizer and the rollout engine's weights, whatever mcore_path says.
         model_files = {path.name for path in Path(self.model_path).iterdir()}
         if not model_files & {SINGLE_NAME, INDEX_NAME}:
