@@ -26,7 +26,10 @@ BASE_REQUIREMENTS = [
     "safetensors>=0.4",
     "omegaconf>=2.3",
     "ray[default]>=2.40",
-    "math-verify>=0.7",
+    # Pinned: the grader's fast paths (rewards/fast_parse.py) reproduce this version's parse exactly and are
+    # checked against it; with another version they switch off and every answer goes through math-verify.
+    "math-verify==0.9.0",
+    "latex2sympy2-extended==1.11.0",
     "datasets>=3.0",
     "pyarrow>=15",
     "numpy>=1.26",
