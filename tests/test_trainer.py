@@ -241,3 +241,32 @@ def test_colocated_phases_switch_memory_and_keep_the_metrics(tmp_path, base_mcor
     # Moving memory changes nothing numerically: the steps equal the plain run's.
     plain = _metrics(uninterrupted)[:2]
     assert [{k: v for k, v in r.items() if "bytes" not in k} for r in _metrics(out)] == plain
+
+
+def test_a_reference_that_differs_from_the_policy_at_step_0_stops_the_run(tmp_path, base_mcore):
+    """Policy and reference start from one checkpoint, so their step-0 KL is ~0 (the uninterrupted run passes the
+    check); a reference that scores the responses differently (another checkpoint) must stop the run."""
+    from megatron_zero.trainer.loop import HealthCheckFailed
+
+    def shifted_reference(trainer):
+        original = trainer.ref_logprobs
+        trainer.ref_logprobs = lambda batch, plan: original(batch, plan) - 1e-3
+
+    with pytest.raises(HealthCheckFailed, match=r"step 0: policy and reference differ \(mean log-ratio 0.001"):
+        _run(tmp_path / "other_reference", base_mcore, num_steps=1, extra=["run.save_every=0", "loss.kl_coef=1e-3"],
+             patch=shifted_reference)
+
+
+def test_run_demo_writes_summary_plot_and_report(tmp_path, base_mcore, train_file):
+    from megatron_zero.trainer.demo import run_demo
+
+    out = tmp_path / "demo"
+    summary = run_demo(str(out), num_steps=2, overrides=[*SMOKE, f"mcore_path={base_mcore}",
+                                                         f"data.train.path={train_file}", "run.save_every=0"])
+    written = json.loads((out / "summary.json").read_text())
+    assert written == summary
+    assert 0.0 <= written["accuracy_before"] <= 1.0 and 0.0 <= written["accuracy_after"] <= 1.0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "analysis" / "report.html").read_text()
+    assert "<html" in report.lower() and "step" in report.lower()
