@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sourced by ray_submit.sh and slurm_train.sbatch: the job's paths from the environment, and Ray's token.
+# Sourced by the launch scripts: the job's paths from the environment, Ray's token mode, log lines.
 
 # Sets the array `overrides`: the job's paths (absolute: the driver and the Ray workers need not share a working
 # directory) as config overrides. The caller appends its own key=value arguments.
@@ -21,4 +21,14 @@ read_job_paths() {
 # Prints "[launch] <UTC time> <message>": the job log shows which stage it is in.
 say() {
     echo "[launch] $(date -u +%H:%M:%S) $*"
+}
+
+# Ray (>= 2.52) authenticates connections with a token. `ray start --head` turns token mode on by itself when a
+# token is available (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); workers and connections by
+# address do not, so every launch script applies that rule itself. Older Ray versions ignore the variable.
+use_ray_token_if_available() {
+    if [[ -z ${RAY_AUTH_MODE:-} ]] &&
+        [[ -n ${RAY_AUTH_TOKEN:-} || -f ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token} ]]; then
+        export RAY_AUTH_MODE=token
+    fi
 }

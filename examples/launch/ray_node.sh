@@ -18,6 +18,10 @@
 # from CUDA_VISIBLE_DEVICES. slurm_train.sbatch adds --block, so the node stops when its srun step is signalled.
 set -euo pipefail
 
+# shellcheck source=examples/launch/common.sh
+source "$(dirname "$(realpath "$0")")/common.sh"
+use_ray_token_if_available
+
 usage="usage: $0 head|worker [HEAD_IP:PORT] [ray start flags...]"
 role=${1:?$usage}
 shift

@@ -104,14 +104,15 @@ def wait_for_hosts(cluster: ClusterConfig, address: str, hosts: Sequence[str],
             missing = missing_hosts(hosts, nodes)
             shortfall = find_missing_nodes(nodes, cluster)
             if not missing and shortfall is None:
-                logger.info("all %d node(s) joined the Ray cluster at %s: %s", len(hosts), address, ", ".join(hosts))
+                named = f" ({', '.join(hosts)})" if hosts else ""
+                logger.info("every node joined the Ray cluster at %s%s", address, named)
                 return
             if time.monotonic() > deadline:
                 if missing:
                     raise ClusterNotReadyError(
-                        f"node(s) {', '.join(missing)} of the allocation ({', '.join(hosts)}) did not join the Ray "
-                        f"cluster at {address} within {timeout_s:.0f} s; see their Ray node logs (ray start failed "
-                        "or cannot reach the head) or raise cluster.startup_timeout_s")
+                        f"node(s) {', '.join(missing)} did not join the Ray cluster at {address} within "
+                        f"{timeout_s:.0f} s (expected: {', '.join(hosts)}); see their Ray node logs (ray start "
+                        "failed or cannot reach the head) or raise cluster.startup_timeout_s")
                 raise ClusterNotReadyError(f"every host joined the Ray cluster at {address}, but {shortfall}")
             time.sleep(_POLL_INTERVAL_S)
     finally:
