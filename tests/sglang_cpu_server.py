@@ -1,11 +1,14 @@
-"""A CPU stand-in for an SGLang 0.5.10.post1 server: a real HF model served through ``TorchEngine`` over SGLang's
-HTTP API, for end-to-end tests of ``megatron_zero/rollout/sglang_engine.py`` without a GPU or sglang.
+"""A CPU stand-in for an SGLang 0.5.23 server: a real HF model served through ``TorchEngine`` over SGLang's
+HTTP API, for end-to-end tests of ``megatron_zero/rollout/sglang_engine.py`` without a GPU.
 
 Why: the fake in tests/test_sglang_engine.py checks request shapes against a toy "model"; this one serves a real
 checkpoint, so generations, log-probs and the disaggregated weight sync (``/init_weights_update_group`` +
 ``/update_weights_from_distributed``, over gloo here instead of NCCL) can be compared with an independent
-computation. Request bodies are checked against the field names of 0.5.10.post1 copied in that test file
-(unknown field -> HTTP 400); status codes and response shapes follow sglang/srt/entrypoints/http_server.py.
+computation. Requests are judged by the pinned wheel's own contract (tests/sglang_contract.py; the wheel is installed
+without its CUDA dependencies and this script exits naming the install line without it): /generate bodies by
+``sglang/api/v1/api_types.py`` (unknown top-level fields ignored, unknown sampling fields HTTP 400), the other
+requests by the fields of their io_struct classes (unknown ignored, a missing required one HTTP 400, as FastAPI's
+validation error is answered in 0.5.23). Status codes and response shapes follow sglang/srt/entrypoints/http_server.py.
 
 How::
 
@@ -16,7 +19,17 @@ How::
 whose weight sync silently does nothing. The other flags ``launch_server_command`` emits are accepted and
 ignored (they concern GPU memory and caching, which have no meaning here).
 
-Behaviour that follows SGLang 0.5.10.post1 (checked in its source):
+Behaviour that follows SGLang 0.5.23 (checked in its source), including what a trainer gets wrong today:
+- Starting: the HTTP port answers at once, GET /health, /health_generate and /ready with 503 until the model is
+  loaded (ServerStatus.Starting), every other request 503 too; then /health runs a one-token generation like
+  /health_generate (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION defaults on) and /ready answers 200.
+- Weights arrive only inside a session: /update_weights_from_distributed (and _from_tensor) outside
+  /begin_weight_update .. /end_weight_update is refused (HTTP 400, SGLang's message), as is a second begin.
+- Released weights are gone: /release_memory_occupation with "weights" (without --enable-weights-cpu-backup)
+  discards them; after the resume the parameters hold noise until a weight update re-sends them, so a trainer that
+  skips the re-sync serves garbage, which the engine-vs-actor health check catches.
+- /flush_cache refuses (HTTP 400) while a /generate request is running or waiting, unless ``?timeout=`` lets it
+  wait for idle (flush_wrapper.py).
 - temperature < 1e-6 is greedy (SGLang: temperature 1, top_k 1), so greedy log-probs are at temperature 1;
   input (prompt) log-probs are always at temperature 1.
 - A request stops at its stop_token_ids and, unless ``ignore_eos``, at the eos ids of config.json,
@@ -35,21 +48,21 @@ Behaviour that follows SGLang 0.5.10.post1 (checked in its source):
 Differences from real SGLang the lead should know:
 - Sampling uses TorchEngine's sampler (inverse CDF with its own seeded uniforms), not SGLang's; for one seed the
   tokens differ from a real server's, but the same prompt and seed give the same tokens.
-- Requests run one at a time under one lock (no continuous batching, no radix cache: ``cached_tokens`` is 0,
-  /flush_cache always succeeds).
-- Errors SGLang does not answer as HTTP 400 are answered 400 here with a message: an unknown sampling field
-  (SGLang: TypeError, HTTP 500), a known SGLang field this stand-in does not implement, a negative token id,
+- Requests run one at a time under one lock (no continuous batching, no radix cache: ``cached_tokens`` is 0).
+- Errors SGLang does not answer as HTTP 400 are answered 400 here with a message: a known SGLang field this
+  stand-in does not implement, a negative token id,
   logprob_start_len beyond the prompt (SGLang: an aborted request), /generate while "weights" or "kv_cache" is
   released (SGLang: undefined, the memory is gone), resuming a tag that is not released (SGLang: KeyError in the
   scheduler), /update_weights_from_distributed on a group never created (SGLang: assertion in the scheduler).
 - An unexpected failure inside a request is answered 500 with {"error": {"message": ...}} (not retried by
   our client), where SGLang would log it and usually abort the request.
-- /health answers 200 without a generation (SGLang 0.5.10 runs one by default); /health_generate runs a one-token
-  greedy generation and answers 503 while the weights are released.
+- /health and /health_generate answer 503 while the weights are released (SGLang would touch freed memory).
 - A weight update is checked as a whole (names, shapes) after all broadcasts are received and loads nothing if any
   tensor is bad; SGLang loads tensor by tensor and may leave the weights partly updated.
-- ``--tp-size`` must be 1 (one process is one server rank); ``--dtype`` float16/half is refused (TorchEngine
-  supports float32 and bfloat16 only). /update_weights_from_tensor (CUDA IPC) is refused with 400.
+- ``--tp-size`` must be 1 (one process is one server rank, which joins a weight group as rank ``rank_offset``; a
+  real server's TP rank i joins as ``rank_offset + i``); ``--dtype`` float16/half is refused (TorchEngine supports
+  float32 and bfloat16 only). /update_weights_from_tensor checks its entries are base64 (as the server's
+  Base64Bytes does) and then refuses with 400: CUDA IPC handles need a GPU.
 - No default torch.distributed group: SGLang's model runner asserts one exists, but torch 2.13's
   ``_new_process_group_helper`` builds a group from a TCP rendezvous without it (checked), so none is created.
 """
@@ -57,6 +70,8 @@ Differences from real SGLang the lead should know:
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import datetime
 import json
 import logging
@@ -66,14 +81,16 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
+from urllib.parse import parse_qs, urlsplit
 
+import sglang_contract
 import torch
+from test_sglang_engine import NO_SESSION, NO_SESSION_TO_END, SESSION_OPEN, send_answer
 from torch.distributed import distributed_c10d as c10d
 
 from megatron_zero.config.rollout import TorchEngineConfig
 from megatron_zero.rollout.engine import SamplingParams
 from megatron_zero.rollout.torch_engine import TorchEngine
-from test_sglang_engine import GENERATE_FIELDS, MEMORY_TAGS, REQUEST_FIELDS, SAMPLING_FIELDS, send_answer
 
 logger = logging.getLogger(__name__)
 
@@ -88,39 +105,51 @@ DEFAULT_GROUP_NAME = "weight_update_group"
 DEFAULT_MAX_NEW_TOKENS = 128
 # Finite rendezvous and collective timeout of the weight group (SGLang uses torch's default, 30 min for gloo).
 GROUP_TIMEOUT = datetime.timedelta(seconds=300)
-# Sampling fields (of SAMPLING_FIELDS) this stand-in implements; the others are refused unless at their default.
+# The io_struct request class behind each endpoint (http_server.py), whose fields judge its body.
+REQUEST_CLASSES = {
+    "/update_weights_from_tensor": "UpdateWeightsFromTensorReqInput",
+    "/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
+    "/init_weights_update_group": "InitWeightsUpdateGroupReqInput",
+    "/destroy_weights_update_group": "DestroyWeightsUpdateGroupReqInput",
+    "/begin_weight_update": "BeginWeightUpdateReqInput",
+    "/end_weight_update": "EndWeightUpdateReqInput",
+    "/release_memory_occupation": "ReleaseMemoryOccupationReqInput",
+    "/resume_memory_occupation": "ResumeMemoryOccupationReqInput",
+}
+# Sampling fields of the contract this stand-in implements; the others are refused unless at their default.
 SUPPORTED_SAMPLING = {"max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "no_stop_trim",
                       "ignore_eos", "skip_special_tokens", "sampling_seed"}
-UNSUPPORTED_SAMPLING_DEFAULTS = {
-    "stop_regex": None, "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
-    "min_new_tokens": 0, "n": 1, "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None,
-    "spaces_between_special_tokens": True, "custom_params": None, "stream_interval": None, "logit_bias": None,
-}
-assert SUPPORTED_SAMPLING | set(UNSUPPORTED_SAMPLING_DEFAULTS) == SAMPLING_FIELDS, "every SGLang field is handled"
-# Top-level /generate fields (of GENERATE_FIELDS) this stand-in reads (rid names the answer, log_metrics is moot);
-# the others (stream, text, top_logprobs_num, return_hidden_states, ...) must be absent, null, false or 0.
-SUPPORTED_GENERATE = {"input_ids", "sampling_params", "return_logprob", "logprob_start_len", "rid", "log_metrics"}
+# Top-level /generate fields this stand-in reads (rid names the answer); the contract's others must be at their
+# defaults (stream, text, top_logprobs_num, return_hidden_states, ...).
+SUPPORTED_GENERATE = {"input_ids", "sampling_params", "return_logprob", "logprob_start_len", "rid"}
+# Seed of the noise a released-and-resumed parameter holds until it is re-sent.
+DISCARDED_WEIGHTS_SEED = 1234
 
 
 class BadRequest(Exception):
     """Answered HTTP 400 with SGLang's error body (http_server.py: _create_error_response)."""
 
 
-def check_fields(body: Any, allowed: set[str], where: str, required: frozenset[str] = frozenset()) -> dict:
+class Unavailable(Exception):
+    """Answered HTTP 503 (SGLang while ServerStatus is Starting)."""
+
+
+def parse_request(path: str, body: Any) -> dict:
+    """``body`` as FastAPI hands it to the handler of ``path``: its io_struct class's fields (unknown ones dropped,
+    msgspec_utils.py extra_behavior="ignore"), a missing required one refused like 0.5.23's validation handler."""
     if not isinstance(body, dict):
-        raise BadRequest(f"{where}: the request body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise BadRequest(f"{where}: unknown field(s) {unknown}; SGLang 0.5.10.post1 accepts {sorted(allowed)}")
+        raise BadRequest(f"{path}: the request body must be a JSON object, got {type(body).__name__}")
+    required, allowed = sglang_contract.request_fields(REQUEST_CLASSES[path])
     missing = sorted(required - set(body))
     if missing:
-        raise BadRequest(f"{where}: missing required field(s) {missing}")
-    return body
+        raise BadRequest(f"{path}: field(s) {missing} required by {REQUEST_CLASSES[path]} are missing")
+    return {name: value for name, value in body.items() if name in allowed}
 
 
-def check_implemented(body: dict, defaults: dict, where: str) -> None:
+def check_implemented(body: dict, defaults: dict, supported: set[str], where: str) -> None:
+    """Fields of the contract this stand-in does not implement must be absent or at their default."""
     unsupported = sorted(name for name, default in defaults.items()
-                         if name in body and body[name] is not None and body[name] != default)
+                         if name not in supported and body.get(name) not in (None, default))
     if unsupported:
         raise BadRequest(f"{where}: {unsupported} are SGLang fields this CPU stand-in does not implement; "
                          "leave them at their defaults")
@@ -130,29 +159,46 @@ class CPUServer:
     """The state behind the HTTP handler: the model, its engine and the server's bookkeeping."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, dtype: str, *, deterministic: bool,
-                 ignore_weight_updates: bool):
+                 ignore_weight_updates: bool, weights_cpu_backup: bool):
         self.model = model
         self.tokenizer = tokenizer
         self.engine = TorchEngine(model, TorchEngineConfig(dtype=dtype, device="cpu"), tokenizer=tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.deterministic = deterministic
         self.ignore_weight_updates = ignore_weight_updates
+        self.weights_cpu_backup = weights_cpu_backup
         # An eos id beyond the model's vocabulary (a tokenizer larger than the model) can never be sampled.
         self.eos_ids = {i for i in eos_token_ids(model, tokenizer) if i < self.vocab_size}
         self.weight_version = "default"  # server_args.weight_version
         self.released: set[str] = set()
         self.groups: dict[str, torch.distributed.ProcessGroup] = {}
+        self.session_open = False
+        # /generate requests received and not yet answered (running or waiting for the lock): /flush_cache refuses.
+        self.active_requests = 0
+        self.idle = threading.Condition()
         # TorchEngine is not thread-safe; requests, weight loads and memory calls run one at a time.
         self.lock = threading.Lock()
 
     # -- /generate -------------------------------------------------------------------------------------
 
     def generate(self, body: Any) -> Any:
-        check_fields(body, GENERATE_FIELDS, "/generate")
-        unsupported = sorted(name for name in set(body) - SUPPORTED_GENERATE if body[name] not in (None, False))
-        if unsupported:
-            raise BadRequest(f"/generate: {unsupported} are SGLang fields this CPU stand-in does not implement; "
-                             "leave them out")
+        with self.idle:
+            self.active_requests += 1
+        try:
+            return self._generate(body)
+        finally:
+            with self.idle:
+                self.active_requests -= 1
+                self.idle.notify_all()
+
+    def _generate(self, body: Any) -> Any:
+        api = sglang_contract.api_types()
+        # entrypoints/api_contract.py: the schema's own error text, HTTP 400 {"error": text}.
+        try:
+            api.GenerateRequest.from_json_value(body)
+        except api.JsonContractError as e:
+            raise BadRequest(str(e)) from e
+        check_implemented(body, sglang_contract.struct_defaults(api.GenerateRequest), SUPPORTED_GENERATE, "/generate")
         batch = body.get("input_ids")
         if not isinstance(batch, list) or not batch:
             raise BadRequest("/generate: input_ids must be a non-empty list of token ids or of token-id lists "
@@ -195,12 +241,12 @@ class CPUServer:
         return outputs[0] if single else outputs
 
     def _sampling(self, sampling: Any) -> dict:
-        check_fields(sampling, SAMPLING_FIELDS, "/generate sampling_params")
-        check_implemented(sampling, UNSUPPORTED_SAMPLING_DEFAULTS, "/generate sampling_params")
+        defaults = sglang_contract.struct_defaults(sglang_contract.api_types().SamplingParams)
+        check_implemented(sampling, defaults, SUPPORTED_SAMPLING, "/generate sampling_params")
         # sampling_params.py: SamplingParams.__init__ defaults and verify().
         parsed = {
             "temperature": sampling.get("temperature", 1.0), "top_p": sampling.get("top_p", 1.0),
-            "top_k": sampling.get("top_k", -1),
+            "top_k": sampling.get("top_k") if sampling.get("top_k") is not None else -1,
             "max_new_tokens": sampling.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
             "stop": sampling.get("stop") or [], "stop_token_ids": sampling.get("stop_token_ids") or [],
             "no_stop_trim": sampling.get("no_stop_trim", False), "ignore_eos": sampling.get("ignore_eos", False),
@@ -285,8 +331,8 @@ class CPUServer:
     def _input_logprobs(self, ids: list[int], start: int) -> list[list]:
         if start < 0 or start >= len(ids):
             return []
-        # Entry 0 has no log-prob (scheduler_output_processor_mixin.py: [None] + logprobs[:-1]); prompt log-probs
-        # are at temperature 1 in 0.5.10.
+        # Entry 0 has no log-prob (logprob_result_processor.py: [None] + logprobs[:-1]); prompt log-probs are at
+        # temperature 1 in 0.5.23 (log_softmax of the raw logits).
         values = self.engine.compute_logprobs([ids[:start + 1]], [ids[start + 1:]], 1.0)[0]
         return [[None, ids[start], None]] + [[lp, t, None] for lp, t in zip(values, ids[start + 1:])]
 
@@ -300,16 +346,18 @@ class CPUServer:
     # -- memory ----------------------------------------------------------------------------------------
 
     def memory(self, path: str, body: Any) -> None:
-        required, allowed = REQUEST_FIELDS[path]
-        check_fields(body, allowed, path, frozenset(required))
-        # scheduler_update_weights_mixin.py: no tags means all of them.
-        tags = body.get("tags") or sorted(MEMORY_TAGS)
-        unknown = sorted(set(tags) - MEMORY_TAGS)
+        body = parse_request(path, body)
+        tags_known = sglang_contract.memory_tags()
+        # scheduler_components/weight_updater.py: no tags means all of them.
+        tags = body.get("tags") or sorted(tags_known)
+        unknown = sorted(set(tags) - tags_known)
         if unknown:
-            raise BadRequest(f"{path}: unknown memory tag(s) {unknown}; SGLang's are {sorted(MEMORY_TAGS)}")
+            raise BadRequest(f"{path}: unknown memory tag(s) {unknown}; SGLang's are {sorted(tags_known)}")
         with self.lock:
             if path == "/release_memory_occupation":
                 self.released |= set(tags)
+                if "weights" in tags and not self.weights_cpu_backup:
+                    self._discard_weights()
             else:
                 missing = sorted(set(tags) - self.released)
                 if missing:
@@ -317,12 +365,47 @@ class CPUServer:
                     raise BadRequest(f"KeyError: {missing[0]!r} (memory tag(s) {missing} are not released)")
                 self.released -= set(tags)
 
+    def _discard_weights(self) -> None:
+        """torch_memory_saver pauses the weights' region without a CPU copy: what a resume maps back is undefined.
+        Noise stands for it, so generations after a resume without a re-sync are garbage, as on a GPU."""
+        generator = torch.Generator().manual_seed(DISCARDED_WEIGHTS_SEED)
+        with torch.no_grad():
+            for tensor in self.model.state_dict().values():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
+        logger.info("released weights discarded (no --enable-weights-cpu-backup): re-send them after the resume")
+
     # -- weights ---------------------------------------------------------------------------------------
 
+    def weight_session(self, path: str, body: Any) -> tuple[bool, str]:
+        """/begin_weight_update and /end_weight_update (scheduler_components/weight_updater.py)."""
+        parse_request(path, body)
+        begin = path == "/begin_weight_update"
+        with self.lock:
+            if self.session_open == begin:
+                return False, SESSION_OPEN if begin else NO_SESSION_TO_END
+            self.session_open = begin
+        return True, "Success"
+
+    def update_weights_from_tensor(self, body: Any) -> tuple[bool, str]:
+        path = "/update_weights_from_tensor"
+        body = parse_request(path, body)
+        for entry in body["serialized_named_tensors"]:
+            try:  # utils/msgspec_utils.py Base64Bytes: HTTP callers send base64 strings
+                base64.b64decode(entry, validate=True)
+            except (binascii.Error, TypeError, ValueError) as e:
+                raise BadRequest(f"{path}: serialized_named_tensors: Expected base64-encoded bytes ({e})") from e
+        if not self.session_open:
+            return False, NO_SESSION.format(path.lstrip("/"))
+        return False, ("CUDA IPC weight updates need a GPU; this CPU stand-in takes /update_weights_from_distributed "
+                       "only")
+
+    def flush_cache(self, timeout_s: float) -> bool:
+        """True when no /generate request is running or waiting (after up to ``timeout_s`` of waiting for that)."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.active_requests == 0, timeout=timeout_s)
+
     def init_weights_update_group(self, body: Any) -> tuple[bool, str]:
-        path = "/init_weights_update_group"
-        required, allowed = REQUEST_FIELDS[path]
-        check_fields(body, allowed, path, frozenset(required))
+        body = parse_request("/init_weights_update_group", body)
         group_name = body.get("group_name", DEFAULT_GROUP_NAME)
         backend = body.get("backend", "nccl")
         rank = body["rank_offset"] + 0  # this process is TP rank 0 of a tp_size-1 server
@@ -341,8 +424,7 @@ class CPUServer:
             return False, message
 
     def destroy_weights_update_group(self, body: Any) -> tuple[bool, str]:
-        path = "/destroy_weights_update_group"
-        check_fields(body, REQUEST_FIELDS[path][1], path)
+        body = parse_request("/destroy_weights_update_group", body)
         group = self.groups.pop(body.get("group_name", DEFAULT_GROUP_NAME), None)
         if group is None:  # model_runner.py's answer, HTTP 400
             return False, "The group to be destroyed does not exist."
@@ -351,8 +433,9 @@ class CPUServer:
 
     def update_weights_from_distributed(self, body: Any) -> tuple[bool, str]:
         path = "/update_weights_from_distributed"
-        required, allowed = REQUEST_FIELDS[path]
-        check_fields(body, allowed, path, frozenset(required))
+        body = parse_request(path, body)
+        if not self.session_open:
+            return False, NO_SESSION.format(path.lstrip("/"))
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         if not len(names) == len(dtypes) == len(shapes):
             raise BadRequest(f"{path}: {len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
@@ -398,7 +481,7 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
 
 def join_custom_process_group(master_address: str, master_port: int, rank: int, world_size: int, backend: str,
                               group_name: str) -> torch.distributed.ProcessGroup:
-    """Join a weight-broadcast group as SGLang 0.5.10 does (srt/utils/common.py init_custom_process_group): TCP
+    """Join a weight-broadcast group as SGLang 0.5.23 does (srt/utils/common.py init_custom_process_group): TCP
     rendezvous (rank 0 hosts the store), the store prefixed with the group name, a group of its own built by
     torch's private helper, and its ranks mapped to themselves so ``broadcast(src=0)`` names the trainer."""
     store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
@@ -441,7 +524,19 @@ def load_into(model: torch.nn.Module, received: list[tuple[str, torch.Tensor]]) 
 # --- HTTP -------------------------------------------------------------------------------------------------
 
 
-def make_handler(server: CPUServer) -> type[BaseHTTPRequestHandler]:
+class Serving:
+    """What the handler serves: None while the model loads (ServerStatus.Starting), then the CPUServer."""
+
+    def __init__(self) -> None:
+        self.server: Optional[CPUServer] = None
+
+    def up(self) -> CPUServer:
+        if self.server is None:
+            raise Unavailable("the server is starting")
+        return self.server
+
+
+def make_handler(serving: Serving) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn answers the client's requests.Session
 
@@ -453,21 +548,32 @@ def make_handler(server: CPUServer) -> type[BaseHTTPRequestHandler]:
                 logger.warning("%s: the client closed the connection before the answer", self.path)
 
         def do_GET(self) -> None:
-            if self.path == "/health":
-                return self._send(200, text="")
-            if self.path == "/health_generate":
-                # http_server.py: an empty Response, 200 or 503.
-                return self._send(200 if server.health_generate() else 503, text="")
+            path = urlsplit(self.path).path
+            if path in ("/health", "/health_generate", "/ready"):
+                # http_server.py: an empty Response, 503 while Starting; /health generates like /health_generate.
+                server = serving.server
+                healthy = server is not None and (path == "/ready" or server.health_generate())
+                return self._send(200 if healthy else 503, text="")
+            if path == "/flush_cache":  # GET or POST in 0.5.23
+                return self._answer(lambda: self._route(path, {}))
             self._send(404, {"detail": "Not Found"})
 
         def do_POST(self) -> None:
-            try:
+            def route() -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 try:
                     body = json.loads(raw) if raw else {}
                 except json.JSONDecodeError as e:
                     raise BadRequest(f"{self.path}: the body is not JSON ({e})")
-                self._route(body)
+                self._route(urlsplit(self.path).path, body)
+
+            self._answer(route)
+
+        def _answer(self, route) -> None:
+            try:
+                route()
+            except Unavailable as e:
+                self._send(503, {"error": {"message": str(e)}})
             except BadRequest as e:
                 logger.warning("%s -> 400: %s", self.path, e)
                 self._send(400, {"error": {"message": str(e)}})
@@ -475,26 +581,28 @@ def make_handler(server: CPUServer) -> type[BaseHTTPRequestHandler]:
                 logger.exception("%s failed", self.path)
                 self._send(500, {"error": {"message": f"{type(e).__name__}: {e}"}})
 
-        def _route(self, body: Any) -> None:
-            if self.path == "/generate":
+        def _route(self, path: str, body: Any) -> None:
+            server = serving.up()
+            if path == "/generate":
                 return self._send(200, server.generate(body))
-            if self.path == "/flush_cache":
-                # http_server.py: plain text; nothing is cached here, so it always succeeds.
+            if path == "/flush_cache":
+                # http_server.py: plain text, 400 while requests run or wait (scheduler.py flush_cache).
+                timeout = parse_qs(urlsplit(self.path).query).get("timeout", ["0"])[0]
+                if not server.flush_cache(float(timeout)):
+                    return self._send(400, text="Flush cache failed.\n")
                 return self._send(200, text="Cache flushed.\nPlease check backend logs for more details. (When there "
                                             "are running or waiting requests, the operation will not be performed.)\n")
-            if self.path in ("/release_memory_occupation", "/resume_memory_occupation"):
-                server.memory(self.path, body)
+            if path in ("/release_memory_occupation", "/resume_memory_occupation"):
+                server.memory(path, body)
                 return self._send(200, None)  # the handlers return None: JSON null
-            if self.path in ("/init_weights_update_group", "/update_weights_from_distributed",
-                             "/destroy_weights_update_group"):
-                method = getattr(server, self.path.lstrip("/"))
-                success, message = method(body)
-                return self._send(200 if success else 400, {"success": success, "message": message})
-            if self.path == "/update_weights_from_tensor":
-                message = ("CUDA IPC weight updates need a GPU; this CPU stand-in takes "
-                           "/update_weights_from_distributed only")
-                return self._send(400, {"success": False, "message": message})
-            self._send(404, {"detail": "Not Found"})
+            if path in ("/begin_weight_update", "/end_weight_update"):
+                success, message = server.weight_session(path, body)
+            elif path in ("/init_weights_update_group", "/update_weights_from_distributed",
+                          "/destroy_weights_update_group", "/update_weights_from_tensor"):
+                success, message = getattr(server, path.lstrip("/"))(body)
+            else:
+                return self._send(404, {"detail": "Not Found"})
+            self._send(200 if success else 400, {"success": success, "message": message})
 
     return Handler
 
@@ -512,6 +620,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--enable-deterministic-inference", action="store_true")
     parser.add_argument("--ignore-weight-updates", action="store_true",
                         help="receive broadcast weights but do not load them (negative control)")
+    parser.add_argument("--warmup-s", type=float, default=0.0,
+                        help="seconds of SGLang's warm-up to stand for after loading (the port answers 503 meanwhile)")
+    parser.add_argument("--enable-weights-cpu-backup", action="store_true",
+                        help="keep released weights (SGLang copies them to CPU memory and back)")
     # Emitted by launch_server_command; about GPUs, memory and caching, which mean nothing on this CPU server.
     parser.add_argument("--base-gpu-id", type=int)
     parser.add_argument("--mem-fraction-static", type=float)
@@ -535,18 +647,28 @@ def build_server(args: argparse.Namespace) -> CPUServer:
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     return CPUServer(model, tokenizer, dtype, deterministic=args.enable_deterministic_inference,
-                     ignore_weight_updates=args.ignore_weight_updates)
+                     ignore_weight_updates=args.ignore_weight_updates,
+                     weights_cpu_backup=args.enable_weights_cpu_backup)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    server = build_server(args)
-    httpd = ThreadingHTTPServer((args.host, args.port), make_handler(server))
+    missing = sglang_contract.missing_reason()
+    if missing is not None:
+        sys.exit(f"the SGLang CPU stand-in judges requests by the pinned wheel's contract, but {missing}")
+    serving = Serving()
+    httpd = ThreadingHTTPServer((args.host, args.port), make_handler(serving))
     httpd.daemon_threads = True
+    # The port answers (503) while the model loads, as SGLang's does before its warm-up.
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    logger.info("SGLang CPU stand-in starting on http://%s:%d", args.host, args.port)
+    server = build_server(args)
+    time.sleep(args.warmup_s)
+    serving.server = server
     logger.info("SGLang CPU stand-in serving %s on http://%s:%d", args.model_path, args.host, args.port)
     try:
-        httpd.serve_forever()
+        threading.Event().wait()
     finally:
         httpd.server_close()
 

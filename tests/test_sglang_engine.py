@@ -151,7 +151,7 @@ def _generate(state: FakeSGLang, body: dict) -> list[dict]:
                 break
         if finish is None:
             finish = {"type": "length", "length": sampling["max_new_tokens"]}  # FINISH_LENGTH.to_json()
-        # Input log-probs are at temperature 1 in 0.5.10; entry 0 is (None, ids[start], None)
+        # Input log-probs are at temperature 1 in 0.5.23; entry 0 is (None, ids[start], None)
         # (scheduler_output_processor_mixin.py: [None] + input_token_logprobs[:-1]).
         if start is not None and start >= 0:
             input_lp = [(None, ids[start], None)] + [
@@ -531,7 +531,8 @@ def test_generate_payload_passes_the_wheels_contract():
 
     params = SamplingParams(temperature=0.7, max_new_tokens=4, stop=("\n",), stop_token_ids=(7,), seed=3)
     payload = generate_payload([[1, 2], [1, 2]], params, deterministic=True)
-    assert payload["input_ids"] == [[1, 2], [1, 2]] and len({s["sampling_seed"] for s in payload["sampling_params"]}) == 2
+    assert payload["input_ids"] == [[1, 2], [1, 2]]
+    assert len({sampling["sampling_seed"] for sampling in payload["sampling_params"]}) == 2
     with pytest.raises(ValueError, match="enable_deterministic_inference"):
         generate_payload([[1]], params, deterministic=False)
     sglang_contract.require_wheel()

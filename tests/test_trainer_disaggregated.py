@@ -2,7 +2,7 @@
 
 Ray is told this box has 4 GPUs: a scheduling label only (torch sees no GPU, so Megatron runs over gloo), which
 lets the GPU placement path run as on a cluster: 2 bundles for the Megatron ranks (TP=2), a second placement
-group of 2 for two engines (``cluster.rollout_num_gpus``). The engines are CPU stand-ins for SGLang 0.5.10
+group of 2 for two engines (``cluster.rollout_num_gpus``). The engines are CPU stand-ins for SGLang 0.5.23
 (tests/sglang_cpu_server.py, the demo model through our torch engine) launched by the production path
 (``launch_sglang_router`` in Ray actors); weights go from Megatron rank 0 to both servers by one broadcast
 per tensor (``BroadcastWeightPush``, gloo here, NCCL on GPUs).
@@ -40,6 +40,9 @@ DISAGGREGATED = ["cluster.gpus_per_node=2", "cluster.cpu_workers_per_node=null",
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_with_gpu_labels():
+    import sglang_contract
+
+    sglang_contract.require_wheel()  # the stand-in judges requests by the pinned wheel's contract
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=6, num_gpus=4, include_dashboard=False)

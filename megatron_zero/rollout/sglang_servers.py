@@ -28,7 +28,8 @@ from 0, so ``sglang.base_gpu_id`` must stay 0.
 
 Placement also decides host and port: each server binds its node's IP on a port found free on that node
 (``sglang.host`` and ``sglang.port`` are for a server started by hand). SGLang's other endpoints use IPC sockets
-and a port it finds free itself (``PortArgs.init_new`` in 0.5.23, server_args.py), so several servers on one node do not clash.
+and a port it finds free itself (``PortArgs.init_new`` in 0.5.23, server_args.py), so several servers on one node
+do not clash.
 
 Process lifetime: the server runs in its own process group (SGLang's scheduler and detokenizer processes join
 it), with stdout and stderr in ``<log_dir>/sglang_engine_<i>.log`` on its node. ``shutdown`` sends SIGTERM to the
