@@ -55,6 +55,31 @@ def test_every_example_script_passes_shellcheck():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_allocation_check_counts_rollout_nodes_and_names_each_mismatch():
+    from megatron_zero.config.cluster import ClusterConfig
+    from megatron_zero.trainer.launch import check_allocation, missing_hosts, required_nodes
+
+    # The 32B example's layout: ranks on 4 nodes, 32 rollout GPUs of their own = 4 more nodes of 8.
+    disaggregated = ClusterConfig(num_nodes=4, gpus_per_node=8, rollout_num_gpus=32)
+    assert required_nodes(disaggregated) == 8
+    check_allocation(disaggregated, num_nodes=8, gpus_per_node=8, cpus_per_node=64)
+    with pytest.raises(ValueError, match=r"^the allocation has 4 node\(s\) but the config needs 8 \(cluster."
+                                         r"num_nodes=4 \+ 4 for cluster.rollout_num_gpus=32\); submit with --nodes=8"):
+        check_allocation(disaggregated, num_nodes=4, gpus_per_node=8, cpus_per_node=64)
+    with pytest.raises(ValueError, match=r"^the allocation has 4 GPU\(s\) per node but cluster.gpus_per_node=8; "
+                                         r"request --gpus-per-node=8"):
+        check_allocation(disaggregated, num_nodes=8, gpus_per_node=4, cpus_per_node=64)
+    cpu = ClusterConfig(gpus_per_node=0, cpu_workers_per_node=2, cpus_per_worker=2)
+    with pytest.raises(ValueError, match=r"^the allocation has 2 CPU\(s\) per node but 2 ranks x "
+                                         r"cluster.cpus_per_worker=2 need 4"):
+        check_allocation(cpu, num_nodes=1, gpus_per_node=0, cpus_per_node=2)
+    # Nodes are told apart by their launch_host resource; a dead node has not joined.
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0, "launch_host:node1": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 2.0, "launch_host:node2": 1.0}},
+             {"Alive": True, "Resources": {"CPU": 2.0}}]
+    assert missing_hosts(["node1", "node2", "node3"], nodes) == ["node2", "node3"]
+
+
 # ---------------------------------------------------------------- Slurm
 
 
