@@ -6,8 +6,8 @@ is shared. Everything lives in one short temporary directory (munge's socket pat
 process tracking by process tree and no task plugin, because this container has no cgroup hierarchy to manage.
 
     with SlurmCluster(num_nodes=2) as slurm:
-        result = slurm.run_batch(script, nodes=2, env=..., args=[...], timeout_s=300)
-        result.returncode, result.log
+        job = slurm.run_batch(script, nodes=2, env=..., args=[...], timeout_s=300)
+        job.returncode, job.log
 
 Needs Debian's slurm-wlm and munge (``apt-get install -y slurm-wlm munge``) and root.
 """
@@ -144,33 +144,35 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         """Cancel the jobs, stop the daemons this cluster started, and end any process that still runs from its
         directory (a job's leftovers), then remove the directory."""
         subprocess.run(["scancel", "--full", "--quiet", "-u", "root"], env=self.env, capture_output=True)
-        for _, pid_file in reversed(self._daemons):
-            pid = _read_pid(pid_file)
-            if pid is not None:
-                _terminate(pid)
-        for pid in processes_mentioning(str(self.root)):
-            _terminate(pid)
+        daemons = [pid for _, pid_file in self._daemons if (pid := _read_pid(pid_file)) is not None]
+        terminate(daemons + processes_mentioning(str(self.root)))
         shutil.rmtree(self.root, ignore_errors=True)
 
     # ---- jobs
 
     def run_batch(self, script: Path, nodes: int, env: dict[str, str], args: Sequence[str] = (),
-                  timeout_s: float = 300.0, cwd: Optional[Path] = None) -> BatchResult:
-        """``sbatch --wait`` the script on ``nodes`` nodes with ``env`` added to the environment; the job's log."""
+                  timeout_s: float = 300.0) -> BatchResult:
+        """Submit the script on ``nodes`` nodes with ``env`` added to the environment, wait for it to end, and
+        return its exit code and log. Polled here: ``sbatch --wait`` checks back ever more slowly, up to 10 s."""
         log = self.root / f"job-{time.monotonic_ns()}.log"
-        command = ["sbatch", "--wait", "--parsable", f"--nodes={nodes}", f"--output={log}", str(script), *args]
-        try:
-            result = subprocess.run(command, env={**self.env, **env}, capture_output=True, text=True,
-                                    timeout=timeout_s, cwd=cwd)
-        except subprocess.TimeoutExpired:
-            subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True)
-            raise RuntimeError(f"batch job did not finish within {timeout_s:.0f} s; its log so far:\n"
-                               f"{log.read_text() if log.exists() else '(none)'}") from None
-        job_id = result.stdout.strip().split(";")[0]
-        text = log.read_text() if log.exists() else ""
-        if result.returncode != 0 and not text:
-            text = f"(no job log) sbatch said: {result.stderr}"
-        return BatchResult(job_id=job_id, returncode=result.returncode, log=text)
+        command = ["sbatch", "--parsable", f"--nodes={nodes}", f"--output={log}", str(script), *args]
+        submitted = subprocess.run(command, env={**self.env, **env}, capture_output=True, text=True, check=True)
+        job_id = submitted.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + timeout_s
+        while (state := self._job_field(job_id, "JobState")) in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            if time.monotonic() > deadline:
+                subprocess.run(["scancel", "--full", job_id], env=self.env, capture_output=True)
+                raise RuntimeError(f"batch job {job_id} did not finish within {timeout_s:.0f} s; its log so far:\n"
+                                   f"{log.read_text() if log.exists() else '(none)'}")
+            time.sleep(0.5)
+        exit_code = int(self._job_field(job_id, "ExitCode").split(":")[0])
+        text = log.read_text() if log.exists() else f"(no job log; final state {state})"
+        return BatchResult(job_id=job_id, returncode=exit_code, log=text)
+
+    def _job_field(self, job_id: str, field: str) -> str:
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=self.env, capture_output=True,
+                               text=True, check=True).stdout
+        return next(item.split("=", 1)[1] for item in shown.split() if item.startswith(f"{field}="))
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -195,19 +197,25 @@ def _read_pid(path: Path) -> Optional[int]:
         return None
 
 
-def _terminate(pid: int, wait_s: float = 5.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def terminate(pids: Sequence[int], wait_s: float = 5.0) -> None:
+    """SIGTERM ``pids``, then SIGKILL those still there after ``wait_s``."""
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
         time.sleep(0.1)
+        alive = [pid for pid in alive if _signal(pid, 0)]
+    for pid in alive:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> bool:
+    """Send ``signum``; False when the process is gone (a zombie counts as gone)."""
     try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        os.kill(pid, signum)
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return True
