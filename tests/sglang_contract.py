@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
@@ -61,9 +62,18 @@ def require_wheel() -> None:
     pytest.skip(reason)
 
 
-@functools.cache
+_LOAD_LOCK = threading.Lock()
+
+
 def api_types() -> ModuleType:
-    """``sglang/api/v1/api_types.py`` as a module of its own (``GenerateRequest.from_json_value`` etc.)."""
+    """``sglang/api/v1/api_types.py`` as a module of its own (``GenerateRequest.from_json_value`` etc.). Loaded once,
+    under a lock: a second load racing the first would replace the module msgspec resolves annotations in."""
+    with _LOAD_LOCK:
+        return _load_api_types()
+
+
+@functools.cache
+def _load_api_types() -> ModuleType:
     path = wheel_dir() / "api" / "v1" / "api_types.py"
     spec = importlib.util.spec_from_file_location("_sglang_wheel_api_types", path)
     module = importlib.util.module_from_spec(spec)
@@ -73,6 +83,7 @@ def api_types() -> ModuleType:
     return module
 
 
+@functools.cache
 def struct_defaults(struct: type) -> dict[str, Any]:
     """Field name -> default of an api_types Struct (every field of the JSON contract has one)."""
     import msgspec

@@ -657,6 +657,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     missing = sglang_contract.missing_reason()
     if missing is not None:
         sys.exit(f"the SGLang CPU stand-in judges requests by the pinned wheel's contract, but {missing}")
+    sglang_contract.api_types()  # loaded before the first request thread needs it
     serving = Serving()
     httpd = ThreadingHTTPServer((args.host, args.port), make_handler(serving))
     httpd.daemon_threads = True
