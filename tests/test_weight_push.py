@@ -5,7 +5,7 @@ Colocated: every rank feeds the SGLang server rank on its own GPU.
 CUDA IPC handles need GPUs, so the ranks here (gloo, CPU) serialise with a stand-in that pickles their bucket
 and rank; everything else is the production path: ``HFWeightStream(all_ranks=True)`` at TP=2 and PP=2, the gloo
 groups per engine, the gather of per-rank payloads to each engine's first rank, and ``SGLangEngine``'s requests
-and name bookkeeping against fake SGLang 0.5.10 servers (tests/test_sglang_engine.py). The payloads are checked
+and name bookkeeping against fake SGLang 0.5.23 servers (tests/test_sglang_engine.py). The payloads are checked
 against the HF checkpoint bit for bit.
 
 Disaggregated: rank 0 broadcasts over one gloo group to two CPU stand-in servers (tests/sglang_cpu_server.py),

@@ -3,7 +3,7 @@
 Why: disaggregated rollout engines run on GPUs of their own and take new weights by NCCL broadcast from the
 trainer (SGLang's ``/init_weights_update_group`` + ``/update_weights_from_distributed``). The servers are not
 part of the Megatron world, so the group cannot come from ``torch.distributed.new_group``: both sides build it
-from the same TCP rendezvous, independently of any default group. The server side is SGLang 0.5.10.post1's
+from the same TCP rendezvous, independently of any default group. The server side is SGLang 0.5.23's
 ``init_custom_process_group`` (srt/utils/common.py): rendezvous on ``tcp://address:port`` (rank 0 hosts the
 store), the store prefixed with the group name, then torch's ``_new_process_group_helper`` with an empty rank
 list (a group of its own, not a subgroup), global ranks mapped to themselves. The trainer side must make the
