@@ -30,7 +30,6 @@ from megatron_zero.rollout.sglang_engine import (
     SGLangEngine,
     launch_server_command,
     launch_server_env,
-    split_by_bytes,
 )
 from megatron_zero.rollout.sglang_http import SGLangHTTPError
 
@@ -462,13 +461,6 @@ def test_colocated_update_stops_at_the_cuda_boundary(fake, tmp_path):
     with pytest.raises(CUDABoundaryError, match=r"not on a CUDA device \(first: 'embed.weight'"):
         engine.update_weights([("embed.weight", torch.zeros(4, 2))])
     assert fake.requests == [("/begin_weight_update", {})]  # the session opened; no weights were sent
-
-
-def test_split_by_bytes_keeps_order_and_cap():
-    tensors = [(f"t{i}", torch.zeros(n, dtype=torch.bfloat16)) for i, n in enumerate([3, 5, 1, 9, 2])]
-    chunks = split_by_bytes(tensors, max_bytes=12)
-    assert [[name for name, _ in chunk] for chunk in chunks] == [["t0"], ["t1", "t2"], ["t3"], ["t4"]]
-    assert [t for chunk in chunks for t in chunk] == tensors
 
 
 def test_disaggregated_update_requests_and_broadcast(fake, gloo_group_of_one):

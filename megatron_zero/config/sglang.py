@@ -53,8 +53,6 @@ class SGLangConfig:
     random_seed: Optional[int] = None
     context_length: Optional[int] = None
     trust_remote_code: bool = False
-    # Colocated buckets are flattened into one uint8 buffer per request; this caps that copy (MiB).
-    weight_bucket_mb: int = 512
     # Streaming rollouts send one request per prompt; this many are in flight at once (one thread each). The
     # server schedules them together like one batch; slime's default per server is the same.
     max_concurrent_requests: int = 512
@@ -83,8 +81,6 @@ class SGLangConfig:
             raise ValueError(f"sglang.mem_fraction_static={self.mem_fraction_static} must be in (0, 1)")
         if self.dtype not in SGLANG_DTYPES:
             raise ValueError(f"sglang.dtype={self.dtype!r} is not an SGLang dtype; use one of {list(SGLANG_DTYPES)}")
-        if self.weight_bucket_mb < 1:
-            raise ValueError(f"sglang.weight_bucket_mb={self.weight_bucket_mb} must be >= 1")
         for name in ("generate_timeout_s", "control_timeout_s", "health_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"sglang.{name}={getattr(self, name)} must be > 0 seconds")

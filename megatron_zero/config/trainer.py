@@ -62,6 +62,8 @@ class RunConfig:
     # Save every N steps (0: only at the end and on SIGTERM).
     save_every: int = 0
     eval_every: int = 0
+    # Weight-sync bucket size (MiB) on every path: driver to torch engine, ranks to colocated SGLang (CUDA IPC),
+    # rank 0 to disaggregated SGLang (NCCL broadcast).
     weight_sync_bucket_mb: int = 512
     seed: int = 0
     # wandb runs offline when WANDB_API_KEY is not set; None disables it.

@@ -406,7 +406,7 @@ def plan_inputs(config: TrainConfig, arch: DecoderArchitecture, **device: int) -
         deployment = "colocated" if config.cluster.colocate else "disaggregated"
         engine = EngineInputs(tp_size=sglang.tp_size, mem_fraction_static=sglang.mem_fraction_static,
                               dtype=sglang.dtype)
-    bucket_mb = sglang.weight_bucket_mb if sglang is not None else config.run.weight_sync_bucket_mb
+    bucket_mb = config.run.weight_sync_bucket_mb
     reference = "none" if config.loss.kl_coef == 0 else "offloaded" if config.actor.offload_reference else "device"
     return PlanInputs(
         arch=arch, tensor_parallel_size=config.parallel.tensor_parallel_size,

@@ -219,21 +219,6 @@ def serialize_flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]
     return MultiprocessingSerializer.serialize(payload, output_str=True), payload["flattened_tensor"]
 
 
-def split_by_bytes(bucket: Sequence[tuple[str, torch.Tensor]],
-                   max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Consecutive chunks of at most ``max_bytes`` (a larger tensor gets a chunk of its own)."""
-    chunks: list[list[tuple[str, torch.Tensor]]] = []
-    size = 0
-    for name, tensor in bucket:
-        num_bytes = tensor.numel() * tensor.element_size()
-        if not chunks or size + num_bytes > max_bytes:
-            chunks.append([])
-            size = 0
-        chunks[-1].append((name, tensor))
-        size += num_bytes
-    return chunks
-
-
 def wait_first_failure(pending: Mapping[concurrent.futures.Future, str], timeout_s: float, what: str) -> None:
     """Wait for every future of ``pending`` (future -> who answers it); raise the first failure as soon as it comes,
     noting who failed and ``what`` was going on, or a TimeoutError naming who has not answered by ``timeout_s``.
@@ -464,9 +449,9 @@ class SGLangEngine(RolloutEngine):
                              self.config.control_timeout_s)
             return
         stats = self._check_bucket(bucket)
-        for chunk in split_by_bytes(bucket, self.config.weight_bucket_mb * 2**20):
-            self._update_from_tensor(chunk)
-            stats.num_buckets += 1
+        # Buckets arrive sized by run.weight_sync_bucket_mb (the ranks' push, or the driver's resharding).
+        self._update_from_tensor(bucket)
+        stats.num_buckets += 1
         self._record(stats, bucket)
 
     def post_weights_from_distributed(self, bucket: Sequence[tuple[str, torch.Tensor]]

@@ -336,7 +336,7 @@ class Trainer:
         if self.engine_urls:
             # Every rank pushes to the server on its GPU; each engine's first rank reports (weight_push.py).
             per_rank = self.group.run("push_weights", self.weight_version,
-                                      self.config.rollout.sglang.weight_bucket_mb * 2**20)
+                                      self.config.run.weight_sync_bucket_mb * 2**20)
             leaders = [stats["engine"] for stats in per_rank if stats["engine"] is not None]
             seconds, num_bytes = max(stats["seconds"] for stats in leaders), leaders[0]["bytes"]
         else:
