@@ -1,0 +1,141 @@
+"""Block-scaled FP8 (e4m3) rollout weights in the layout SGLang's FP8 loader reads, and the inverse.
+
+Why: rollout dominates a zero-RL step, and FP8 weights halve both the bytes of every weight sync and the weight
+reads of decoding (issue #16; verl and slime quantize rollout weights the same way). The engine then samples from
+a slightly different policy than the actor trains; ``dequantize_bucket`` lets the CPU torch engine run exactly
+the weights an FP8 engine would hold, so that gap can be measured (``tools/bench_fp8_rollout_gap.py``).
+
+Layout (SGLang 0.5.23, ``srt/layers/quantization/fp8.py``: ``Fp8LinearMethod.create_fp8_weight_`` and
+``Fp8Config.from_config``; ``fp8_utils.block_quant_dequant`` is its reference dequantization): a checkpoint whose
+``config.json`` carries ``FP8_QUANTIZATION_CONFIG`` holds, for each quantized linear ``<prefix>.weight`` of shape
+[out, in], a ``float8_e4m3fn`` weight of the same shape and a float32 ``<prefix>.weight_scale_inv`` of shape
+[ceil(out / 128), ceil(in / 128)] (the DeepSeek-V3 layout): block (i, j) of the weight is
+``fp8[i*128:(i+1)*128, j*128:(j+1)*128].float() * scale_inv[i, j]``; a partial last block has a scale of its own.
+SGLang quantizes only its ``LinearBase`` layers (fused ``qkv_proj`` / ``gate_up_proj`` load the per-projection
+tensors and their scale rows); embeddings, norms and ``lm_head`` stay in the checkpoint's dtype, as the peers keep
+them. Fused projections also need every q/k/v and gate/up output size to be a multiple of 128 (SGLang's
+``validate_block_quant_shapes``), which ``check_sglang_block_alignment`` checks before an engine would refuse.
+
+Why not nvidia-modelopt (checked: 0.47.0 from PyPI): its ``FP8QTensor.quantize(w, block_sizes={-1: 128, -2: 128})``
+computes this very layout (scale = block amax / 448, weight ~ fp8 * scale), but (1) importing
+``modelopt.torch.quantization`` pulls its optimisation stack (pulp, scipy, omegaconf, pydantic, ...) for ~20 lines
+of tensor code, (2) an all-zero block divides 0 by a zero scale and gives NaN weights, and (3) its ``dequantize``
+multiplies fp8 by the scale in the target dtype (bf16-rounded scales) where SGLang's kernels apply the float32
+scale. So the same math is written here, with a zero-block guard and SGLang's float32 dequantization.
+
+How::
+
+    bucket = quantize_bucket(bucket)                       # HF-named tensors -> FP8 weights + *_scale_inv
+    engine.sync_weights(dequantize_bucket(b, torch.float32) for b in fp8_buckets)   # torch engine on CPU
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+# Largest finite e4m3fn value (448): the block's absmax maps onto it.
+FP8_MAX = torch.finfo(FP8_DTYPE).max
+BLOCK_SIZE = (128, 128)  # (rows = output features, columns = input features), SGLang's weight_block_size
+SCALE_SUFFIX = "_scale_inv"
+# What config.json's "quantization_config" must say for SGLang's Fp8Config to load block-FP8 weights.
+FP8_QUANTIZATION_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",  # block quantization supports only dynamic (per-token-group) activations
+    "weight_block_size": list(BLOCK_SIZE),
+}
+# The linear layers of the dense decoder families (qwen2, llama, mistral share HF names); everything else stays.
+_QUANTIZED_RE = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+# Projections SGLang fuses into one LinearBase (qkv_proj, gate_up_proj): their output sizes must be block-aligned.
+_FUSED_RE = re.compile(r"\.(self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)\.weight$")
+
+
+def is_quantized_weight(name: str, tensor: torch.Tensor) -> bool:
+    """Whether an HF-named tensor is a linear weight the FP8 layout quantizes."""
+    return tensor.dim() == 2 and _QUANTIZED_RE.search(name) is not None
+
+
+def scale_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """Shape of the ``weight_scale_inv`` of a [out, in] weight."""
+    return math.ceil(shape[0] / BLOCK_SIZE[0]), math.ceil(shape[1] / BLOCK_SIZE[1])
+
+
+def _blocks(tensor: torch.Tensor) -> torch.Tensor:
+    """[out, in] float32 -> [out_blocks, 128, in_blocks, 128], zero-padded (padding never raises an absmax)."""
+    rows, cols = scale_shape(tensor.shape)
+    padded = tensor.new_zeros(rows * BLOCK_SIZE[0], cols * BLOCK_SIZE[1])
+    padded[:tensor.shape[0], :tensor.shape[1]] = tensor
+    return padded.view(rows, BLOCK_SIZE[0], cols, BLOCK_SIZE[1])
+
+
+def quantize_block_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fp8 weight, float32 scale_inv)`` with each 128x128 block's absmax mapped onto ``FP8_MAX``."""
+    if weight.dim() != 2:
+        raise ValueError(f"block FP8 quantizes 2-D [out, in] weights; got shape {tuple(weight.shape)}")
+    blocks = _blocks(weight.detach().float())
+    amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
+    # An all-zero block quantizes to zeros with any scale; 1 keeps 0 / scale finite.
+    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # Round-to-nearest-even cast; |blocks / scale_inv| <= FP8_MAX up to float32 rounding, which rounds back to 448.
+    fp8 = (blocks / scale_inv).to(FP8_DTYPE).view(blocks.shape[0] * BLOCK_SIZE[0], -1)
+    return fp8[:weight.shape[0], :weight.shape[1]].contiguous(), scale_inv[:, 0, :, 0].contiguous()
+
+
+def dequantize_block_fp8(fp8: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight an FP8 engine computes with: fp8 * scale_inv per block in float32 (as SGLang), cast to ``dtype``."""
+    if fp8.dtype != FP8_DTYPE or fp8.dim() != 2:
+        raise ValueError(f"expected a 2-D {FP8_DTYPE} weight; got {fp8.dtype} {tuple(fp8.shape)}")
+    if tuple(scale_inv.shape) != scale_shape(fp8.shape):
+        raise ValueError(f"scale_inv {tuple(scale_inv.shape)} does not match a {tuple(fp8.shape)} weight with "
+                         f"{BLOCK_SIZE} blocks; expected {scale_shape(fp8.shape)}")
+    scales = scale_inv.float().repeat_interleave(BLOCK_SIZE[0], 0).repeat_interleave(BLOCK_SIZE[1], 1)
+    return (fp8.float() * scales[:fp8.shape[0], :fp8.shape[1]]).to(dtype)
+
+
+def quantize_bucket(bucket: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The bucket with each quantized linear weight replaced by its FP8 weight followed by its ``_scale_inv``;
+    other tensors pass through unchanged (same objects)."""
+    out: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in bucket:
+        if is_quantized_weight(name, tensor):
+            fp8, scale_inv = quantize_block_fp8(tensor)
+            out += [(name, fp8), (name + SCALE_SUFFIX, scale_inv)]
+        else:
+            out.append((name, tensor))
+    return out
+
+
+def dequantize_bucket(bucket: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """An FP8 bucket as an unquantized engine loads it: each FP8 weight dequantized to ``dtype`` with the
+    ``_scale_inv`` that must follow it in the same bucket; other tensors unchanged."""
+    out: list[tuple[str, torch.Tensor]] = []
+    pending: dict[str, torch.Tensor] = {}
+    for name, tensor in bucket:
+        if tensor.dtype == FP8_DTYPE:
+            pending[name] = tensor
+        elif name.endswith(SCALE_SUFFIX):
+            weight_name = name[:-len(SCALE_SUFFIX)]
+            if weight_name not in pending:
+                raise ValueError(f"{name!r} has no FP8 weight {weight_name!r} before it in the bucket; "
+                                 "quantize_bucket keeps each weight and its scale together")
+            out.append((weight_name, dequantize_block_fp8(pending.pop(weight_name), tensor, dtype)))
+        else:
+            out.append((name, tensor))
+    if pending:
+        raise ValueError(f"FP8 weights without a {SCALE_SUFFIX} in the bucket: {sorted(pending)}")
+    return out
+
+
+def check_sglang_block_alignment(named_shapes: Sequence[tuple[str, Sequence[int]]]) -> None:
+    """Raise if SGLang would refuse the FP8 checkpoint: a fused projection whose output size is not a multiple of
+    the block rows (its scale rows would straddle two projections)."""
+    bad = [f"{name} {tuple(shape)}" for name, shape in named_shapes
+           if _FUSED_RE.search(name) and len(shape) == 2 and shape[0] % BLOCK_SIZE[0]]
+    if bad:
+        raise ValueError(f"FP8 rollout weights need q/k/v and gate/up output sizes that are multiples of "
+                         f"{BLOCK_SIZE[0]} (SGLang fuses them); not so for {bad[:3]}; sync bf16 weights for this model")
