@@ -36,6 +36,7 @@ BASE_REQUIREMENTS = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "jinja2>=3.1",
+    "packaging>=23",  # actor/mcore_bugs.py reads the installed megatron-core version
     "psutil>=5.9",  # dist_checkpointing's async/spawned workers import it
     "requests>=2.31",  # SGLang HTTP client
 ]
