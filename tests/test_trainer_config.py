@@ -28,6 +28,8 @@ BASE = ["cluster.cpu_workers_per_node=2", "actor.max_tokens_per_microbatch=4096"
     (["run.nope=1"], r"Key 'nope' not in 'RunConfig'"),
     (["run.num_steps=many"], r"could not be converted to Integer"),
     (["health.max_logprob_gap_mean=0"], r"health.max_logprob_gap_mean=0.0 must be > 0"),
+    (["eval.max_new_tokens=0"], r"eval.max_new_tokens=0 must be an integer >= 1"),
+    (["eval.max_problems=0"], r"eval.max_problems=0 must be null \(all\) or an integer >= 1"),
     (["parallel.context_parallel_size=2"], r"parallel.context_parallel_size=2 is not supported yet"),
     (["rollout.num_samples_per_prompt=1"], r"advantage.estimator='grpo' compares each response with the other "
                                            r"samples of its prompt, but rollout.num_samples_per_prompt=1"),
@@ -120,6 +122,14 @@ def test_file_checks_run_before_workers(tmp_path):
     config = load_config(None, [f"model_path={model}", *BASE, "data.train.max_prompt_tokens=200"])
     with pytest.raises(ValueError, match=r"data.train.max_prompt_tokens=200 \+ rollout.max_new_tokens=64 = 264 "
                                          r"tokens exceed the model's context, max_position_embeddings=256"):
+        config.check_inputs()
+    # The held-out set's greedy decoding is bounded by the same context.
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"question": "1+1?", "answer": "2"}\n')
+    config = load_config(None, [f"model_path={model}", *BASE, f"eval.path={eval_file}", "eval.max_new_tokens=200",
+                                f"data.train.path={eval_file}"])
+    with pytest.raises(ValueError, match=r"data.train.max_prompt_tokens=128 \+ eval.max_new_tokens=200 = 328 tokens "
+                                         r"exceed the model's context"):
         config.check_inputs()
     # Expert parallelism needs experts; every supported family is dense.
     config = load_config(None, [f"model_path={model}", *BASE, "parallel.expert_parallel_size=2"])

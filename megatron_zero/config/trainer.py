@@ -93,6 +93,12 @@ class EvalSetConfig:
     max_problems: Optional[int] = None
     max_new_tokens: int = 256
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"eval.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if self.max_problems is not None and not (isinstance(self.max_problems, int) and self.max_problems >= 1):
+            raise ValueError(f"eval.max_problems={self.max_problems!r} must be null (all) or an integer >= 1")
+
 
 @dataclass(kw_only=True, frozen=True)
 class TrainConfig:
@@ -197,13 +203,19 @@ class TrainConfig:
                              "to 1")
         arch.check_parallel_sizes(self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size,
                                   self.model.vocab_pad_multiple)
-        if self.data.train.max_prompt_tokens is not None:
-            longest = self.data.train.max_prompt_tokens + self.rollout.max_new_tokens
+        # Held-out prompts are read with data.train's settings (the same length limit), then decoded greedily.
+        generation_limits = [("rollout.max_new_tokens", self.rollout.max_new_tokens)]
+        if self.eval.path is not None:
+            generation_limits.append(("eval.max_new_tokens", self.eval.max_new_tokens))
+        for name, max_new_tokens in generation_limits:
+            if self.data.train.max_prompt_tokens is None:
+                break
+            longest = self.data.train.max_prompt_tokens + max_new_tokens
             if longest > arch.max_position_embeddings:
                 raise ValueError(f"data.train.max_prompt_tokens={self.data.train.max_prompt_tokens} + "
-                                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} = {longest} tokens exceed the "
-                                 f"model's context, max_position_embeddings={arch.max_position_embeddings} "
-                                 f"({self.model_path}/config.json); lower one of them")
+                                 f"{name}={max_new_tokens} = {longest} tokens exceed the model's context, "
+                                 f"max_position_embeddings={arch.max_position_embeddings} ({self.model_path}/"
+                                 "config.json); lower one of them")
         # The HF directory also feeds the tokenizer and the rollout engine's weights, whatever mcore_path says.
         model_files = {path.name for path in Path(self.model_path).iterdir()}
         if not model_files & {SINGLE_NAME, INDEX_NAME}:
