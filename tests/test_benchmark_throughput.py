@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -30,12 +31,14 @@ def result(tmp_path_factory):
     argv = ["benchmark_throughput.py", "--shape", "tiny-qwen2", "--device", "cpu", "--num-prompts", str(NUM_PROMPTS),
             "--samples-per-prompt", str(SAMPLES), "--prompt-tokens", str(PROMPT_TOKENS), "--response-tokens",
             str(RESPONSE_TOKENS), "--grader-workers", "1", "--peak-tflops", "0.5", "--out", str(out)]
-    saved = sys.argv
+    saved, environment = sys.argv, dict(os.environ)
     sys.argv = argv
     try:
         benchmark_throughput.main()
     finally:
         sys.argv = saved
+    # Hiding the GPUs from the benchmark's worker must not leak into the caller (Ray would then see none).
+    assert dict(os.environ) == environment
     return json.loads(out.read_text())
 
 

@@ -127,8 +127,6 @@ def run_benchmark(spec: BenchmarkSpec, workdir: str | Path,
         raise ValueError(f"num_layers={spec.num_layers} exceeds the shape's num_hidden_layers="
                          f"{full_arch.num_layers}; use at most that")
     device = resolve_device(spec.device)
-    if device.type == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the spawned workers then build everything on the CPU
     dtype = spec.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     device_memory = memory_bytes(device)
     num_layers = spec.num_layers or fit_num_layers(full_arch, dtype, device_memory)
@@ -141,8 +139,12 @@ def run_benchmark(spec: BenchmarkSpec, workdir: str | Path,
                        f"70% of the device's {device_memory / 2**30:.0f} GiB")
 
     # One worker writes the model, converts it and runs the steps: each spawned process costs seconds of imports.
-    result = run_local_workers(_benchmark_job, ParallelConfig(), world_size=1,
-                               args=(hf_config, str(workdir), num_layers, spec, dtype, graded), timeout_s=timeout_s)[0]
+    # On CPU the spawned worker must not see a GPU (it would build there); the caller's environment is restored.
+    hidden = {"CUDA_VISIBLE_DEVICES": ""} if device.type == "cpu" else {}
+    with _environment(hidden):
+        result = run_local_workers(_benchmark_job, ParallelConfig(), world_size=1,
+                                   args=(hf_config, str(workdir), num_layers, spec, dtype, graded),
+                                   timeout_s=timeout_s)[0]
     per_layer, outside = parameter_counts(full_arch)
     result["model"] = {"shape": spec.shape, "model_type": full_arch.model_type, "dtype": dtype,
                        "num_layers_config": full_arch.num_layers, "num_layers": num_layers, "layers_note": layers_note,
@@ -370,3 +372,18 @@ def markdown_table(result: dict) -> str:
     lines.append(f"| step | {step['seconds']:.3f} | 100% | {step['num_tokens']} tokens | "
                  f"{step['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU | | |")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """``os.environ`` updated with ``values`` inside the block (for processes spawned there), restored after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
