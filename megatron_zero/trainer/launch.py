@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from megatron_zero.config.cluster import ClusterConfig
@@ -31,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 # Keep in step with examples/launch/ray_node.sh, which sets it.
 HOST_RESOURCE_PREFIX = "launch_host:"
-# Where the launcher converts model_path when mcore_path is unset: the directory the trainer itself would use.
-BASE_MCORE_DIR = "base_mcore"
 _POLL_INTERVAL_S = 1.0
 
 
@@ -68,12 +65,10 @@ def check_allocation(cluster: ClusterConfig, num_nodes: int, gpus_per_node: int,
 def prepare(config: TrainConfig) -> str:
     """Check the config's files, then the Megatron checkpoint: ``mcore_path``, or ``model_path`` converted into
     ``run.output_dir/base_mcore`` (skipped when a complete conversion is there). Returns its directory."""
-    from megatron_zero.trainer.loop import _convert_base_model
+    from megatron_zero.trainer.loop import base_checkpoint
 
     config.check_inputs()
-    if config.mcore_path is not None:
-        return config.mcore_path
-    return _convert_base_model(config.model_path, Path(config.run.output_dir) / BASE_MCORE_DIR)
+    return base_checkpoint(config)
 
 
 def joined_hosts(nodes: list[dict[str, Any]]) -> set[str]:

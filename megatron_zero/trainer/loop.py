@@ -103,7 +103,7 @@ class Trainer:
         # Before Ray starts: a missing or mismatched pass-rate table fails here, in one line.
         self.sampler, self.pass_rate_report = _load_sampler(config, self.tokenizer)
         self.eval_problems = _load_eval(config, self.tokenizer)
-        self.mcore_dir = config.mcore_path or _convert_base_model(config.model_path, self.output_dir / "base_mcore")
+        self.mcore_dir = base_checkpoint(config)
         self.grader = GraderPool(config.reward)
         log_dir = self.output_dir / "logs"
         self.placement, self.rollout_placement = _create_placements(config)
@@ -523,6 +523,18 @@ def _load_eval(config: TrainConfig, tokenizer) -> list:
     dataset = dataclasses.replace(config.data.train, path=config.eval.path)
     problems = load_problems(dataset, tokenizer=tokenizer)
     return problems[: config.eval.max_problems] if config.eval.max_problems else problems
+
+
+# Where model_path is converted when mcore_path is unset, inside run.output_dir (the launchers convert there too).
+BASE_MCORE_DIR = "base_mcore"
+
+
+def base_checkpoint(config: TrainConfig) -> str:
+    """The Megatron checkpoint a run starts from: ``mcore_path``, or ``model_path`` converted into
+    ``run.output_dir/base_mcore`` (reused when a complete conversion is there)."""
+    if config.mcore_path is not None:
+        return config.mcore_path
+    return _convert_base_model(config.model_path, Path(config.run.output_dir) / BASE_MCORE_DIR)
 
 
 def _convert_base_model(model_path: str, out_dir: Path) -> str:
