@@ -166,12 +166,13 @@ def _memory_lines(config: TrainConfig) -> tuple[list[str], bool]:
 
 def dry_run(config: TrainConfig) -> DryRunReport:
     """What a run of ``config`` would do before its first GPU kernel; raises (one line) on a config or file error."""
-    from megatron_zero.trainer.loop import _load_eval, _load_sampler, _load_tokenizer
+    from megatron_zero.evaluation.model_eval import load_tokenizer
+    from megatron_zero.trainer.loop import _load_eval, _load_sampler
 
     config.check_inputs()
     lines = ["megatron-zero train --dry-run: nothing started (no Ray, no GPU, no weights read)",
              f"files: {check_checkpoint_names(config)}"]
-    tokenizer = _load_tokenizer(config.model_path)
+    tokenizer = load_tokenizer(config.model_path)
     sampler, filter_report = _load_sampler(config, tokenizer)
     kept = "" if filter_report is None else (
         f" in the pass-rate band [{filter_report.min_pass_rate}, {filter_report.max_pass_rate}] of "

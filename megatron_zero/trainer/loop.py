@@ -91,6 +91,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, sglang_server_command: Optional[Sequence[str]] = None) -> None:
         """``sglang_server_command``: an argv template started instead of ``python -m sglang.launch_server``
         (``{host}`` and ``{port}`` filled in; see rollout/sglang_servers.py), e.g. a CPU stand-in in tests."""
+        from megatron_zero.evaluation.model_eval import load_tokenizer
         from megatron_zero.rewards import GraderPool
         from megatron_zero.trainer.metrics import MetricsLogger
 
@@ -98,7 +99,7 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.run.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer = _load_tokenizer(config.model_path)
+        self.tokenizer = load_tokenizer(config.model_path)
         self.arch = read_architecture(config.model_path)  # row costs for the data-parallel split
         # Before Ray starts: a missing or mismatched pass-rate table fails here, in one line.
         self.sampler, self.pass_rate_report = _load_sampler(config, self.tokenizer)
@@ -487,12 +488,6 @@ class _timed:
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
         self.timings[self.name] = self.timings.get(self.name, 0.0) + self.seconds if self.accumulate else self.seconds
-
-
-def _load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
 
 
 def _load_sampler(config: TrainConfig, tokenizer):
