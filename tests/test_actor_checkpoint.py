@@ -279,7 +279,9 @@ def test_megatron_core_bugs_match_their_switches(tiny_qwen2):
 
     seen = run_local_workers(_megatron_bugs_job, ParallelConfig(), args=(tiny_qwen2[1],))[0]
     version = seen["version"]
-    assert Version(version) == mcore_bugs.MCORE_VERSION
+    # megatron-core appends `git rev-parse HEAD` of whatever checkout its files sit in (CI's venv lives inside
+    # ours, so it reads "0.19.2+<our commit>"); the release is what the switches are keyed on.
+    assert Version(version).release == mcore_bugs.MCORE_VERSION.release
     assert seen["num_buckets"] > 1
     assert seen["ours_misplaced"] == []  # our cut is right whatever megatron-core does
     assert bool(seen["megatron_misplaced"]) == mcore_bugs.FULLY_RESHARDABLE_SAVE_SHIFTS_PARAMS, (

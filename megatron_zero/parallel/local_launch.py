@@ -7,8 +7,15 @@ value (picklable) comes back to the caller in rank order. A worker that raises m
 call raise with that rank's traceback; a worker that neither returns nor fails within
 ``timeout_s`` is killed and named.
 
-The function must be importable (module level): workers are started with ``spawn``, so callers'
+The function must be importable (module level): workers never inherit the caller's memory, so callers'
 scripts need an ``if __name__ == "__main__":`` guard.
+
+How workers start: without CUDA they fork from a ``forkserver`` that imported torch and megatron-core once per
+calling process, because those imports cost 7-10 s per process on a 2-core machine and the conversion tool, the
+benchmarks and the tests launch many short jobs. Forked children would inherit the server's environment and working
+directory from when it started, so each worker takes the caller's current ones explicitly. With CUDA they ``spawn``:
+a fork after anything touched CUDA (Transformer Engine's import queries the device) leaves the child unable to
+use it, and on a GPU machine a job's run time dwarfs its imports.
 """
 
 from __future__ import annotations
@@ -37,8 +44,23 @@ def find_free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Imported once by the fork server (see the module docstring); the workers import the rest themselves.
+_FORKSERVER_PRELOAD = ["megatron_zero.parallel.worker_imports"]
+
+
+def _start_context():
+    if torch.cuda.is_available():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
+    return ctx
+
+
 def _worker(rank: int, world_size: int, port: int, config: ParallelConfig, fn: Callable, args: tuple,
-            results: "mp.Queue", num_threads: int) -> None:
+            results: "mp.Queue", num_threads: int, environ: dict[str, str], cwd: str) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
 
     silence_cpu_fallback_warnings()
@@ -71,14 +93,15 @@ def run_local_workers(fn: Callable, config: ParallelConfig, world_size: int | No
     """Run ``fn(*args)`` on ``world_size`` (default TP x PP x CP) gloo/NCCL processes; return per-rank values."""
     world_size = world_size or config.model_parallel_size
     config.check_world_size(world_size)
-    ctx = mp.get_context("spawn")
+    ctx = _start_context()
     results = ctx.Queue()
     port = find_free_port()
     # Share the cores instead of oversubscribing them: each worker gets its slice.
     num_threads = max(1, (os.cpu_count() or 1) // world_size)
     # Not daemonic: dist_checkpointing starts helper processes of its own; the finally block reaps them.
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, config, fn, args, results, num_threads))
+        ctx.Process(target=_worker, args=(rank, world_size, port, config, fn, args, results, num_threads,
+                                                  dict(os.environ), os.getcwd()))
         for rank in range(world_size)
     ]
     for proc in procs:
