@@ -59,10 +59,14 @@ Differences from real SGLang the lead should know:
 - /health and /health_generate answer 503 while the weights are released (SGLang would touch freed memory).
 - A weight update is checked as a whole (names, shapes) after all broadcasts are received and loads nothing if any
   tensor is bad; SGLang loads tensor by tensor and may leave the weights partly updated.
-- ``--tp-size`` must be 1 (one process is one server rank, which joins a weight group as rank ``rank_offset``; a
-  real server's TP rank i joins as ``rank_offset + i``); ``--dtype`` float16/half is refused (TorchEngine supports
-  float32 and bfloat16 only). /update_weights_from_tensor checks its entries are base64 (as the server's
-  Base64Bytes does) and then refuses with 400: CUDA IPC handles need a GPU.
+- ``--tp-size N``: as in SGLang, TP rank i joins a weight group as rank ``rank_offset + i`` and receives every
+  broadcast in full (a real rank then loads its shard); here the N ranks are threads of one process, each with a
+  gloo backend of its own on the group's store keys (torch registers one group name once per process), and the
+  served model is one unsharded copy, loaded after the ranks' copies were checked equal. Groups of a tp > 1
+  stand-in are gloo only.
+- ``--dtype`` float16/half is refused (TorchEngine supports float32 and bfloat16 only).
+- /update_weights_from_tensor checks its entries are base64 (as the server's Base64Bytes does) and then refuses
+  with 400: CUDA IPC handles need a GPU.
 - No default torch.distributed group: SGLang's model runner asserts one exists, but torch 2.13's
   ``_new_process_group_helper`` builds a group from a TCP rendezvous without it (checked), so none is created.
 """
@@ -72,6 +76,8 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import concurrent.futures
+import dataclasses
 import datetime
 import json
 import logging
@@ -80,7 +86,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
 import sglang_contract
@@ -159,7 +165,7 @@ class CPUServer:
     """The state behind the HTTP handler: the model, its engine and the server's bookkeeping."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, dtype: str, *, deterministic: bool,
-                 ignore_weight_updates: bool, weights_cpu_backup: bool):
+                 ignore_weight_updates: bool, weights_cpu_backup: bool, tp_size: int = 1):
         self.model = model
         self.tokenizer = tokenizer
         self.engine = TorchEngine(model, TorchEngineConfig(dtype=dtype, device="cpu"), tokenizer=tokenizer)
@@ -171,7 +177,8 @@ class CPUServer:
         self.eos_ids = {i for i in eos_token_ids(model, tokenizer) if i < self.vocab_size}
         self.weight_version = "default"  # server_args.weight_version
         self.released: set[str] = set()
-        self.groups: dict[str, torch.distributed.ProcessGroup] = {}
+        self.tp_size = tp_size
+        self.groups: dict[str, list[ServerRank]] = {}
         self.session_open = False
         # /generate requests received and not yet answered (running or waiting for the lock): /flush_cache refuses.
         self.active_requests = 0
@@ -408,15 +415,18 @@ class CPUServer:
         body = parse_request("/init_weights_update_group", body)
         group_name = body.get("group_name", DEFAULT_GROUP_NAME)
         backend = body.get("backend", "nccl")
-        rank = body["rank_offset"] + 0  # this process is TP rank 0 of a tp_size-1 server
-        logger.info("init custom process group: master_address=%s, master_port=%s, rank=%d, world_size=%d, "
-                    "group_name=%s, backend=%s", body["master_address"], body["master_port"], rank,
+        ranks = [body["rank_offset"] + tp_rank for tp_rank in range(self.tp_size)]
+        logger.info("init custom process group: master_address=%s, master_port=%s, ranks=%s, world_size=%d, "
+                    "group_name=%s, backend=%s", body["master_address"], body["master_port"], ranks,
                     body["world_size"], group_name, backend)
         try:
             if group_name in self.groups:
                 raise ValueError(f"a group named {group_name!r} already exists in this server")
-            self.groups[group_name] = join_custom_process_group(
-                body["master_address"], body["master_port"], rank, body["world_size"], backend, group_name)
+            if ranks[-1] >= body["world_size"]:  # SGLang's TCP rendezvous refuses such a rank
+                raise ValueError(f"TP rank {self.tp_size - 1} of this tp_size={self.tp_size} server would be rank "
+                                 f"{ranks[-1]} of a world_size={body['world_size']} group")
+            self.groups[group_name] = join_as_server_ranks(
+                body["master_address"], body["master_port"], ranks, body["world_size"], backend, group_name)
             return True, "Succeeded to initialize custom process group."
         except Exception as e:  # SGLang answers any failure as {"success": false} (model_runner.py)
             message = f"Failed to initialize custom process group: {e}."
@@ -425,10 +435,11 @@ class CPUServer:
 
     def destroy_weights_update_group(self, body: Any) -> tuple[bool, str]:
         body = parse_request("/destroy_weights_update_group", body)
-        group = self.groups.pop(body.get("group_name", DEFAULT_GROUP_NAME), None)
-        if group is None:  # model_runner.py's answer, HTTP 400
+        ranks = self.groups.pop(body.get("group_name", DEFAULT_GROUP_NAME), None)
+        if ranks is None:  # model_runner.py's answer, HTTP 400
             return False, "The group to be destroyed does not exist."
-        torch.distributed.destroy_process_group(group)
+        for server_rank in ranks:
+            server_rank.destroy()
         return True, "Succeeded to destroy custom process group."
 
     def update_weights_from_distributed(self, body: Any) -> tuple[bool, str]:
@@ -443,14 +454,14 @@ class CPUServer:
             raise BadRequest(f"{path}: load_format={body['load_format']!r} is not implemented by this CPU stand-in "
                              "(only per-tensor broadcasts, load_format None)")
         group_name = body.get("group_name", DEFAULT_GROUP_NAME)
-        group = self.groups.get(group_name)
-        if group is None:
+        ranks = self.groups.get(group_name)
+        if ranks is None:
             raise BadRequest(f"Group {group_name} not in {list(self.groups)}. "
                              "Please call `init_weights_update_group` first.")
         # SGLang's writer lock: no request runs while the weights change.
         with self.lock:
             try:
-                received = receive_broadcasts(names, dtypes, shapes, group)
+                received = receive_broadcasts(names, dtypes, shapes, ranks)
                 self._check_memory(path)
                 if not self.ignore_weight_updates:
                     load_into(self.model, received)
@@ -494,17 +505,63 @@ def join_custom_process_group(master_address: str, master_port: int, rank: int, 
     return group
 
 
+@dataclasses.dataclass
+class ServerRank:
+    """One TP rank's membership of a weight-broadcast group: how it receives rank 0's broadcast, how it leaves."""
+
+    rank: int
+    receive: Callable[[torch.Tensor], Any]  # posts the receive into the tensor, returns the pending work
+    destroy: Callable[[], None]
+
+
+def join_as_server_ranks(master_address: str, master_port: int, ranks: list[int], world_size: int, backend: str,
+                         group_name: str) -> list[ServerRank]:
+    """Join as every TP rank of this server. One rank takes SGLang's own path (``join_custom_process_group``).
+    Several cannot: torch registers a group name once per process and prefixes the group's store keys with it, so
+    each rank here builds the gloo backend that path would build, on the same store keys, in a thread of its own
+    (the rendezvous completes only when every rank is in)."""
+    if len(ranks) == 1:
+        group = join_custom_process_group(master_address, master_port, ranks[0], world_size, backend, group_name)
+        return [ServerRank(ranks[0], lambda tensor: torch.distributed.broadcast(tensor, src=0, group=group,
+                                                                                async_op=True),
+                           lambda: torch.distributed.destroy_process_group(group))]
+    if backend != "gloo":
+        raise ValueError(f"backend {backend!r}: the ranks of a tp_size={len(ranks)} CPU stand-in join gloo groups only")
+
+    def join(rank: int) -> ServerRank:
+        store, rank, size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
+                                                 timeout=GROUP_TIMEOUT))
+        store.set_timeout(GROUP_TIMEOUT)
+        # The keys _new_process_group_helper gives a gloo group named group_name on SGLang's prefixed store.
+        keys = c10d.PrefixStore("cpu/", c10d.PrefixStore(f"{group_name}/", c10d.PrefixStore(group_name, store)))
+        backend = torch.distributed.ProcessGroupGloo(keys, rank, size, GROUP_TIMEOUT)
+        options = torch.distributed.BroadcastOptions()
+        options.rootRank = 0
+        return ServerRank(rank, lambda tensor: backend.broadcast([tensor], options), lambda: None)
+
+    with concurrent.futures.ThreadPoolExecutor(len(ranks), thread_name_prefix="tp-rank") as pool:
+        return list(pool.map(join, ranks))
+
+
 def receive_broadcasts(names: list[str], dtypes: list[str], shapes: list[list[int]],
-                       group: torch.distributed.ProcessGroup) -> list[tuple[str, torch.Tensor]]:
-    """One broadcast from rank 0 per name, in order, all in flight at once (model_runner.py)."""
-    received, handles = [], []
-    for name, dtype, shape in zip(names, dtypes, shapes):
-        tensor = torch.empty(shape, dtype=getattr(torch, dtype))
-        handles.append(torch.distributed.broadcast(tensor, src=0, group=group, async_op=True))
-        received.append((name, tensor))
+                       ranks: list[ServerRank]) -> list[tuple[str, torch.Tensor]]:
+    """One broadcast from rank 0 per name, in order, all in flight at once (model_runner.py), on every TP rank;
+    the first rank's tensors, after checking every rank got the same."""
+    per_rank, handles = [], []
+    for server_rank in ranks:
+        received = []
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+            handles.append(server_rank.receive(tensor))
+            received.append((name, tensor))
+        per_rank.append(received)
     for handle in handles:
         handle.wait()
-    return received
+    for server_rank, received in zip(ranks[1:], per_rank[1:]):
+        for (name, tensor), (_, first) in zip(received, per_rank[0]):
+            if not torch.equal(tensor, first):
+                raise ValueError(f"server rank {server_rank.rank} received another {name!r} than rank {ranks[0].rank}")
+    return per_rank[0]
 
 
 def load_into(model: torch.nn.Module, received: list[tuple[str, torch.Tensor]]) -> None:
@@ -633,8 +690,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--context-length", type=int)
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
-    if args.tp_size != 1:
-        parser.error(f"--tp-size {args.tp_size}: this stand-in is one process, one server rank; use --tp-size 1")
+    if args.tp_size < 1:
+        parser.error(f"--tp-size {args.tp_size}: a server has at least one TP rank")
     if args.dtype not in DTYPES:
         parser.error(f"--dtype {args.dtype}: the CPU stand-in (TorchEngine) takes one of {sorted(DTYPES)}")
     return args
@@ -648,7 +705,7 @@ def build_server(args: argparse.Namespace) -> CPUServer:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     return CPUServer(model, tokenizer, dtype, deterministic=args.enable_deterministic_inference,
                      ignore_weight_updates=args.ignore_weight_updates,
-                     weights_cpu_backup=args.enable_weights_cpu_backup)
+                     weights_cpu_backup=args.enable_weights_cpu_backup, tp_size=args.tp_size)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

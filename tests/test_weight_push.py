@@ -106,7 +106,7 @@ def test_push_refuses_a_layout_without_one_server_rank_per_rank(tiny_qwen2, fake
 # --------------------------------------------------------------------------- disaggregated: broadcast from rank 0
 
 
-def _broadcast_job(mcore_dir: str, server_model_dir: str, urls: list[str]):
+def _broadcast_job(mcore_dir: str, server_model_dir: str, urls: list[str], tp_size: int = 1):
     from megatron_zero.actor.actor import load_model
     from megatron_zero.config.model import ModelConfig
     from megatron_zero.config.sglang import SGLangConfig
@@ -114,7 +114,8 @@ def _broadcast_job(mcore_dir: str, server_model_dir: str, urls: list[str]):
     from megatron_zero.trainer.weight_push import BroadcastWeightPush
 
     model, info = load_model(mcore_dir, ModelConfig(params_dtype="float32"))
-    config = SGLangConfig(model_path=server_model_dir, colocated=False, retry_backoff_s=0.0, control_timeout_s=60.0)
+    config = SGLangConfig(model_path=server_model_dir, colocated=False, retry_backoff_s=0.0, control_timeout_s=60.0,
+                          tp_size=tp_size)
     push = BroadcastWeightPush(urls, config, backend="gloo", master_address="127.0.0.1")
     stats = [push.push(HFWeightStream(model, info.arch, info.bridge, bucket_bytes=BUCKET_BYTES), version)
              for version in (1, 2)]  # the group serves every step's sync
@@ -170,6 +171,37 @@ def test_rank_zero_broadcasts_to_every_engine(tiny_qwen2, stand_ins, parallel):
         # A restarted trainer (new processes) meets servers that still hold the old group: it drops and rebuilds it.
         per_rank = run_local_workers(_broadcast_job, parallel, args=(mcore_dir, str(server_model_dir), urls))
         assert [version for version, _, _ in per_rank[0]] == [1, 2]
+
+
+def test_a_two_rank_server_joins_as_both_ranks_and_serves_the_push(tiny_qwen2, tmp_path):
+    """An engine with sglang.tp_size=2 is two server ranks (rank_offset and rank_offset + 1): the group of three
+    forms only when both joined, and the served model is the pushed one. A trainer that counts one rank per engine
+    is refused at once, naming the rank that does not fit."""
+    from megatron_zero.config.sglang import SGLangConfig
+    from megatron_zero.demo.tokenizer import build_char_tokenizer
+    from megatron_zero.models.tiny import save_tiny_model
+    from megatron_zero.rollout.sglang_engine import SGLangEngine
+    from test_sglang_cpu_server import float64_logprobs, start_server, wait_healthy
+
+    hf_dir, mcore_dir = tiny_qwen2
+    model_dir = save_tiny_model("qwen2", tmp_path / "other", seed=1)
+    build_char_tokenizer().save_pretrained(str(model_dir))
+    process, port = start_server(model_dir, tmp_path / "server.log", "--tp-size", "2")
+    try:
+        wait_healthy(process, port, tmp_path / "server.log")
+        url = f"http://127.0.0.1:{port}"
+        prompt, response = [5, 17, 3, 99], [42, 7, 250, 1, 64]
+        engine = SGLangEngine(SGLangConfig(model_path=str(model_dir), port=port, colocated=False, tp_size=2))
+        pushed = float64_logprobs(hf_dir, prompt, response)
+        assert max(abs(a - b) for a, b in zip(engine.compute_logprobs([prompt], [response], 1.0)[0], pushed)) > 0.1
+        per_rank = run_local_workers(_broadcast_job, ParallelConfig(), args=(mcore_dir, str(model_dir), [url], 2))
+        assert [version for version, _, _ in per_rank[0]] == [1, 2]
+        assert engine.compute_logprobs([prompt], [response], 1.0)[0] == pytest.approx(pushed, abs=1e-5)
+        with pytest.raises(Exception, match=r"TP rank 1 of this tp_size=2 server would be rank 2 of a world_size=2"):
+            run_local_workers(_broadcast_job, ParallelConfig(), args=(mcore_dir, str(model_dir), [url], 1))
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_engine_that_refuses_the_group_fails_the_push_at_once(fakes, gloo_group_of_one):
