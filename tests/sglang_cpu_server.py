@@ -95,7 +95,9 @@ from test_sglang_engine import NO_SESSION, NO_SESSION_TO_END, SESSION_OPEN, send
 from torch.distributed import distributed_c10d as c10d
 
 from megatron_zero.config.rollout import TorchEngineConfig
+from megatron_zero.rollout import fp8_weights as fp8_weights_module
 from megatron_zero.rollout.engine import SamplingParams
+from megatron_zero.rollout.sglang_engine import on_the_wire
 from megatron_zero.rollout.torch_engine import TorchEngine
 
 logger = logging.getLogger(__name__)
@@ -165,8 +167,12 @@ class CPUServer:
     """The state behind the HTTP handler: the model, its engine and the server's bookkeeping."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, dtype: str, *, deterministic: bool,
-                 ignore_weight_updates: bool, weights_cpu_backup: bool, tp_size: int = 1):
+                 ignore_weight_updates: bool, weights_cpu_backup: bool, tp_size: int = 1,
+                 fp8_weights: Optional[dict[str, list[torch.Tensor]]] = None):
         self.model = model
+        # Started from an FP8 checkpoint: each quantized linear's [FP8 weight, weight_scale_inv], what SGLang's
+        # Fp8LinearMethod holds; the model computes with their dequantization. None: an unquantized server.
+        self.fp8_weights = fp8_weights
         self.tokenizer = tokenizer
         self.engine = TorchEngine(model, TorchEngineConfig(dtype=dtype, device="cpu"), tokenizer=tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings
@@ -464,7 +470,10 @@ class CPUServer:
                 received = receive_broadcasts(names, dtypes, shapes, ranks)
                 self._check_memory(path)
                 if not self.ignore_weight_updates:
+                    received, updated_pairs = fold_fp8(received, self.fp8_weights, self.model.dtype)
                     load_into(self.model, received)
+                    if self.fp8_weights is not None:
+                        self.fp8_weights.update(updated_pairs)
             except Exception as e:  # model_runner.py: update_weights_from_distributed
                 message = (f"Failed to update parameter online: {e}. The full weights of the ModelRunner are "
                            "partially updated. Please discard the whole weights.")
@@ -552,7 +561,8 @@ def receive_broadcasts(names: list[str], dtypes: list[str], shapes: list[list[in
         received = []
         for name, dtype, shape in zip(names, dtypes, shapes):
             tensor = torch.empty(shape, dtype=getattr(torch, dtype))
-            handles.append(server_rank.receive(tensor))
+            # gloo has no float8: received as bytes, as NCCL does (sglang_engine.on_the_wire).
+            handles.append(server_rank.receive(on_the_wire(tensor)))
             received.append((name, tensor))
         per_rank.append(received)
     for handle in handles:
@@ -562,6 +572,57 @@ def receive_broadcasts(names: list[str], dtypes: list[str], shapes: list[list[in
             if not torch.equal(tensor, first):
                 raise ValueError(f"server rank {server_rank.rank} received another {name!r} than rank {ranks[0].rank}")
     return per_rank[0]
+
+
+def fold_fp8(received: list[tuple[str, torch.Tensor]], fp8_weights: Optional[dict[str, list[torch.Tensor]]],
+             dtype: torch.dtype) -> tuple[list[tuple[str, torch.Tensor]], dict[str, list[torch.Tensor]]]:
+    """What an FP8 server makes of received tensors: ``X.weight`` and ``X.weight_scale_inv`` replace their half
+    of X's stored pair, a weight sent in another dtype is cast into the FP8 parameter as SGLang's loader copies it
+    (no new scale: the served weight is then wrong, which the health check sees); returns the tensors to load, with
+    each touched pair dequantized to ``dtype`` under X's name, and the new pairs (stored once the load succeeded)."""
+    if fp8_weights is None:
+        return received, {}
+    pairs: dict[str, list[torch.Tensor]] = {}
+    out = []
+    for name, tensor in received:
+        base = name.removesuffix(fp8_weights_module.SCALE_SUFFIX)
+        if base in fp8_weights:
+            pair = pairs.setdefault(base, list(fp8_weights[base]))
+            if name == base:
+                pair[0] = tensor.to(fp8_weights_module.FP8_DTYPE)
+            else:
+                pair[1] = tensor.float()
+        else:
+            out.append((name, tensor))
+    out += [(base, fp8_weights_module.dequantize_block_fp8(fp8, scale, dtype)) for base, (fp8, scale) in pairs.items()]
+    return out, pairs
+
+
+def load_fp8_checkpoint(model_path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, list[torch.Tensor]]]:
+    """The model of an FP8 checkpoint (rollout/fp8_weights.py ``write_fp8_checkpoint``) computing with its
+    dequantized weights, and the [FP8 weight, scale] pairs. Loaded by hand: transformers would pick its CUDA-only
+    FP8 quantizer from config.json's quantization_config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_zero.models.hf_io import HFCheckpointReader
+
+    config = AutoConfig.from_pretrained(model_path)
+    delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    reader = HFCheckpointReader(model_path)
+    tensors = {name: reader.get(name) for name in reader.names()}
+    reader.close()
+    pairs = {name: [tensor, tensors.pop(name + fp8_weights_module.SCALE_SUFFIX).float()]
+             for name, tensor in list(tensors.items()) if tensor.dtype == fp8_weights_module.FP8_DTYPE}
+    for name in pairs:
+        tensors.pop(name)
+    loaded, _ = fold_fp8(list(tensors.items()) + [(name, fp8) for name, (fp8, _) in pairs.items()], pairs, dtype)
+    missing, unexpected = model.load_state_dict(dict(loaded), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{model_path}: tensors missing {sorted(set(missing) - tied)[:3]}, unexpected "
+                         f"{sorted(unexpected)[:3]}")
+    return model, pairs
 
 
 def load_into(model: torch.nn.Module, received: list[tuple[str, torch.Tensor]]) -> None:
@@ -701,11 +762,16 @@ def build_server(args: argparse.Namespace) -> CPUServer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = DTYPES[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=getattr(torch, dtype))
+    fp8_weights = None
+    if fp8_weights_module.is_fp8_checkpoint(args.model_path):
+        model, fp8_weights = load_fp8_checkpoint(args.model_path, getattr(torch, dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     return CPUServer(model, tokenizer, dtype, deterministic=args.enable_deterministic_inference,
                      ignore_weight_updates=args.ignore_weight_updates,
-                     weights_cpu_backup=args.enable_weights_cpu_backup, tp_size=args.tp_size)
+                     weights_cpu_backup=args.enable_weights_cpu_backup, tp_size=args.tp_size,
+                     fp8_weights=fp8_weights)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

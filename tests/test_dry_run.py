@@ -133,3 +133,22 @@ def test_a_batch_larger_than_the_data_is_refused_before_anything_starts(model_di
     small.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(10)))
     code, _, err = _dry_run(capsys, config_path, model_dir, small, tmp_path)
     assert code == 2 and "sampler.batch_size=1024 is larger than the 10 problems" in err
+
+
+def test_fp8_rollout_dry_run_launches_servers_from_the_fp8_copy(model_dirs, train_file, tmp_path, capsys):
+    """rollout.quantization=fp8: every server command loads run.output_dir/rollout_fp8 (the copy the run writes
+    before starting them; the dry run writes nothing), and the engine's weights in the plan shrink."""
+    config_path, model_dir = _qwen_7b(model_dirs)
+    code, plain, err = _dry_run(capsys, config_path, model_dir, train_file, tmp_path)
+    assert code == 0, err
+    code, out, err = _dry_run(capsys, config_path, model_dir, train_file, tmp_path, "rollout.quantization=fp8")
+    assert code == 0, err
+    fp8_dir = tmp_path / "run" / "rollout_fp8"
+    commands = [line for line in out.splitlines() if "sglang.launch_server" in line]
+    assert commands and all(f"--model-path {fp8_dir} " in line for line in commands), commands
+    assert f"FP8 rollout weights: the servers load {fp8_dir}" in out and not fp8_dir.exists()
+
+    def engine_weights(text: str) -> str:
+        return next(line for line in text.splitlines() if "engine_weights" in line)
+
+    assert engine_weights(out) != engine_weights(plain)

@@ -281,3 +281,25 @@ def test_recommendations_fit_and_come_cheapest_first():
         assert 16 % (inputs.tensor_parallel_size * inputs.pipeline_parallel_size) == 0
         assert inputs.data_parallel_size * inputs.tensor_parallel_size * inputs.pipeline_parallel_size == 16
         assert math.gcd(inputs.arch.num_query_groups, inputs.tensor_parallel_size) == inputs.tensor_parallel_size
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fp8_engine_weights_count_the_real_models_linear_weights_at_one_byte(tp):
+    """rollout.quantization=fp8: the engine's weights shrink by (bf16 bytes - 1) for every parameter of the
+    linears the FP8 layout quantizes, plus a float32 scale per 128x128 block. The linear count is checked against
+    the tiny HF model's own tensors (TP=1; at TP=2 every linear is split, the kv heads being 2)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_zero.models.tiny import tiny_config
+    from megatron_zero.planning.memory import engine_linear_parameters, engine_memory
+    from megatron_zero.rollout.fp8_weights import is_quantized_weight
+
+    hf = AutoModelForCausalLM.from_config(tiny_config("qwen2"))
+    linear = sum(t.numel() for name, t in hf.state_dict().items() if is_quantized_weight(name, t))
+    assert engine_linear_parameters(TINY_ARCH, tp) == linear // tp
+    sizes = dict(device_bytes=80 * GIB, overhead_bytes=2 * GIB, cuda_graph_reserve_bytes=0, vocab_pad_multiple=128)
+    bf16 = engine_memory(TINY_ARCH, EngineInputs(tp_size=tp, mem_fraction_static=0.8), **sizes)
+    fp8 = engine_memory(TINY_ARCH, EngineInputs(tp_size=tp, mem_fraction_static=0.8, fp8_weights=True), **sizes)
+    per_rank = linear // tp
+    assert bf16.weights - fp8.weights == per_rank - 4 * math.ceil(per_rank / 128**2)
+    assert fp8.kv_cache - bf16.kv_cache == bf16.weights - fp8.weights  # the KV pool takes what the weights free

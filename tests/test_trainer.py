@@ -164,6 +164,27 @@ def test_skipped_weight_sync_trips_the_health_check(tmp_path, base_mcore):
         _run(tmp_path / "stale", base_mcore, num_steps=3, extra=["run.save_every=0", "actor.lr=1e-3"], patch=skip_sync)
 
 
+def test_fp8_rollout_weights_move_the_gap_into_the_reduced_precision_bounds(tmp_path, base_mcore, uninterrupted):
+    """rollout.quantization=fp8: every sync sends FP8 linear weights (the bytes of the FP8 checkpoint layout, not of
+    the float32 one) and the torch engine runs their dequantization, so its log-probs leave float32 rounding (the
+    gap passes the fp32 bound: quantization is on) and stay inside the reduced-precision bounds the run uses."""
+    from megatron_zero.models.hf_io import HFCheckpointReader
+    from megatron_zero.rollout.fp8_weights import encode_bucket
+
+    out = tmp_path / "fp8"
+    trainer = _run(out, base_mcore, num_steps=2, extra=["run.save_every=0", "rollout.quantization=fp8"])
+    assert trainer.config.logprob_precision == "16bit"
+    max_mean, max_max = trainer.config.logprob_gap_bounds
+    reader = HFCheckpointReader(trainer.config.model_path)
+    tensors = [(name, reader.get(name)) for name in reader.names()]
+    nbytes = lambda bucket: float(sum(t.numel() * t.element_size() for _, t in bucket))  # noqa: E731
+    fp32_run = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert {record["weight_sync_bytes"] for record in fp32_run} == {nbytes(tensors)}
+    for record in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()):
+        assert record["weight_sync_bytes"] == nbytes(encode_bucket(tensors, "fp8")) < nbytes(tensors) / 2
+        assert 1e-3 < record["logprob_gap_mean"] < max_mean and record["logprob_gap_max"] < max_max
+
+
 def test_wandb_offline_and_tensorboard_write_run_files(tmp_path, base_mcore, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -33,6 +33,7 @@ BASE = ["cluster.cpu_workers_per_node=2", "actor.max_tokens_per_microbatch=4096"
     (["parallel.context_parallel_size=2"], r"parallel.context_parallel_size=2 is not supported yet"),
     (["rollout.num_samples_per_prompt=1"], r"advantage.estimator='grpo' compares each response with the other "
                                            r"samples of its prompt, but rollout.num_samples_per_prompt=1"),
+    (["rollout.quantization=int4"], r"rollout.quantization='int4' is unknown; use null or one of \['fp8'\]"),
 ])
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -205,6 +206,34 @@ def test_logprob_gap_bounds_follow_the_precision_of_engine_and_actor():
     # A bound set by hand wins over the default, each on its own.
     tuned = load_config(None, ["model_path=/m", *BASE, "health.max_logprob_gap_max=0.5"])
     assert tuned.logprob_gap_bounds == (0.1, 0.5)
+    # FP8 rollout weights make a float32 pair a reduced-precision one.
+    assert load_config(None, ["model_path=/m", *BASE, "rollout.quantization=fp8"]).logprob_precision == "16bit"
+
+
+def test_fp8_rollout_with_sglang_is_checked_before_workers(tmp_path):
+    """rollout.quantization=fp8 with SGLang: launched servers need block-aligned fused projections (the tiny
+    model's 64-row k/v are not), and a server started by hand must serve an FP8 checkpoint."""
+    from megatron_zero.demo import TRAIN_PROMPTS_PATH
+    from megatron_zero.rollout.fp8_weights import write_fp8_checkpoint
+
+    model = _model_with_tokenizer(tmp_path)
+    config = load_config(None, [f"model_path={model}", *BASE, *GPU_SGLANG, f"rollout.sglang.model_path={model}",
+                                "rollout.quantization=fp8"])
+    with pytest.raises(ValueError, match=r"rollout.quantization='fp8' with rollout.engine='sglang' .*: FP8 rollout "
+                                         r"weights need q/k/v and gate/up output sizes that are multiples of 128"):
+        config.check_inputs()
+    aligned = save_tiny_model("qwen2", tmp_path / "aligned", hidden_size=128, intermediate_size=256,
+                              num_attention_heads=2, num_key_value_heads=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (aligned / name).write_bytes((model / name).read_bytes())
+    by_hand = [f"model_path={aligned}", *BASE, "rollout.engine=sglang", "rollout.sglang.launch=false",
+               "rollout.sglang.colocated=false", "rollout.quantization=fp8", f"data.train.path={TRAIN_PROMPTS_PATH}"]
+    config = load_config(None, [*by_hand, f"rollout.sglang.model_path={aligned}"])
+    with pytest.raises(ValueError, match=r"rollout.sglang.model_path='.*aligned' \(the server started by hand\) is "
+                                         r"not an FP8 checkpoint; start the server from `python tools/convert_"):
+        config.check_inputs()
+    fp8 = write_fp8_checkpoint(aligned, tmp_path / "fp8")
+    load_config(None, [*by_hand, f"rollout.sglang.model_path={fp8}"]).check_inputs()
 
 
 def test_train_help_lists_every_field_with_its_default():

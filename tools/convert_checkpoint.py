@@ -3,6 +3,10 @@
     python tools/convert_checkpoint.py hf-to-mcore --hf HF_DIR --out MCORE_DIR
     python tools/convert_checkpoint.py mcore-to-hf --mcore MCORE_DIR --out HF_DIR [--max-shard-size 5GB]
     python tools/convert_checkpoint.py verify --hf HF_DIR --mcore MCORE_DIR --tp 2 --pp 2
+    python tools/convert_checkpoint.py hf-to-fp8 --hf HF_DIR --out FP8_DIR
+
+``hf-to-fp8`` writes the block-FP8 checkpoint an SGLang server started by hand serves under
+``rollout.quantization=fp8`` (launched servers get the trainer's own copy); rollout/fp8_weights.py has the layout.
 
 Supported: Qwen2 / Qwen2.5 / Qwen2.5-Math, Llama-3 / 3.1 (and Llama-shaped DeepSeek-Math), Mistral.
 The Megatron checkpoint (torch_dist) loads at any TP/PP whose sizes divide the heads, query groups,
@@ -26,6 +30,7 @@ from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore, convert_m
 from megatron_zero.models.registry import get_bridge
 from megatron_zero.models.verify import verify_conversion
 from megatron_zero.parallel.local_launch import WorkerFailed, run_local_workers
+from megatron_zero.rollout.fp8_weights import write_fp8_checkpoint
 from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
 
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)$", re.IGNORECASE)
@@ -60,6 +65,12 @@ def mcore_to_hf(args: argparse.Namespace) -> None:
     _check_empty_output(args.out)
     run_local_workers(convert_mcore_to_hf, ParallelConfig(), args=(args.mcore, args.out, args.max_shard_size))
     print(f"wrote HF checkpoint {args.out}")
+
+
+def hf_to_fp8(args: argparse.Namespace) -> None:
+    _check_empty_output(args.out)
+    write_fp8_checkpoint(args.hf, args.out)
+    print(f"wrote FP8 checkpoint {args.out}")
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -98,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| allowed (default: 1e-4 in float32)")
     p.set_defaults(run=verify)
+
+    p = commands.add_parser("hf-to-fp8", help="HF safetensors -> block-FP8 HF checkpoint for SGLang rollout engines")
+    p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="new directory for the FP8 checkpoint")
+    p.set_defaults(run=hf_to_fp8)
     return parser
 
 

@@ -18,6 +18,8 @@ from typing import Optional
 from megatron_zero.config.sglang import SGLangConfig
 
 ROLLOUT_ENGINES = ("torch", "sglang")
+# rollout.quantization values besides None (the actor's weights as they are).
+ROLLOUT_QUANTIZATIONS = ("fp8",)
 TORCH_ENGINE_DTYPES = ("float32", "bfloat16", "float64")
 
 
@@ -54,10 +56,20 @@ class RolloutConfig:
     torch: TorchEngineConfig = dataclasses.field(default_factory=TorchEngineConfig)
     # Required when engine="sglang"; SGLangConfig has no usable default (its model_path must be set).
     sglang: Optional[SGLangConfig] = None
+    # "fp8": the engines hold block-FP8 linear weights (e4m3, one float32 scale per 128x128 block, the layout of
+    # SGLang's FP8 loader; rollout/fp8_weights.py). Every sync quantizes them on the sender, about half the bytes of
+    # bf16; SGLang servers start from an FP8 checkpoint the trainer writes; the torch engine dequantizes what it
+    # receives, so it runs exactly the weights an FP8 engine holds. Norms, embeddings and lm_head stay as they are.
+    # The engine then samples from a policy slightly off the actor's: the run's gap bounds become reduced-precision
+    # ones (config/trainer.py). None: the actor's weights unchanged.
+    quantization: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.engine not in ROLLOUT_ENGINES:
             raise ValueError(f"rollout.engine={self.engine!r} is unknown; use one of {list(ROLLOUT_ENGINES)}")
+        if self.quantization is not None and self.quantization not in ROLLOUT_QUANTIZATIONS:
+            raise ValueError(f"rollout.quantization={self.quantization!r} is unknown; use null or one of "
+                             f"{list(ROLLOUT_QUANTIZATIONS)}")
         if self.engine == "sglang" and self.sglang is None:
             raise ValueError("rollout.engine='sglang' needs rollout.sglang (an SGLangConfig with model_path set)")
         if not (isinstance(self.num_samples_per_prompt, int) and self.num_samples_per_prompt >= 1):

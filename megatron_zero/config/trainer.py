@@ -27,9 +27,11 @@ from megatron_zero.config.sglang import SGLangConfig
 # Default engine-vs-actor log-prob gap bounds (mean, max over the step's response tokens, in nats) by the
 # precision of the pair; docs/sglang.md gives the reasoning. "fp32": both sides compute in float32 (measured on
 # the CPU runs: max 1e-5 - 5e-5, so 1e-3 / 5e-2 leave 20x-1000x room while a stale sync at the demo's learning rate
-# shows up at 1e-2 and above). "16bit": either side in bf16/fp16 or FP8 GEMMs; published healthy bf16 runs report a
-# mean |gap| of 0.011-0.036 (slime + SGLang, Qwen3-4B, 30 steps) and 0.041 / max 0.10 (Megatron vs SGLang,
-# bf16), so the mean bound is 0.1 and the max 2 nats (a token e^2 ~ 7x more or less likely than the actor says).
+# shows up at 1e-2 and above). "16bit": either side in bf16/fp16, FP8 GEMMs or FP8 rollout weights; published
+# healthy bf16 runs report a mean |gap| of 0.011-0.036 (slime + SGLang, Qwen3-4B, 30 steps) and 0.041 / max 0.10
+# (Megatron vs SGLang, bf16), and FP8 rollout weights against a float32 actor measured mean 0.036-0.052, max
+# 0.27-0.97 on CPU (docs/benchmarks.md), so the mean bound is 0.1 and the max 2 nats (a token e^2 ~ 7x more or
+# less likely than the actor says).
 LOGPROB_GAP_BOUNDS = {"fp32": (1e-3, 5e-2), "16bit": (0.1, 2.0)}
 _FP32_DTYPES = ("float32", "float", "float64")
 
@@ -160,7 +162,8 @@ class TrainConfig:
     def logprob_precision(self) -> str:
         """``LOGPROB_GAP_BOUNDS`` key of the engine/actor pair: "fp32" only when both compute in float32."""
         engine_dtype = self.rollout.torch.dtype if self.rollout.engine == "torch" else self.rollout.sglang.dtype
-        both_fp32 = self.model.params_dtype in _FP32_DTYPES and engine_dtype in _FP32_DTYPES and self.model.fp8 is None
+        both_fp32 = (self.model.params_dtype in _FP32_DTYPES and engine_dtype in _FP32_DTYPES
+                     and self.model.fp8 is None and self.rollout.quantization is None)
         return "fp32" if both_fp32 else "16bit"
 
     @property
@@ -187,6 +190,25 @@ class TrainConfig:
             raise ValueError(f"rollout.sglang.launch=False uses the server at {sglang.url}, but cluster.colocate="
                              f"{self.cluster.colocate} / cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} place "
                              "launched engines; set cluster.colocate=False and cluster.rollout_num_gpus=0")
+
+    def _check_fp8_rollout(self, arch) -> None:
+        """SGLang must be able to load FP8 weights of this model, and a server started by hand must serve them."""
+        from megatron_zero.rollout.fp8_weights import check_sglang_block_alignment, is_fp8_checkpoint
+
+        sglang = self.rollout.sglang
+        if not sglang.launch and not is_fp8_checkpoint(sglang.model_path):
+            raise ValueError(f"rollout.quantization='fp8' sends FP8 weights, but rollout.sglang.model_path="
+                             f"{sglang.model_path!r} (the server started by hand) is not an FP8 checkpoint; start the "
+                             "server from `python tools/convert_checkpoint.py hf-to-fp8 --hf MODEL --out DIR`")
+        attention, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
+        projections = {"self_attn.q_proj": attention, "self_attn.k_proj": kv, "self_attn.v_proj": kv,
+                       "mlp.gate_proj": arch.ffn_hidden_size, "mlp.up_proj": arch.ffn_hidden_size}
+        try:
+            check_sglang_block_alignment([(f"model.layers.0.{name}.weight", (rows, arch.hidden_size))
+                                          for name, rows in projections.items()])
+        except ValueError as error:
+            raise ValueError(f"rollout.quantization='fp8' with rollout.engine='sglang' ({self.model_path}): "
+                             f"{error}") from None
 
     def check_inputs(self) -> None:
         """File checks, run before any worker starts; raise naming the field and the path."""
@@ -226,6 +248,8 @@ class TrainConfig:
                                     "or vocab.json); copy the base model's tokenizer files there")
         if Path(self.run.output_dir).exists() and not Path(self.run.output_dir).is_dir():
             raise ValueError(f"run.output_dir={self.run.output_dir!r} is a file; choose a directory")
+        if self.rollout.quantization == "fp8" and self.rollout.engine == "sglang":
+            self._check_fp8_rollout(arch)
         if self.mcore_path is not None and not Path(self.mcore_path, "megatron_zero.json").is_file():
             raise FileNotFoundError(f"mcore_path={self.mcore_path!r} is not a converted checkpoint "
                                     "(no megatron_zero.json); omit it to convert model_path automatically")

@@ -50,13 +50,20 @@ class HFCheckpointReader:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _shard_of(self, name: str):
         if name not in self.weight_map:
             raise KeyError(f"tensor {name!r} is not in the HF checkpoint {self.hf_dir}")
         file = self.weight_map[name]
         if file not in self._handles:
             self._handles[file] = safe_open(self.hf_dir / file, framework="pt")
-        return self._handles[file].get_tensor(name)
+        return self._handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._shard_of(name).get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        """A tensor's shape, read from its shard's header without loading it."""
+        return list(self._shard_of(name).get_slice(name).get_shape())
 
     def close(self) -> None:
         self._handles.clear()
@@ -64,7 +71,7 @@ class HFCheckpointReader:
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                      torch.bool: "BOOL"}
+                      torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3"}
 
 
 class HFCheckpointWriter:

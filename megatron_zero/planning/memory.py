@@ -313,6 +313,17 @@ class EngineInputs:
     tp_size: int
     mem_fraction_static: float
     dtype: str = "bfloat16"
+    # rollout.quantization="fp8": linear weights at 1 byte plus a float32 scale per 128x128 block.
+    fp8_weights: bool = False
+
+
+def engine_linear_parameters(arch: DecoderArchitecture, tp_size: int) -> int:
+    """Parameters of one engine rank's quantizable linears (q/k/v/o, gate/up/down), at its TP; k/v are replicated
+    when the TP exceeds the KV heads, as in the KV cache."""
+    q_rows = arch.num_attention_heads * arch.head_dim // tp_size
+    kv_rows = max(1, arch.num_query_groups // tp_size) * arch.head_dim
+    attention = arch.hidden_size * (2 * q_rows + 2 * kv_rows)  # q and o; k and v
+    return arch.num_layers * (attention + 3 * arch.hidden_size * arch.ffn_hidden_size // tp_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +354,9 @@ def engine_memory(arch: DecoderArchitecture, engine: EngineInputs, *, device_byt
     when the engine's TP exceeds them."""
     e = SGLANG_DTYPE_BYTES[engine.dtype]
     weights = stage_parameters(arch, engine.tp_size, 1, vocab_pad_multiple)[0].num_parameters * e
+    if engine.fp8_weights:
+        linear = engine_linear_parameters(arch, engine.tp_size)
+        weights -= linear * e - linear - 4 * math.ceil(linear / (128 * 128))  # 1 byte each + block scales
     kv_cache = int(device_bytes * engine.mem_fraction_static) - weights - overhead_bytes
     kv_heads = max(1, arch.num_query_groups // engine.tp_size)
     per_token = 2 * arch.num_layers * kv_heads * arch.head_dim * e
@@ -405,7 +419,7 @@ def plan_inputs(config: TrainConfig, arch: DecoderArchitecture, **device: int) -
     else:
         deployment = "colocated" if config.cluster.colocate else "disaggregated"
         engine = EngineInputs(tp_size=sglang.tp_size, mem_fraction_static=sglang.mem_fraction_static,
-                              dtype=sglang.dtype)
+                              dtype=sglang.dtype, fp8_weights=config.rollout.quantization == "fp8")
     bucket_mb = config.run.weight_sync_bucket_mb
     reference = "none" if config.loss.kl_coef == 0 else "offloaded" if config.actor.offload_reference else "device"
     return PlanInputs(

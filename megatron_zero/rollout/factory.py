@@ -22,13 +22,16 @@ from megatron_zero.rollout.engine import RolloutEngine
 
 def build_engine(engine: str, model_path: str, torch_config: TorchEngineConfig, sglang: Optional[SGLangConfig],
                  cluster: ClusterConfig, placement: Any, tokenizer: Any, log_dir: Path,
-                 server_command: Optional[Sequence[str]] = None) -> RolloutEngine:
+                 server_command: Optional[Sequence[str]] = None, *,
+                 quantization: Optional[str] = None) -> RolloutEngine:
     """``server_command``: an argv template started instead of ``python -m sglang.launch_server`` ({host} and
-    {port} filled in; rollout/sglang_servers.py), e.g. a CPU stand-in in tests."""
+    {port} filled in; rollout/sglang_servers.py), e.g. a CPU stand-in in tests. ``quantization``
+    (rollout.quantization) reaches the torch engine; SGLang servers take it from their checkpoint
+    (``sglang.model_path``, the trainer's FP8 copy: trainer/loop.py ``rollout_sglang_config``)."""
     if engine == "torch":
         from megatron_zero.rollout.torch_engine import TorchEngine
 
-        return TorchEngine.from_pretrained(model_path, torch_config, tokenizer=tokenizer)
+        return TorchEngine.from_pretrained(model_path, torch_config, tokenizer=tokenizer, quantization=quantization)
     from megatron_zero.rollout.sglang_servers import EngineRouter, launch_sglang_router
 
     if not sglang.launch:

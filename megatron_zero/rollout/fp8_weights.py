@@ -31,9 +31,11 @@ How::
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -112,23 +114,90 @@ def quantize_bucket(bucket: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[st
 
 def dequantize_bucket(bucket: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
     """An FP8 bucket as an unquantized engine loads it: each FP8 weight dequantized to ``dtype`` with the
-    ``_scale_inv`` that must follow it in the same bucket; other tensors unchanged."""
-    out: list[tuple[str, torch.Tensor]] = []
-    pending: dict[str, torch.Tensor] = {}
-    for name, tensor in bucket:
-        if tensor.dtype == FP8_DTYPE:
-            pending[name] = tensor
-        elif name.endswith(SCALE_SUFFIX):
-            weight_name = name[:-len(SCALE_SUFFIX)]
-            if weight_name not in pending:
-                raise ValueError(f"{name!r} has no FP8 weight {weight_name!r} before it in the bucket; "
-                                 "quantize_bucket keeps each weight and its scale together")
-            out.append((weight_name, dequantize_block_fp8(pending.pop(weight_name), tensor, dtype)))
-        else:
-            out.append((name, tensor))
-    if pending:
-        raise ValueError(f"FP8 weights without a {SCALE_SUFFIX} in the bucket: {sorted(pending)}")
-    return out
+    ``_scale_inv`` that must be in the same bucket (in any order), in the weight's place; other tensors unchanged."""
+    scales = {name[:-len(SCALE_SUFFIX)]: tensor for name, tensor in bucket if name.endswith(SCALE_SUFFIX)}
+    fp8_names = {name for name, tensor in bucket if tensor.dtype == FP8_DTYPE}
+    orphans = sorted(set(scales) - fp8_names)
+    if orphans:
+        raise ValueError(f"{orphans[0] + SCALE_SUFFIX!r} has no FP8 weight {orphans[0]!r} in the bucket; "
+                         "quantize_bucket keeps each weight and its scale together")
+    unscaled = sorted(fp8_names - set(scales))
+    if unscaled:
+        raise ValueError(f"FP8 weights without a {SCALE_SUFFIX} in the bucket: {unscaled}")
+    return [(name, dequantize_block_fp8(tensor, scales[name], dtype) if name in fp8_names else tensor)
+            for name, tensor in bucket if not name.endswith(SCALE_SUFFIX)]
+
+
+def encode_bucket(bucket: Sequence[tuple[str, torch.Tensor]],
+                  quantization: str | None) -> list[tuple[str, torch.Tensor]]:
+    """What a weight sync sends for ``rollout.quantization``: the bucket unchanged (None) or FP8 ("fp8")."""
+    if quantization is None:
+        return list(bucket)
+    if quantization == "fp8":
+        return quantize_bucket(bucket)
+    raise ValueError(f"rollout.quantization={quantization!r} is unknown")
+
+
+def fp8_as_bytes(bucket: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """FP8 tensors as uint8 views (no copy), to cross a Ray call: Ray's pickling of a float8 tensor does not load
+    (torch 2.13: "UntypedStorage has no attribute dtype"). ``fp8_from_bytes`` undoes it."""
+    return [(name, tensor.view(torch.uint8) if tensor.dtype == FP8_DTYPE else tensor) for name, tensor in bucket]
+
+
+def fp8_from_bytes(bucket: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The FP8 bucket ``fp8_as_bytes`` made: each uint8 tensor that has a ``_scale_inv`` in the bucket is FP8."""
+    scaled = {name.removesuffix(SCALE_SUFFIX) for name, _ in bucket if name.endswith(SCALE_SUFFIX)}
+    return [(name, tensor.view(FP8_DTYPE) if tensor.dtype == torch.uint8 and name in scaled else tensor)
+            for name, tensor in bucket]
+
+
+def round_trip_fp8_(model: torch.nn.Module) -> int:
+    """Replace, in place, each linear weight the FP8 layout quantizes by ``dequantize(quantize(weight))``: the weights
+    an FP8 engine loads from the FP8 checkpoint of this model. Returns how many weights changed."""
+    count = 0
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if is_quantized_weight(name, tensor):
+                tensor.copy_(dequantize_block_fp8(*quantize_block_fp8(tensor), tensor.dtype))
+                count += 1
+    return count
+
+
+def write_fp8_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, sglang_layout: bool = True) -> Path:
+    """An FP8 copy of the HF checkpoint ``hf_dir`` in ``out_dir``, the one SGLang engines start from under
+    ``rollout.quantization=fp8``: linear weights as FP8 + ``*_scale_inv``, every other tensor as it is, the
+    tokenizer and generation files copied, and ``config.json`` with ``quantization_config`` =
+    ``FP8_QUANTIZATION_CONFIG``. ``sglang_layout``: first refuse shapes SGLang's fused layers cannot load
+    (``check_sglang_block_alignment``), before anything is written."""
+    from megatron_zero.models.hf_io import HFCheckpointReader, HFCheckpointWriter, copy_non_weight_files
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    reader = HFCheckpointReader(hf_dir)
+    try:
+        if sglang_layout:
+            check_sglang_block_alignment([(name, reader.shape(name)) for name in reader.names()])
+        copy_non_weight_files(hf_dir, out_dir)
+        writer = HFCheckpointWriter(out_dir)
+        for name in reader.names():
+            for out_name, tensor in quantize_bucket([(name, reader.get(name))]):
+                writer.add(out_name, tensor)
+        writer.finish()
+    finally:
+        reader.close()
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def is_fp8_checkpoint(hf_dir: str | Path) -> bool:
+    """Whether ``hf_dir``'s config.json declares the block-FP8 layout ``write_fp8_checkpoint`` writes."""
+    config_path = Path(hf_dir) / "config.json"
+    if not config_path.is_file():
+        return False
+    quantization = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config") or {}
+    return all(quantization.get(key) == value for key, value in FP8_QUANTIZATION_CONFIG.items())
 
 
 def check_sglang_block_alignment(named_shapes: Sequence[tuple[str, Sequence[int]]]) -> None:

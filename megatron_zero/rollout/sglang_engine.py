@@ -51,6 +51,7 @@ import torch
 
 from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.rollout.engine import FINISH_REASONS, Generation, RolloutEngine, SamplingParams, WeightUpdateStats
+from megatron_zero.rollout.fp8_weights import SCALE_SUFFIX
 from megatron_zero.rollout.sglang_http import SGLangHTTPClient, SGLangHTTPError
 
 logger = logging.getLogger(__name__)
@@ -214,7 +215,11 @@ def serialize_flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]
 
     # Pickle device UUIDs instead of indices: this process and the server see different CUDA_VISIBLE_DEVICES.
     monkey_patch_torch_reductions()
-    bucket = FlattenedTensorBucket(named_tensors=list(named_tensors))
+    # Widest elements first: the server views each tensor's slice of the flat uint8 buffer as its dtype, which
+    # needs the slice's offset to be a multiple of the element size; an FP8 bucket mixes 4-byte scales, 2-byte
+    # norms and 1-byte weights, and in this order every offset is aligned.
+    widest_first = sorted(named_tensors, key=lambda named: -named[1].element_size())
+    bucket = FlattenedTensorBucket(named_tensors=widest_first)
     payload = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
     return MultiprocessingSerializer.serialize(payload, output_str=True), payload["flattened_tensor"]
 
@@ -241,6 +246,13 @@ def wait_first_failure(pending: Mapping[concurrent.futures.Future, str], timeout
                 raise
 
 
+def on_the_wire(tensor: torch.Tensor) -> torch.Tensor:
+    """What a broadcast sends for ``tensor``: FP8 weights as their bytes (a uint8 view, no copy). gloo has no float8
+    type, and NCCL sends float8 as ncclUint8 anyway, so the server, which receives into a float8 tensor of the
+    announced dtype, gets the same bytes either way."""
+    return tensor.view(torch.uint8) if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor
+
+
 def broadcast_bucket(bucket: Sequence[tuple[str, torch.Tensor]], group: torch.distributed.ProcessGroup,
                      answers: Sequence[tuple[str, concurrent.futures.Future]], timeout_s: float) -> None:
     """Broadcast ``bucket``'s tensors from rank 0 of ``group``, in order, to the servers whose announcements
@@ -249,7 +261,8 @@ def broadcast_bucket(bucket: Sequence[tuple[str, torch.Tensor]], group: torch.di
     A server that refuses the bucket (HTTP 400) stops receiving, so the answers are watched while the broadcasts
     run and the first refusal is raised at once, naming the server (the group is then unusable: the run stops).
     """
-    works = [torch.distributed.broadcast(tensor, src=0, group=group, async_op=True) for _, tensor in bucket]
+    works = [torch.distributed.broadcast(on_the_wire(tensor), src=0, group=group, async_op=True)
+             for _, tensor in bucket]
     wait_first_failure({future: url for url, future in answers}, timeout_s,
                        f"broadcasting {[name for name, _ in bucket][:3]}... (sglang.control_timeout_s)")
     for work in works:
@@ -566,8 +579,10 @@ class SGLangEngine(RolloutEngine):
         self._client.post("/end_weight_update", {}, timeout_s=self.config.control_timeout_s, retry=False)
         missing = sorted(self._expected_names - stats.names)
         if missing:
+            fp8_hint = ("; the server's checkpoint is block-FP8 and its scales were not sent: set "
+                        "rollout.quantization=fp8" if all(name.endswith(SCALE_SUFFIX) for name in missing) else "")
             raise RuntimeError(f"weight update version {stats.version} for {self.url} left {len(missing)} tensor(s) "
-                               f"of the model stale: {missing[:5]}")
+                               f"of the model stale: {missing[:5]}{fp8_hint}")
         # Cached prefixes hold KV computed with the old weights.
         self.flush_cache()
         stats.seconds = time.perf_counter() - self._sync_start

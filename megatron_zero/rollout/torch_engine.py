@@ -45,6 +45,7 @@ import torch
 
 from megatron_zero.config.rollout import TorchEngineConfig
 from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, WeightUpdateStats, gather
+from megatron_zero.rollout.fp8_weights import FP8_DTYPE, dequantize_bucket, is_quantized_weight, round_trip_fp8_
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -67,9 +68,12 @@ class TorchEngine(RolloutEngine):
     """Rollout engine over an HF causal LM held in this process; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, config: TorchEngineConfig = TorchEngineConfig(),
-                 tokenizer: Optional["PreTrainedTokenizerBase"] = None) -> None:
+                 tokenizer: Optional["PreTrainedTokenizerBase"] = None, quantization: Optional[str] = None) -> None:
         """``model``: an HF ``*ForCausalLM`` of dtype ``config.dtype``; ``tokenizer`` (an HF tokenizer) is needed
-        for ``Generation.text`` and for stop strings."""
+        for ``Generation.text`` and for stop strings. ``quantization="fp8"`` (rollout.quantization): the engine runs
+        the weights a block-FP8 engine holds: its linear weights are rounded through FP8 now (as if loaded from the
+        model's FP8 checkpoint) and weight updates must send them as FP8 + ``_scale_inv`` (rollout/fp8_weights.py),
+        which it dequantizes to its dtype."""
         dtype = getattr(torch, config.dtype)
         model_dtype = next(model.parameters()).dtype
         if model_dtype != dtype:
@@ -78,6 +82,11 @@ class TorchEngine(RolloutEngine):
         self._config = config
         self._device = torch.device(config.device)
         self._model = model.to(self._device).eval().requires_grad_(False)
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"rollout.quantization={quantization!r} is unknown to the torch engine; use null or 'fp8'")
+        self._quantization = quantization
+        if quantization == "fp8":
+            round_trip_fp8_(self._model)
         self._tokenizer = tokenizer
         self._vocab_size = model.get_input_embeddings().num_embeddings
         # state_dict names -> tensors; tied weights appear under several names with one tensor object.
@@ -93,11 +102,12 @@ class TorchEngine(RolloutEngine):
 
     @classmethod
     def from_pretrained(cls, model_path: str, config: TorchEngineConfig = TorchEngineConfig(),
-                        tokenizer: Optional["PreTrainedTokenizerBase"] = None) -> "TorchEngine":
+                        tokenizer: Optional["PreTrainedTokenizerBase"] = None,
+                        quantization: Optional[str] = None) -> "TorchEngine":
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, config.dtype))
-        return cls(model, config, tokenizer)
+        return cls(model, config, tokenizer, quantization)
 
     # --- sampling -----------------------------------------------------------------------------------------
 
@@ -279,6 +289,9 @@ class TorchEngine(RolloutEngine):
         sync = self._sync
         if sync is None:
             raise RuntimeError("update_weights called outside a weight update; call begin_weight_update() first")
+        received_bytes = sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
+        if self._quantization == "fp8":
+            bucket = self._dequantized(bucket, sync.version)
         # Check the whole bucket before copying anything, so a bad bucket changes no weight.
         in_bucket: dict[str, torch.Tensor] = {}
         for name, tensor in bucket:
@@ -307,8 +320,20 @@ class TorchEngine(RolloutEngine):
                 sync.received.setdefault(self._canonical[name], name)
                 sync.stats.names.add(name)
                 sync.stats.num_tensors += 1
-                sync.stats.num_bytes += tensor.numel() * tensor.element_size()
+        sync.stats.num_bytes += received_bytes
         sync.stats.num_buckets += 1
+
+    def _dequantized(self, bucket: Sequence[tuple[str, torch.Tensor]], version: int) -> list[tuple[str, torch.Tensor]]:
+        """An FP8 bucket in the engine's dtype; a linear weight sent unquantized is refused: the sender forgot to
+        quantize, and the engine would silently serve other weights than an FP8 engine."""
+        unquantized = [name for name, tensor in bucket if tensor.dtype != FP8_DTYPE and name in self._targets
+                       and is_quantized_weight(name, self._targets[name])]
+        if unquantized:
+            dtype = dict(bucket)[unquantized[0]].dtype
+            raise ValueError(f"weight update version {version}: {unquantized[0]!r} arrived as {dtype}, "
+                             "but this engine holds FP8 weights (rollout.quantization='fp8'); the sync must "
+                             "quantize them (rollout/fp8_weights.py encode_bucket)")
+        return dequantize_bucket(bucket, getattr(torch, self._config.dtype))
 
     def finish_weight_update(self) -> WeightUpdateStats:
         sync = self._sync

@@ -24,6 +24,7 @@ from megatron_zero.config.model import ModelConfig
 from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.models.mcore_checkpoint import read_checkpoint_info
 from megatron_zero.parallel.reshard import HFWeightStream
+from megatron_zero.rollout.fp8_weights import encode_bucket, fp8_as_bytes
 from megatron_zero.trainer.dispatch import Dispatch, RankLayout, register
 from megatron_zero.trainer.weight_push import BroadcastWeightPush, ColocatedWeightPush
 
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 class ActorWorker:
     def __init__(self, mcore_dir: str, actor: ActorConfig, loss: PolicyLossConfig, model: ModelConfig,
                  with_reference: bool, engine_urls: Optional[list[str]] = None,
-                 sglang: Optional[SGLangConfig] = None) -> None:
+                 sglang: Optional[SGLangConfig] = None, quantization: Optional[str] = None) -> None:
+        """``quantization``: rollout.quantization, what the weights become on their way to the engines."""
         self.info = read_checkpoint_info(mcore_dir)
         self.model_config = model
         self.actor = MegatronActor(actor, loss, model, mcore_dir)
@@ -43,12 +45,13 @@ class ActorWorker:
         # SGLang servers (engine_urls, in engine order) take weights from the ranks, not through the driver
         # (weight_push.py): colocated, every rank feeds the server rank on its GPU; disaggregated, rank 0
         # broadcasts to all of them (NCCL; gloo when the tensors are on CPU, as in the tests).
+        self.quantization = quantization
         self.weight_push: Optional[ColocatedWeightPush | BroadcastWeightPush] = None
         if engine_urls and sglang.colocated:
-            self.weight_push = ColocatedWeightPush(engine_urls, sglang)
+            self.weight_push = ColocatedWeightPush(engine_urls, sglang, quantization=quantization)
         elif engine_urls:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            self.weight_push = BroadcastWeightPush(engine_urls, sglang, backend=backend)
+            self.weight_push = BroadcastWeightPush(engine_urls, sglang, backend=backend, quantization=quantization)
 
     def _replica_result(self, value):
         """``value`` from the replica's leader, None from its other ranks (which hold the same)."""
@@ -86,16 +89,20 @@ class ActorWorker:
                               all_ranks=all_ranks, node_id=ray.get_runtime_context().get_node_id())
 
     def weight_buckets(self, bucket_bytes: int) -> tuple[Optional[list[list[tuple[str, torch.Tensor]]]], dict]:
-        """The policy's weights as HF-named buckets on rank 0 (copied: they leave this process), None elsewhere;
-        and every rank's stats, with the bytes it received resharding."""
+        """The policy's weights as HF-named buckets on rank 0 (copied: they leave this process), encoded for
+        rollout.quantization (FP8 tensors as their bytes: ``fp8_from_bytes`` restores them), None elsewhere; and
+        every rank's stats: the bytes it received resharding and, on rank 0, the bytes of the buckets as sent."""
         stream = self._weight_stream(bucket_bytes)
         buckets = None
         if stream.is_sender:
-            buckets = [[(name, tensor.detach().clone()) for name, tensor in bucket] for bucket in stream]
+            buckets = [encode_bucket([(name, tensor.detach().clone()) for name, tensor in bucket], self.quantization)
+                       for bucket in stream]
         else:
             stream.drain()
         stats = stream.stats
-        return buckets, {"reshard_seconds": stats.seconds, "bytes": stats.num_bytes, "buckets": stats.num_buckets,
+        sent = sum(t.numel() * t.element_size() for bucket in buckets or [] for _, t in bucket)
+        buckets = None if buckets is None else [fp8_as_bytes(bucket) for bucket in buckets]
+        return buckets, {"reshard_seconds": stats.seconds, "bytes": sent, "buckets": stats.num_buckets,
                          "received_bytes": stats.received_bytes}
 
     def push_weights(self, version: int, bucket_bytes: int) -> dict[str, Any]:

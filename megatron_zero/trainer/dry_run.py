@@ -139,12 +139,17 @@ def _engine_lines(config: TrainConfig) -> list[str]:
     if not sglang.launch:
         return [f"SGLang server started by hand at {sglang.url} (weights by NCCL broadcast from rank 0)"]
     from megatron_zero.rollout.sglang_servers import plan_engines, slot_server_launch
+    from megatron_zero.trainer.loop import rollout_sglang_config
 
     sglang.check_launch(config.cluster)
+    sglang = rollout_sglang_config(config)  # the FP8 copy's path under rollout.quantization=fp8 (not written here)
     slots = plan_engines(rollout_bundles(config), sglang.tp_size)
     where = "on the ranks' GPUs (colocated)" if config.cluster.colocate else "on GPUs of their own"
     lines = [f"SGLang: {len(slots)} server(s) of tp {sglang.tp_size} {where}; --host and --port shown are "
              "placeholders (a run binds each server to its node's IP and a free port)"]
+    if config.rollout.quantization == "fp8":
+        lines.append(f"  FP8 rollout weights: the servers load {sglang.model_path}, the block-FP8 copy of "
+                     f"{config.model_path} the run writes before they start; every sync sends FP8 linear weights")
     for slot in slots:
         # The port is free_port() on the node at start; the host is the node's IP.
         command, env = slot_server_launch(sglang, slot, host=slot.node_ip, port=30000 + slot.index, base_env={})

@@ -28,6 +28,7 @@ import torch
 from megatron_zero.actor.advantages import compute_advantages
 from megatron_zero.actor.batching import ActorBatch
 from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.config.trainer import TrainConfig
 from megatron_zero.data.rollout_batch import RolloutBatch, RolloutSample
 from megatron_zero.models.registry import read_architecture
@@ -35,6 +36,7 @@ from megatron_zero.parallel.data_parallel import ShardPlan, row_costs
 from megatron_zero.parallel.reshard import RECEIVED_KINDS
 from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, gather
 from megatron_zero.rollout.factory import build_engine
+from megatron_zero.rollout.fp8_weights import fp8_from_bytes, is_fp8_checkpoint, write_fp8_checkpoint
 
 if TYPE_CHECKING:
     from megatron_zero.rewards import BatchGrades, GradingSession
@@ -111,8 +113,9 @@ class Trainer:
         # The engine starts before the actor loads its weights: SGLang sizes its KV cache once, from the memory
         # free at startup. Colocated, it then releases its memory until the actor is loaded.
         self.engine = build_engine(config.rollout.engine, config.model_path, config.rollout.torch,
-                                   config.rollout.sglang, config.cluster, self.rollout_placement or self.placement,
-                                   self.tokenizer, log_dir, sglang_server_command)
+                                   rollout_sglang_config(config, write=True), config.cluster,
+                                   self.rollout_placement or self.placement, self.tokenizer, log_dir,
+                                   sglang_server_command, quantization=config.rollout.quantization)
         if config.cluster.colocate:
             self.engine.release_memory()
         # SGLang servers take their weights from the ranks (weight_push.py), never through the driver.
@@ -343,6 +346,7 @@ class Trainer:
         else:
             buckets_and_stats = self.group.run("weight_buckets", self.config.run.weight_sync_bucket_mb * 2**20)
             buckets, stats = buckets_and_stats[0]  # rank 0 sends
+            buckets = [fp8_from_bytes(bucket) for bucket in buckets]
             per_rank = [rank_stats for _, rank_stats in buckets_and_stats]
             self.engine.flush_cache()
             engine_stats = self.engine.sync_weights(buckets, version=self.weight_version)
@@ -350,7 +354,8 @@ class Trainer:
         # What the resharding moved between ranks, summed over them (cross_node: the part that left a node).
         moved = {f"weight_sync_bytes_{kind}": float(sum(stats["received_bytes"][kind] for stats in per_rank))
                  for kind in RECEIVED_KINDS}
-        return {"weight_sync_seconds": seconds, "weight_sync_gb_per_s": num_bytes / 1e9 / max(seconds, 1e-9), **moved}
+        return {"weight_sync_seconds": seconds, "weight_sync_gb_per_s": num_bytes / 1e9 / max(seconds, 1e-9),
+                "weight_sync_bytes": float(num_bytes), **moved}
 
     def evaluate(self) -> dict[str, Any]:
         """Greedy accuracy on the held-out set, with the samples kept for the behaviour report."""
@@ -522,6 +527,7 @@ def _load_eval(config: TrainConfig, tokenizer) -> list:
 
 # Where model_path is converted when mcore_path is unset, inside run.output_dir (the launchers convert there too).
 BASE_MCORE_DIR = "base_mcore"
+ROLLOUT_FP8_DIR = "rollout_fp8"
 
 
 def base_checkpoint(config: TrainConfig) -> str:
@@ -530,6 +536,25 @@ def base_checkpoint(config: TrainConfig) -> str:
     if config.mcore_path is not None:
         return config.mcore_path
     return _convert_base_model(config.model_path, Path(config.run.output_dir) / BASE_MCORE_DIR)
+
+
+def rollout_sglang_config(config: TrainConfig, *, write: bool = False) -> Optional[SGLangConfig]:
+    """The SGLang config servers launch with: rollout.sglang, but under rollout.quantization=fp8 pointed at the FP8
+    copy of model_path in ``run.output_dir/rollout_fp8`` (written when ``write`` and not complete there yet; a
+    server started by hand must already serve an FP8 checkpoint, which ``check_inputs`` checked)."""
+    sglang = config.rollout.sglang
+    if sglang is None or config.rollout.quantization != "fp8" or not sglang.launch:
+        return sglang
+    out_dir = Path(config.run.output_dir) / ROLLOUT_FP8_DIR
+    if write and not is_fp8_checkpoint(out_dir):
+        import shutil
+
+        partial = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # an interrupted earlier write
+        write_fp8_checkpoint(config.model_path, partial)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        partial.rename(out_dir)  # config.json declares FP8 only once every shard is in place
+    return dataclasses.replace(sglang, model_path=str(out_dir))
 
 
 def _convert_base_model(model_path: str, out_dir: Path) -> str:
@@ -562,5 +587,5 @@ def _start_actor_group(config: TrainConfig, placement, mcore_dir: str, log_dir: 
     group = RayActorGroup(config.cluster, placement, log_dir)
     group.initialize_parallel(config.parallel)
     group.setup("megatron_zero.trainer.actor_worker:ActorWorker", mcore_dir, config.actor, config.loss, config.model,
-                config.loss.kl_coef > 0, engine_urls, config.rollout.sglang)
+                config.loss.kl_coef > 0, engine_urls, config.rollout.sglang, config.rollout.quantization)
     return group

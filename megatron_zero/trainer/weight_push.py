@@ -45,6 +45,7 @@ from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.parallel.reshard import SENDER_RANK, HFWeightStream
 from megatron_zero.parallel.weight_broadcast import init_weight_broadcast_group
 from megatron_zero.rollout.engine import WeightUpdateStats
+from megatron_zero.rollout.fp8_weights import encode_bucket
 from megatron_zero.rollout.sglang_engine import (
     WEIGHT_GROUP_NAME, SGLangEngine, broadcast_bucket, serialize_flattened_bucket, wait_first_failure,
 )
@@ -60,7 +61,7 @@ class ColocatedWeightPush:
     """This rank's part in pushing weights to the colocated SGLang engines at ``engine_urls`` (engine order)."""
 
     def __init__(self, engine_urls: Sequence[str], config: SGLangConfig,
-                 serialize: Serializer = serialize_flattened_bucket) -> None:
+                 serialize: Serializer = serialize_flattened_bucket, *, quantization: Optional[str] = None) -> None:
         tp, world = config.tp_size, dist.get_world_size()
         if len(engine_urls) * tp != world:
             raise ValueError(f"{len(engine_urls)} engines x sglang.tp_size={tp} GPUs != {world} Megatron ranks: "
@@ -73,6 +74,7 @@ class ColocatedWeightPush:
         groups = [dist.new_group(list(range(i * tp, (i + 1) * tp)), backend="gloo") for i in range(len(engine_urls))]
         self.group = groups[self.engine_index]
         self.serialize = serialize
+        self.quantization = quantization  # rollout.quantization: what each bucket becomes before it leaves
         self.engine: Optional[SGLangEngine] = None
         if self.rank == self.leader:
             self.engine = _engine_at(engine_urls[self.engine_index], config)
@@ -85,6 +87,7 @@ class ColocatedWeightPush:
         if self.engine is not None:
             self.engine.begin_weight_update(version)
         for bucket in stream:
+            bucket = encode_bucket(bucket, self.quantization)
             payload, buffer = self.serialize(bucket)
             payloads: Optional[list] = [None] * self.group.size() if self.engine is not None else None
             dist.gather_object(payload, payloads, dst=self.leader, group=self.group)
@@ -112,10 +115,11 @@ class BroadcastWeightPush:
     """
 
     def __init__(self, engine_urls: Sequence[str], config: SGLangConfig, *, backend: str,
-                 master_address: Optional[str] = None) -> None:
+                 master_address: Optional[str] = None, quantization: Optional[str] = None) -> None:
         if not engine_urls:
             raise ValueError("BroadcastWeightPush needs at least one engine url")
         self.config = config
+        self.quantization = quantization  # rollout.quantization: what each bucket becomes before it leaves
         self.engines = []
         self.group: Optional[dist.ProcessGroup] = None
         if dist.get_rank() != SENDER_RANK:
@@ -162,6 +166,7 @@ class BroadcastWeightPush:
         for engine in self.engines:
             engine.begin_weight_update(version)
         for bucket in stream:
+            bucket = encode_bucket(bucket, self.quantization)
             answers = [(engine.url, engine.post_weights_from_distributed(bucket)) for engine in self.engines]
             broadcast_bucket(bucket, self.group, answers, self.config.control_timeout_s)
         per_engine = [engine.finish_weight_update() for engine in self.engines]
