@@ -222,6 +222,7 @@ def test_tis_weight_is_capped_detached_and_reported():
     loss.backward()
     assert loss.item() == pytest.approx((-1.0 * 0.5 - 2.0 * 2.0) / 2)
     assert metrics["tis_weight_mean"].item() == pytest.approx((0.5 + 2.0) / 2)
+    assert metrics["tis_capped_fraction"].item() == pytest.approx(1 / 2)  # the weight 3 hit the cap, 0.5 did not
     # Gradient of -A r w at r = 1 is -A w: the weight scales it but is not differentiated itself.
     torch.testing.assert_close(logp.grad, torch.tensor([[-0.5 / 2, -4.0 / 2]], dtype=torch.float64))
     assert rollout_logp.grad is None

@@ -57,7 +57,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 # Metrics of compute_policy_loss that are aggregated like the loss (sum over microbatches and DP ranks) and
 # those that are means over a microbatch's tokens (averaged weighted by num_tokens).
 _SUMMED_METRICS = ("loss", "pg_loss", "kl_ref", "entropy")
-_TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "dual_clip_fraction", "tis_weight_mean")
+_TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "dual_clip_fraction", "tis_weight_mean", "tis_capped_fraction")
 
 
 # --------------------------------------------------------------------------- models

@@ -222,8 +222,8 @@ def compute_policy_loss(
     Returns:
         (scalar loss, metrics). Metrics are detached tensors: "pg_loss", "kl_ref", "entropy" are aggregated
         like the loss (so they too sum over microbatches to the global value); "clip_fraction", "approx_kl",
-        "dual_clip_fraction", "tis_weight_mean" are means over this call's valid tokens, to be averaged over
-        microbatches weighted by "num_tokens".
+        "dual_clip_fraction", "tis_weight_mean", "tis_capped_fraction" are means over this call's valid tokens, to
+        be averaged over microbatches weighted by "num_tokens".
     """
     if mask_NT.ndim != 2:
         raise ValueError(f"mask_NT must be [N, T] (one row per response), got shape {tuple(mask_NT.shape)}")
@@ -256,9 +256,12 @@ def compute_policy_loss(
 
     pg_loss_NT, token_stats = get_policy_loss(config.policy_loss)(logp_NT, old_logp_NT, advantages_NT, config)
     if config.tis_cap is not None:
-        tis_weight_NT = (old_logp_NT - rollout_logp_NT).exp().clamp(max=config.tis_cap).detach()
+        ratio_NT = (old_logp_NT - rollout_logp_NT).exp().detach()
+        tis_weight_NT = ratio_NT.clamp(max=config.tis_cap)
         pg_loss_NT = pg_loss_NT * tis_weight_NT
         token_stats["tis_weight_mean"] = tis_weight_NT
+        # How often the engine-vs-actor mismatch was too large to correct: the token's weight hit the cap.
+        token_stats["tis_capped_fraction"] = (ratio_NT > config.tis_cap).to(tis_weight_NT.dtype)
     pg_loss = aggregate(pg_loss_NT)
     loss = pg_loss
     metrics = {"pg_loss": pg_loss.detach()}

@@ -101,7 +101,7 @@ def run_local_workers(fn: Callable, config: ParallelConfig, world_size: int | No
     # Not daemonic: dist_checkpointing starts helper processes of its own; the finally block reaps them.
     procs = [
         ctx.Process(target=_worker, args=(rank, world_size, port, config, fn, args, results, num_threads,
-                                                  dict(os.environ), os.getcwd()))
+                                          dict(os.environ), os.getcwd()))
         for rank in range(world_size)
     ]
     for proc in procs:
@@ -125,8 +125,11 @@ def run_local_workers(fn: Callable, config: ParallelConfig, world_size: int | No
                 raise WorkerFailed(f"local worker rank {rank} failed:\n{value}")
             values[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
+        # After a failure the other ranks may be stuck in a collective with the failed one: no grace for them.
+        grace_s = 10 if len(values) == world_size else 0
         for proc in procs:
-            proc.join(timeout=10)
+            proc.join(timeout=grace_s)
             if proc.is_alive():
                 proc.kill()
+                proc.join()
     return [values[rank] for rank in range(world_size)]
