@@ -164,6 +164,59 @@ def test_skipped_weight_sync_trips_the_health_check(tmp_path, base_mcore):
         _run(tmp_path / "stale", base_mcore, num_steps=3, extra=["run.save_every=0", "actor.lr=1e-3"], patch=skip_sync)
 
 
+OFF_POLICY = ["rollout.off_policy_steps=1", "loss.tis_cap=2.0"]
+
+
+@pytest.fixture(scope="module")
+def off_policy(tmp_path_factory, base_mcore, train_file):
+    out = tmp_path_factory.mktemp("off_policy")
+    _run(out, base_mcore, num_steps=4, extra=OFF_POLICY, train_file=train_file)
+    return out
+
+
+def test_off_policy_rollout_trains_on_the_batch_of_the_policy_one_step_back(off_policy, uninterrupted):
+    """rollout.off_policy_steps=1: step k+1's batch is generated (during step k's training) by the policy after
+    step k-1, and carries that step; the engine re-scores each batch after the sync, when it holds the actor's
+    policy, so the health gap stays at float32 rounding, while the behaviour gap (what TIS corrects) is the
+    one-step policy change. The on-policy run generates every batch with the policy it trains."""
+    on_policy = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout_policy_step"] for r in on_policy] == [0, 1, 2, 3]
+    assert not any("behaviour_logprob_gap_mean" in r or "seconds_rescore" in r for r in on_policy)
+    records = [json.loads(line) for line in (off_policy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout_policy_step"] for r in records] == [0, 0, 1, 2]
+    first, *later = records
+    assert "overlapped_seconds_generate" not in first and first["seconds_generate"] > 0  # generated in its own step
+    for record in later:
+        assert record["overlapped_seconds_generate"] > 0 and "seconds_generate" not in record
+        assert record["seconds_rescore"] > 0 and record["seconds_wait_rollout"] >= 0
+        assert record["logprob_gap_max"] < 1e-4  # engine re-scored with the policy the actor holds
+        assert record["behaviour_logprob_gap_mean"] > 10 * record["logprob_gap_mean"]
+        assert 0 < record["tis_weight_mean"] <= 2.0 and 0 <= record["tis_capped_fraction"] <= 1
+        assert record["num_samples"] == 32
+
+
+def test_off_policy_resume_keeps_the_batch_generated_before_the_stop(tmp_path, base_mcore, off_policy, train_file):
+    """Preempted after step 2, the run saved step 3's batch (generated during step 2, from prompts the sampler
+    has moved past); the resumed run trains on it and then goes on exactly as the uninterrupted run."""
+    out = tmp_path / "preempted"
+    _run(out, base_mcore, num_steps=4, extra=OFF_POLICY, stop_after_step=2, train_file=train_file)
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    resumed = _run(out, base_mcore, num_steps=4, extra=OFF_POLICY, train_file=train_file)
+    assert resumed.resumed_from.name == "step_000002"
+    assert _metrics(out) == _metrics(off_policy)
+
+
+def test_off_policy_skipped_sync_trips_the_health_check(tmp_path, base_mcore):
+    from megatron_zero.trainer.loop import HealthCheckFailed
+
+    def skip_sync(trainer):
+        trainer.sync_weights = lambda: {}
+
+    with pytest.raises(HealthCheckFailed, match="stale or broken weight sync"):
+        _run(tmp_path / "stale", base_mcore, num_steps=3, extra=["run.save_every=0", "actor.lr=1e-3", *OFF_POLICY],
+             patch=skip_sync)
+
+
 def test_fp8_rollout_weights_move_the_gap_into_the_reduced_precision_bounds(tmp_path, base_mcore, uninterrupted):
     """rollout.quantization=fp8: every sync sends FP8 linear weights (the bytes of the FP8 checkpoint layout, not of
     the float32 one) and the torch engine runs their dequantization, so its log-probs leave float32 rounding (the

@@ -33,6 +33,11 @@ BASE = ["cluster.cpu_workers_per_node=2", "actor.max_tokens_per_microbatch=4096"
     (["parallel.context_parallel_size=2"], r"parallel.context_parallel_size=2 is not supported yet"),
     (["rollout.num_samples_per_prompt=1"], r"advantage.estimator='grpo' compares each response with the other "
                                            r"samples of its prompt, but rollout.num_samples_per_prompt=1"),
+    (["rollout.off_policy_steps=2"], r"rollout.off_policy_steps=2 must be 0 \(on-policy\) or 1"),
+    (["rollout.off_policy_steps=1"], r"rollout.off_policy_steps=1 trains on responses of the policy one step back; "
+                                     r"set loss.tis_cap"),
+    (["rollout.off_policy_steps=1", "loss.tis_cap=2.0", "cluster.colocate=true"],
+     r"rollout.off_policy_steps=1 generates the next batch while the actor trains, but cluster.colocate=True"),
     (["rollout.quantization=int4"], r"rollout.quantization='int4' is unknown; use null or one of \['fp8'\]"),
 ])
 def test_bad_config_names_the_field(overrides, message):

@@ -63,6 +63,12 @@ class RolloutConfig:
     # The engine then samples from a policy slightly off the actor's: the run's gap bounds become reduced-precision
     # ones (config/trainer.py). None: the actor's weights unchanged.
     quantization: Optional[str] = None
+    # 1: one-step off-policy rollout. While the actor trains on step k's batch, the engines generate step k+1's with
+    # the weights they hold (the policy after step k-1); the sync follows the generation. The loss corrects the
+    # staleness with truncated importance sampling on the engine's log-probs (loss.tis_cap, required), and the
+    # health check re-scores each batch on the engine after the sync, when engine and actor hold the same policy.
+    # Needs engines that run beside the actor (cluster.colocate=false). 0: generate, then train (on-policy).
+    off_policy_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.engine not in ROLLOUT_ENGINES:
@@ -70,6 +76,9 @@ class RolloutConfig:
         if self.quantization is not None and self.quantization not in ROLLOUT_QUANTIZATIONS:
             raise ValueError(f"rollout.quantization={self.quantization!r} is unknown; use null or one of "
                              f"{list(ROLLOUT_QUANTIZATIONS)}")
+        if self.off_policy_steps not in (0, 1):
+            raise ValueError(f"rollout.off_policy_steps={self.off_policy_steps!r} must be 0 (on-policy) or 1 (the next "
+                             "batch generated while this one trains)")
         if self.engine == "sglang" and self.sglang is None:
             raise ValueError("rollout.engine='sglang' needs rollout.sglang (an SGLangConfig with model_path set)")
         if not (isinstance(self.num_samples_per_prompt, int) and self.num_samples_per_prompt >= 1):

@@ -146,6 +146,15 @@ class TrainConfig:
             raise ValueError(f"cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} reserves GPUs for SGLang engines, "
                              f"but rollout.engine={self.rollout.engine!r}; set rollout.engine=sglang or "
                              "cluster.rollout_num_gpus=0")
+        if self.rollout.off_policy_steps:
+            if self.cluster.colocate:
+                raise ValueError("rollout.off_policy_steps=1 generates the next batch while the actor trains, but "
+                                 "cluster.colocate=True shares the GPUs between them by turns; set cluster.colocate="
+                                 "false (engines on GPUs of their own, cluster.rollout_num_gpus) or off_policy_steps=0")
+            if self.loss.tis_cap is None:
+                raise ValueError("rollout.off_policy_steps=1 trains on responses of the policy one step back; set "
+                                 "loss.tis_cap (e.g. 2.0) so truncated importance sampling on the engine's log-probs "
+                                 "corrects the update")
         if self.actor.temperature != self.rollout.temperature:
             raise ValueError(f"actor.temperature={self.actor.temperature} must equal rollout.temperature="
                              f"{self.rollout.temperature}: the loss's log-probs must use the sampling distribution")

@@ -53,9 +53,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_driver_state(path: Path, step: int, weight_version: int, sampler_state: dict[str, Any]) -> None:
-    torch.save({"step": step, "weight_version": weight_version, "sampler": sampler_state, "rng": rng_state()},
-               path / "trainer.pt")
+def save_driver_state(path: Path, step: int, weight_version: int, sampler_state: dict[str, Any],
+                      pending_rollout: Any = None) -> None:
+    """``pending_rollout``: the next step's batch, already generated and graded (rollout.off_policy_steps=1); kept,
+    so a resumed run trains on it instead of skipping its prompts (the sampler has moved past them) or
+    regenerating them with a policy it no longer has."""
+    torch.save({"step": step, "weight_version": weight_version, "sampler": sampler_state, "rng": rng_state(),
+                "pending_rollout": pending_rollout}, path / "trainer.pt")
 
 
 def load_driver_state(path: Path) -> dict[str, Any]:

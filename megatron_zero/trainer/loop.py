@@ -15,6 +15,7 @@ the data filters kept (``data.pass_rate_filter``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -48,11 +49,10 @@ class HealthCheckFailed(RuntimeError):
     """A per-step invariant of the run broke; the message says which and what to check."""
 
 
-def logprob_gap(batch, old_logp: torch.Tensor) -> dict[str, float]:
+def logprob_gap(engine_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """Engine vs actor log-probs over the response tokens (same weights and temperature: ~0): mean, 99th
     percentile and max of |diff|, so a drift shows in the p99 before it trips a bound."""
-    mask = batch.response_mask
-    gap = (batch.rollout_logp - old_logp).abs()[mask]
+    gap = (engine_logp - old_logp).abs()[mask]
     # kthvalue, not quantile: torch.quantile refuses inputs above 16M elements (a 32B step has more tokens).
     p99 = gap.kthvalue(max(1, math.ceil(0.99 * gap.numel()))).values
     return {"logprob_gap_mean": float(gap.mean()), "logprob_gap_p99": float(p99), "logprob_gap_max": float(gap.max())}
@@ -87,6 +87,18 @@ def generate_graded(engine: RolloutEngine, prompts: list[list[int]], params: Sam
             yield index, generation
 
     return gather(submitted(engine.generate_stream(prompts, params)), len(prompts))
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One step's graded batch, with what the step logs about it."""
+
+    batch: RolloutBatch
+    grade_counts: dict[str, int]
+    metrics: dict[str, float]
+    policy_step: int  # the step whose policy generated it (0: the base model)
+    # The generation's phases when it ran during the previous step (rollout.off_policy_steps=1), else None.
+    overlapped: Optional[dict[str, float]] = None
 
 
 class Trainer:
@@ -124,6 +136,10 @@ class Trainer:
         self.metrics = MetricsLogger(self.output_dir, config)
         self.step = 0
         self.weight_version = 0
+        # The step whose policy the engine holds (0: the base model); each batch records the one that generated it.
+        self.engine_policy_step = 0
+        # rollout.off_policy_steps=1: the next step's batch, generated while this step trained.
+        self.pending: Optional[Rollout] = None
         self.stop_requested = False
         self.progress = None  # the console's progress bar while fit() runs
         self.actor_offloaded = False
@@ -167,28 +183,71 @@ class Trainer:
 
     def train_one_step(self) -> dict[str, Any]:
         timings: dict[str, float] = {}
-        rollout, grade_counts, sampling = self.collect_rollout(timings)
+        if self.pending is None:  # on-policy, or the first step of an off-policy run
+            current = self.collect_rollout(timings, step=self.step)
+        else:
+            current, self.pending = self.pending, None
+        rollout, grade_counts, sampling = current.batch, current.grade_counts, current.metrics
         batch = rollout.to_actor_batch()
+        # Engine log-probs of these responses under the policy the actor holds now: the engine's own if it
+        # generated them with it, else scored again (before it starts on the next batch).
+        engine_logp = batch.rollout_logp
+        if current.policy_step != self.engine_policy_step:
+            with _timed(timings, "rescore", self.progress):
+                engine_logp = self.rescore(rollout, like=batch.rollout_logp)
+        prefetch = self.start_prefetch() if self.config.rollout.off_policy_steps else None
         memory = self.switch_to_training() if self.config.cluster.colocate else {}
         with _timed(timings, "old_logprobs", self.progress):
             plan = self.shard(batch)
             old_logp, entropy = self.logprobs(batch, plan)
             ref_logp = self.ref_logprobs(batch, plan) if self.config.loss.kl_coef > 0 else None
-        health = self.check_health(batch, old_logp, ref_logp)
+        health = self.check_health(batch, old_logp, ref_logp, engine_logp)
+        health["rollout_policy_step"] = float(current.policy_step)
+        if current.policy_step != self.engine_policy_step:  # what TIS corrects: generating vs current policy
+            health["behaviour_logprob_gap_mean"] = float((batch.rollout_logp - old_logp).abs()[batch.response_mask]
+                                                         .mean())
         advantages = compute_advantages(rollout.rewards(), rollout.group_ids(), batch.response_mask,
                                         self.config.advantage, rollout.truncated())
         batch = dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp,
                                     advantages=advantages.advantages_NT, response_mask=advantages.loss_mask_NT)
         with _timed(timings, "train", self.progress):
             train_metrics = self.train(batch, rollout.max_response_length())
+        if prefetch is not None:
+            # The engine takes the new weights only between batches: the sync waits for the generation.
+            with _timed(timings, "wait_rollout", self.progress):
+                self.pending = prefetch.result()
         with _timed(timings, "sync_weights", self.progress):
             sync = self.sync_weights()
         if self.config.cluster.colocate:
             memory.update(self.switch_to_rollout())
         self.step += 1
+        self.engine_policy_step = self.step
         return self.metrics.log_step(self.step, rollout, grade_counts,
                                      {**health, **train_metrics, **sync, **sampling, **memory},
-                                     timings, float(entropy[batch.response_mask].mean()))
+                                     timings, float(entropy[batch.response_mask].mean()), current.overlapped)
+
+    def start_prefetch(self) -> concurrent.futures.Future:
+        """Generate and grade the next step's batch in a background thread with the weights the engine holds now
+        (rollout.off_policy_steps=1); the actor trains meanwhile (its calls are Ray requests from this thread)."""
+        def collect() -> Rollout:
+            timings: dict[str, float] = {}
+            rollout = self.collect_rollout(timings, step=self.step + 1, progress=None)
+            return dataclasses.replace(rollout, overlapped=timings)
+
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="off-policy-rollout")
+        future = executor.submit(collect)
+        executor.shutdown(wait=False)
+        return future
+
+    def rescore(self, rollout: RolloutBatch, like: torch.Tensor) -> torch.Tensor:
+        """The engine's log-probs of ``rollout``'s responses under its current weights, laid out like ``like``."""
+        prompts = [s.prompt_ids for s in rollout.samples]
+        logprobs = self.engine.compute_logprobs(prompts, [s.response_ids for s in rollout.samples],
+                                                self.config.rollout.temperature)
+        scored = torch.zeros_like(like)
+        for row, (prompt, values) in enumerate(zip(prompts, logprobs)):
+            scored[row, len(prompt):len(prompt) + len(values)] = torch.tensor(values, dtype=like.dtype)
+        return scored
 
     # ---- phases ----------------------------------------------------------------------------------
 
@@ -205,8 +264,9 @@ class Trainer:
     def ref_logprobs(self, batch: ActorBatch, plan: ShardPlan) -> torch.Tensor:
         return plan.gather(self.group.run("ref_logprobs", plan.scatter(batch)), like=batch.tokens)
 
-    def collect_rollout(self, timings: dict[str, float]) -> tuple[RolloutBatch, dict[str, int], dict[str, float]]:
-        """Generate and grade one step's batch; with dynamic sampling, refill it with groups that teach something.
+    def collect_rollout(self, timings: dict[str, float], *, step: int, progress: Any = "console") -> Rollout:
+        """Generate and grade the batch the actor trains on at ``step`` (0-based: its sampling seeds); with dynamic
+        sampling, refill it with groups that teach something. ``progress=None``: no console updates (a thread).
 
         A group whose samples all got the same reward has zero advantage under GRPO/RLOO/Dr.GRPO and only
         costs compute; dynamic sampling (DAPO) drops such groups and samples more prompts instead.
@@ -218,6 +278,8 @@ class Trainer:
         counts: Counter[str] = Counter()
         rollouts: list[RolloutBatch] = []
         overlap = {"reward_overlap_seconds": 0.0}
+        progress = self.progress if progress == "console" else progress
+        policy_step = self.engine_policy_step
 
         def supply(num_missing: int) -> list[SampleGroup]:
             # Grading overlaps generation: each response goes to the grader pool as the engine finishes it.
@@ -226,9 +288,9 @@ class Trainer:
             # (first response submitted to last grade) that ran alongside generation; a metric, not a timing,
             # since it is no phase of its own (timings add up to the step time).
             with self.grader.session() as grading:
-                with _timed(timings, "generate", self.progress, accumulate=True):
-                    rollout = self.generate(self.sampler.next_batch(), grading)
-                with _timed(timings, "reward", self.progress, accumulate=True) as waited:
+                with _timed(timings, "generate", progress, accumulate=True):
+                    rollout = self.generate(self.sampler.next_batch(), grading, step)
+                with _timed(timings, "reward", progress, accumulate=True) as waited:
                     grades = self.reward(rollout, grading)
             counts.update(grades.counts)
             overlap["reward_overlap_seconds"] += max(0.0, grades.seconds - waited.seconds)
@@ -239,23 +301,24 @@ class Trainer:
         options = self.config.data.dynamic_sampling
         if not options.enabled:
             supply(self.config.data.sampler.batch_size)
-            return rollouts[0], dict(counts), overlap
+            return Rollout(rollouts[0], dict(counts), overlap, policy_step)
         groups, report = dynamic_sampling(supply, self.config.data.sampler.batch_size, options.max_refill_rounds)
         metrics = {"dynamic_sampling_rounds": report.num_rounds, "dynamic_sampling_dropped": report.num_groups_dropped,
                    "dynamic_sampling_kept": report.num_groups_kept, **overlap}
         if not groups:
             # Nothing to learn from in any round: train on the last batch (all advantages are zero).
             logger.warning("dynamic sampling kept no group in %d rounds; this step's update is a no-op", report.num_rounds)
-            return rollouts[-1], dict(counts), metrics
-        samples = [dataclasses.replace(sample, group=index) for index, group in enumerate(groups) for sample in group.payload]
-        return RolloutBatch(samples), dict(counts), metrics
+            return Rollout(rollouts[-1], dict(counts), metrics, policy_step)
+        samples = [dataclasses.replace(sample, group=index) for index, group in enumerate(groups)
+                   for sample in group.payload]
+        return Rollout(RolloutBatch(samples), dict(counts), metrics, policy_step)
 
-    def generate(self, problems, grading: GradingSession) -> RolloutBatch:
+    def generate(self, problems, grading: GradingSession, step: int) -> RolloutBatch:
         """n samples per problem; each response is submitted to ``grading`` the moment the engine finishes it."""
         n = self.config.rollout.num_samples_per_prompt
         prompts = rollout_prompts(problems, self.tokenizer, n)
         params = rollout_sampling_params(self.config, self.tokenizer, honours_seeds=self.engine.honours_seeds,
-                                         step=self.step)
+                                         step=step)
         generations = generate_graded(self.engine, prompts, params,
                                       [p.ground_truth for p in problems for _ in range(n)], grading)
         samples = []
@@ -277,8 +340,10 @@ class Trainer:
         grades.check_failure_rate(self.config.reward.max_failure_rate)
         return grades
 
-    def check_health(self, batch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor]) -> dict[str, float]:
-        health = logprob_gap(batch, old_logp)
+    def check_health(self, batch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
+                     engine_logp: torch.Tensor) -> dict[str, float]:
+        """``engine_logp``: the engine's log-probs of the batch under the policy the actor holds (``old_logp``)."""
+        health = logprob_gap(engine_logp, old_logp, batch.response_mask)
         bounds = self.config.health
         max_mean, max_max = self.config.logprob_gap_bounds
         if health["logprob_gap_mean"] > max_mean or health["logprob_gap_max"] > max_max:
@@ -421,7 +486,7 @@ class Trainer:
         if offloaded:
             self.sync_weights()  # release_memory() dropped the engine's weights
             self.switch_to_rollout()
-        checkpoint.save_driver_state(path, self.step, self.weight_version, self.sampler.state_dict())
+        checkpoint.save_driver_state(path, self.step, self.weight_version, self.sampler.state_dict(), self.pending)
         checkpoint.finalize(path, Path(self.mcore_dir))
         logger.info("saved checkpoint %s", path)
         return path
@@ -436,8 +501,10 @@ class Trainer:
         state = checkpoint.load_driver_state(path)
         self.step, self.weight_version = state["step"], state["weight_version"]
         self.sampler.load_state_dict(state["sampler"])
+        self.pending = state.get("pending_rollout")
         # The engine starts from the base model: give it the resumed policy before the first rollout.
         self.sync_weights()
+        self.engine_policy_step = self.step
         logger.info("resumed from %s at step %d", path, self.step)
         return path
 

@@ -79,12 +79,17 @@ class MetricsLogger:
             self._tensorboard.flush()
 
     def log_step(self, step: int, rollout: RolloutBatch, grade_counts: dict[str, int], extra: dict[str, float],
-                 timings: dict[str, float], entropy: float) -> dict[str, Any]:
+                 timings: dict[str, float], entropy: float,
+                 overlapped: Optional[dict[str, float]] = None) -> dict[str, Any]:
+        """``timings``: the step's phases, which add up to its wall time. ``overlapped``: the phases of a batch
+        generated during the previous step (rollout.off_policy_steps=1), logged as ``overlapped_seconds_*``."""
         record: dict[str, Any] = {"step": step, **rollout_metrics(rollout), "entropy": entropy, **extra}
         record.update({f"grader_{status}": count for status, count in grade_counts.items()})
         record.update({f"seconds_{phase}": seconds for phase, seconds in timings.items()})
+        record.update({f"overlapped_seconds_{phase}": seconds for phase, seconds in (overlapped or {}).items()})
         num_tokens = sum(len(s.response_ids) for s in rollout.samples)
-        record["generate_tokens_per_s"] = num_tokens / max(timings.get("generate", 0.0), 1e-9)
+        generate_seconds = (overlapped or timings).get("generate", 0.0)
+        record["generate_tokens_per_s"] = num_tokens / max(generate_seconds, 1e-9)
         # Throughput as peers publish it: prompt + response tokens of the step, each once, per second of the whole
         # step and per GPU.
         step_tokens = num_tokens + sum(len(s.prompt_ids) for s in rollout.samples)
