@@ -72,6 +72,9 @@ DISAGGREGATED = ["cluster.colocate=false", "cluster.rollout_num_gpus=8", "rollou
     # A server started by hand: weights by broadcast, no GPUs of the cluster.
     (["cluster.colocate=false", "rollout.sglang.launch=false"], r"launch=False with sglang.colocated=True: the "
                                                                 r"server at http://127.0.0.1:30000 was started by hand"),
+    ([*DISAGGREGATED, "rollout.off_policy_steps=1", "loss.tis_cap=2.0", "rollout.temperature=0.7",
+      "actor.temperature=0.7"], r"re-scores each batch on the engine, but SGLang 0.5.23 scores given tokens at "
+                                r"temperature 1 only, and rollout.temperature=0.7"),
     ([*DISAGGREGATED, "rollout.sglang.launch=false"], r"launch=False uses the server at .* cluster.rollout_num_gpus=8 "
                                                       r"place launched engines"),
 ])

@@ -47,12 +47,19 @@ class HealthConfig:
     max_logprob_gap_max: Optional[float] = None
     # Policy vs reference KL at step 0 (both start from the same checkpoint).
     max_initial_kl: float = 1e-6
+    # rollout.off_policy_steps=1: responses of each batch the engine re-scores after the sync, for the gap check
+    # above (the first N of the batch; a stale or broken sync moves every token, so a probe is enough, and a full
+    # re-score would cost a prefill of the whole batch every step).
+    off_policy_probe_samples: int = 16
 
     def __post_init__(self) -> None:
         for name in ("max_logprob_gap_mean", "max_logprob_gap_max", "max_initial_kl"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"health.{name}={value} must be > 0")
+        if not (isinstance(self.off_policy_probe_samples, int) and self.off_policy_probe_samples >= 1):
+            raise ValueError(f"health.off_policy_probe_samples={self.off_policy_probe_samples!r} must be an integer "
+                             ">= 1")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -151,6 +158,10 @@ class TrainConfig:
                 raise ValueError("rollout.off_policy_steps=1 generates the next batch while the actor trains, but "
                                  "cluster.colocate=True shares the GPUs between them by turns; set cluster.colocate="
                                  "false (engines on GPUs of their own, cluster.rollout_num_gpus) or off_policy_steps=0")
+            if self.rollout.engine == "sglang" and self.rollout.temperature != 1.0:
+                raise ValueError(f"rollout.off_policy_steps=1 re-scores each batch on the engine, but SGLang 0.5.23 "
+                                 f"scores given tokens at temperature 1 only, and rollout.temperature="
+                                 f"{self.rollout.temperature}; sample at 1.0 (the recipe's) or set off_policy_steps=0")
             if self.loss.tis_cap is None:
                 raise ValueError("rollout.off_policy_steps=1 trains on responses of the policy one step back; set "
                                  "loss.tis_cap (e.g. 2.0) so truncated importance sampling on the engine's log-probs "

@@ -189,19 +189,20 @@ class Trainer:
             current, self.pending = self.pending, None
         rollout, grade_counts, sampling = current.batch, current.grade_counts, current.metrics
         batch = rollout.to_actor_batch()
-        # Engine log-probs of these responses under the policy the actor holds now: the engine's own if it
-        # generated them with it, else scored again (before it starts on the next batch).
-        engine_logp = batch.rollout_logp
+        # Engine log-probs under the policy the actor holds now, for the health check: the engine's own if it
+        # generated the batch with it, else a probe of the batch scored again (before it starts on the next one).
+        engine_logp, probe = batch.rollout_logp, slice(None)
         if current.policy_step != self.engine_policy_step:
+            probe = slice(0, self.config.health.off_policy_probe_samples)
             with _timed(timings, "rescore", self.progress):
-                engine_logp = self.rescore(rollout, like=batch.rollout_logp)
+                engine_logp = self.rescore(rollout.samples[probe], like=batch.rollout_logp[probe])
         prefetch = self.start_prefetch() if self.config.rollout.off_policy_steps else None
         memory = self.switch_to_training() if self.config.cluster.colocate else {}
         with _timed(timings, "old_logprobs", self.progress):
             plan = self.shard(batch)
             old_logp, entropy = self.logprobs(batch, plan)
             ref_logp = self.ref_logprobs(batch, plan) if self.config.loss.kl_coef > 0 else None
-        health = self.check_health(batch, old_logp, ref_logp, engine_logp)
+        health = self.check_health(batch, old_logp, ref_logp, engine_logp, probe)
         health["rollout_policy_step"] = float(current.policy_step)
         if current.policy_step != self.engine_policy_step:  # what TIS corrects: generating vs current policy
             health["behaviour_logprob_gap_mean"] = float((batch.rollout_logp - old_logp).abs()[batch.response_mask]
@@ -239,10 +240,10 @@ class Trainer:
         executor.shutdown(wait=False)
         return future
 
-    def rescore(self, rollout: RolloutBatch, like: torch.Tensor) -> torch.Tensor:
-        """The engine's log-probs of ``rollout``'s responses under its current weights, laid out like ``like``."""
-        prompts = [s.prompt_ids for s in rollout.samples]
-        logprobs = self.engine.compute_logprobs(prompts, [s.response_ids for s in rollout.samples],
+    def rescore(self, samples: Sequence[RolloutSample], like: torch.Tensor) -> torch.Tensor:
+        """The engine's log-probs of ``samples``' responses under its current weights, laid out like ``like``."""
+        prompts = [s.prompt_ids for s in samples]
+        logprobs = self.engine.compute_logprobs(prompts, [s.response_ids for s in samples],
                                                 self.config.rollout.temperature)
         scored = torch.zeros_like(like)
         for row, (prompt, values) in enumerate(zip(prompts, logprobs)):
@@ -341,9 +342,10 @@ class Trainer:
         return grades
 
     def check_health(self, batch, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
-                     engine_logp: torch.Tensor) -> dict[str, float]:
-        """``engine_logp``: the engine's log-probs of the batch under the policy the actor holds (``old_logp``)."""
-        health = logprob_gap(engine_logp, old_logp, batch.response_mask)
+                     engine_logp: torch.Tensor, probe: slice) -> dict[str, float]:
+        """``engine_logp``: the engine's log-probs of the batch's rows ``probe`` under the policy the actor holds
+        (``old_logp``)."""
+        health = logprob_gap(engine_logp, old_logp[probe], batch.response_mask[probe])
         bounds = self.config.health
         max_mean, max_max = self.config.logprob_gap_bounds
         if health["logprob_gap_mean"] > max_mean or health["logprob_gap_max"] > max_max:
