@@ -123,3 +123,24 @@ def test_bad_spec_is_refused_in_one_line():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda' but torch sees no CUDA"):
             run_benchmark(BenchmarkSpec(shape="tiny-qwen2", device="cuda"), "/nonexistent")
+
+
+def test_fp8_rollout_sync_sends_the_fp8_layouts_bytes(result, tmp_path):
+    """--rollout-quantization fp8: the engine receives FP8 linear weights plus scales, the resharding still moves
+    the float32 actor; the byte count is recomputed from the tiny shape's tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_zero.benchmark.throughput import BenchmarkSpec, run_benchmark
+    from megatron_zero.rollout.fp8_weights import encode_bucket
+
+    spec = BenchmarkSpec(shape="tiny-qwen2", device="cpu", num_prompts=NUM_PROMPTS, samples_per_prompt=SAMPLES,
+                         prompt_tokens=PROMPT_TOKENS, response_tokens=RESPONSE_TOKENS, grader_workers=1,
+                         rollout_quantization="fp8")
+    sync = run_benchmark(spec, str(tmp_path))["phases"]["sync"]
+    assert sync["resharded_bytes"] == result["phases"]["sync"]["num_bytes"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**MODEL_SHAPES["tiny-qwen2"]))
+    tensors = [(name, torch.empty(t.shape)) for name, t in model.state_dict().items()
+               if not (model.config.tie_word_embeddings and name == "lm_head.weight")]
+    assert sync["num_bytes"] == sum(t.numel() * t.element_size() for _, t in encode_bucket(tensors, "fp8"))
+    assert sync["num_bytes"] < sync["resharded_bytes"] / 2

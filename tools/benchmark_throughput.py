@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--no-grading", action="store_true", help="skip the reward phase (math-verify not installed)")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps after the warm-up step")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, for MFU off the peak table")
+    parser.add_argument("--rollout-quantization", choices=["fp8"], default=None,
+                        help="sync block-FP8 linear weights (bytes and the engine's policy; not FP8 decode speed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where the random model goes (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
@@ -57,7 +59,7 @@ def main() -> None:
                          max_tokens_per_microbatch=args.max_tokens_per_microbatch,
                          engine_batch_size=args.engine_batch_size, bucket_mb=args.bucket_mb,
                          grader_workers=args.grader_workers, repeats=args.repeats, peak_tflops=args.peak_tflops,
-                         seed=args.seed)
+                         seed=args.seed, rollout_quantization=args.rollout_quantization)
     graded = None if args.no_grading else make_batch(spec.num_graded, spec.samples_per_prompt, spec.seed)
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         result = run_benchmark(spec, workdir, graded=graded)

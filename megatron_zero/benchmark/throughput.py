@@ -43,6 +43,7 @@ from megatron_zero.benchmark.devices import copy_gb_per_s, device_name, memory_b
 from megatron_zero.benchmark.shapes import fit_num_layers, load_shape, parameter_counts, write_random_model
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.parallel.local_launch import run_local_workers
+from megatron_zero.rollout.fp8_weights import encode_bucket
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
@@ -72,6 +73,10 @@ class BenchmarkSpec:
     # Peak dense TFLOP/s of the device in ``dtype``, for MFU where devices.PEAK_TFLOPS has no entry.
     peak_tflops: Optional[float] = None
     seed: int = 0
+    # rollout.quantization: "fp8" syncs block-FP8 linear weights into an engine that runs their dequantization,
+    # which measures the sync's bytes and the policy the engine then holds, not FP8 decode speed (that needs
+    # SGLang's FP8 kernels; this engine computes in ``dtype`` either way).
+    rollout_quantization: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -184,7 +189,8 @@ def _benchmark_job(hf_config: dict[str, Any], workdir: str, num_layers: int, spe
     mcore_dir = str(Path(workdir) / "mcore")
     convert_hf_to_mcore(hf_dir, mcore_dir)
     device = compute_device()
-    engine = TorchEngine.from_pretrained(hf_dir, TorchEngineConfig(max_batch_size=spec.engine_batch_size, dtype=dtype,
+    engine = TorchEngine.from_pretrained(hf_dir, quantization=spec.rollout_quantization,
+                                         config=TorchEngineConfig(max_batch_size=spec.engine_batch_size, dtype=dtype,
                                                                    device=str(device)))
     actor_config = ActorConfig(lr=1e-6, temperature=1.0, max_tokens_per_microbatch=spec.max_tokens_per_microbatch,
                                pack_sequences=False)
@@ -263,9 +269,13 @@ class _RLStep:
 
         stream = HFWeightStream(actor.model, self.info.arch, self.info.bridge, bucket_bytes=spec.bucket_mb * 2**20)
         with _timed(seconds, "sync", self.device):
-            engine_stats = self.engine.sync_weights(stream, version=version)
-        out["sync"] = {"num_bytes": stream.stats.num_bytes, "num_buckets": stream.stats.num_buckets,
-                       "reshard_seconds": stream.stats.reshard_seconds, "engine_tensors": engine_stats.num_tensors}
+            engine_stats = self.engine.sync_weights((encode_bucket(bucket, spec.rollout_quantization)
+                                                     for bucket in stream), version=version)
+        # num_bytes: what the engine received (FP8 and scales under rollout_quantization), the resharding moved
+        # the actor's own bytes.
+        out["sync"] = {"num_bytes": engine_stats.num_bytes, "num_buckets": stream.stats.num_buckets,
+                       "reshard_seconds": stream.stats.reshard_seconds, "engine_tensors": engine_stats.num_tensors,
+                       "resharded_bytes": stream.stats.num_bytes}
         return out
 
 
@@ -305,7 +315,9 @@ def summarise(steps: list[dict[str, Any]], spec: BenchmarkSpec, arch, device: to
                  "reshard_seconds": statistics.median(step["sync"]["reshard_seconds"] for step in steps),
                  "device_copy_gb_per_s": copy_gb_per_s(num_bytes, device)},
     }
-    phases["sync"]["reshard_gb_per_s"] = num_bytes / 1e9 / phases["sync"]["reshard_seconds"]
+    resharded = last["sync"]["resharded_bytes"]
+    phases["sync"]["resharded_bytes"] = resharded
+    phases["sync"]["reshard_gb_per_s"] = resharded / 1e9 / phases["sync"]["reshard_seconds"]
     if "reward" in seconds:
         phases["reward"] = {"seconds": seconds["reward"], "responses": spec.num_rows,
                             "responses_per_s": spec.num_rows / seconds["reward"], "counts": last["grade_counts"]}
