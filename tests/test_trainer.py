@@ -196,14 +196,19 @@ def test_off_policy_rollout_trains_on_the_batch_of_the_policy_one_step_back(off_
 
 
 def test_off_policy_resume_keeps_the_batch_generated_before_the_stop(tmp_path, base_mcore, off_policy, train_file):
-    """Preempted after step 2, the run saved step 3's batch (generated during step 2, from prompts the sampler
-    has moved past); the resumed run trains on it and then goes on exactly as the uninterrupted run."""
-    out = tmp_path / "preempted"
-    _run(out, base_mcore, num_steps=4, extra=OFF_POLICY, stop_after_step=2, train_file=train_file)
-    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    """The checkpoint of step 2 holds step 3's batch (generated during step 2, from prompts the sampler has moved
+    past); a run resumed from it trains on that batch and then goes on exactly as the uninterrupted run. (Saving
+    on SIGTERM goes through the same save_checkpoint: test_sigterm_then_resume_reproduces_the_uninterrupted_metrics.)"""
+    import torch
+
+    checkpoint = off_policy / "checkpoints" / "step_000002"
+    pending = torch.load(checkpoint / "trainer.pt", weights_only=False)["pending_rollout"]
+    assert pending.policy_step == 1 and len(pending.batch) == 32
+    out = tmp_path / "resumed"
+    shutil.copytree(checkpoint, out / "checkpoints" / "step_000002")
     resumed = _run(out, base_mcore, num_steps=4, extra=OFF_POLICY, train_file=train_file)
-    assert resumed.resumed_from.name == "step_000002"
-    assert _metrics(out) == _metrics(off_policy)
+    assert resumed.resumed_from.name == "step_000002" and resumed.step == 4
+    assert _metrics(out) == _metrics(off_policy)[2:]
 
 
 def test_off_policy_skipped_sync_trips_the_health_check(tmp_path, base_mcore):
