@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     silence_cpu_fallback_warnings()
     # glibc otherwise raises its mmap threshold after the first large free and keeps freed tensor
     # memory in the heap: measured, that made the conversion workers' memory grow with model size.
-    # The spawned workers read it at start-up.
+    # glibc reads it when a process starts: set here, before the workers' fork server (or, with CUDA, the spawned
+    # workers) starts.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     args = build_parser().parse_args(argv)
     try:
