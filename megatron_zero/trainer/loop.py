@@ -184,7 +184,7 @@ class Trainer:
     def train_one_step(self) -> dict[str, Any]:
         timings: dict[str, float] = {}
         if self.pending is None:  # on-policy, or the first step of an off-policy run
-            current = self.collect_rollout(timings, step=self.step)
+            current = self.collect_rollout(timings, step=self.step, progress=self.progress)
         else:
             current, self.pending = self.pending, None
         rollout, grade_counts, sampling = current.batch, current.grade_counts, current.metrics
@@ -265,9 +265,9 @@ class Trainer:
     def ref_logprobs(self, batch: ActorBatch, plan: ShardPlan) -> torch.Tensor:
         return plan.gather(self.group.run("ref_logprobs", plan.scatter(batch)), like=batch.tokens)
 
-    def collect_rollout(self, timings: dict[str, float], *, step: int, progress: Any = "console") -> Rollout:
+    def collect_rollout(self, timings: dict[str, float], *, step: int, progress: Any) -> Rollout:
         """Generate and grade the batch the actor trains on at ``step`` (0-based: its sampling seeds); with dynamic
-        sampling, refill it with groups that teach something. ``progress=None``: no console updates (a thread).
+        sampling, refill it with groups that teach something. ``progress``: the console's bar, or None (a thread).
 
         A group whose samples all got the same reward has zero advantage under GRPO/RLOO/Dr.GRPO and only
         costs compute; dynamic sampling (DAPO) drops such groups and samples more prompts instead.
@@ -279,7 +279,6 @@ class Trainer:
         counts: Counter[str] = Counter()
         rollouts: list[RolloutBatch] = []
         overlap = {"reward_overlap_seconds": 0.0}
-        progress = self.progress if progress == "console" else progress
         policy_step = self.engine_policy_step
 
         def supply(num_missing: int) -> list[SampleGroup]:
