@@ -151,31 +151,27 @@ def fp8_from_bytes(bucket: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str
             for name, tensor in bucket]
 
 
-def round_trip_fp8_(model: torch.nn.Module) -> int:
+def round_trip_fp8_(model: torch.nn.Module) -> None:
     """Replace, in place, each linear weight the FP8 layout quantizes by ``dequantize(quantize(weight))``: the weights
-    an FP8 engine loads from the FP8 checkpoint of this model. Returns how many weights changed."""
-    count = 0
+    an FP8 engine loads from the FP8 checkpoint of this model."""
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if is_quantized_weight(name, tensor):
                 tensor.copy_(dequantize_block_fp8(*quantize_block_fp8(tensor), tensor.dtype))
-                count += 1
-    return count
 
 
-def write_fp8_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, sglang_layout: bool = True) -> Path:
+def write_fp8_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """An FP8 copy of the HF checkpoint ``hf_dir`` in ``out_dir``, the one SGLang engines start from under
     ``rollout.quantization=fp8``: linear weights as FP8 + ``*_scale_inv``, every other tensor as it is, the
     tokenizer and generation files copied, and ``config.json`` with ``quantization_config`` =
-    ``FP8_QUANTIZATION_CONFIG``. ``sglang_layout``: first refuse shapes SGLang's fused layers cannot load
-    (``check_sglang_block_alignment``), before anything is written."""
+    ``FP8_QUANTIZATION_CONFIG``. Shapes SGLang's fused layers cannot load (``check_sglang_block_alignment``) are
+    refused first, before anything is written."""
     from megatron_zero.models.hf_io import HFCheckpointReader, HFCheckpointWriter, copy_non_weight_files
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     reader = HFCheckpointReader(hf_dir)
     try:
-        if sglang_layout:
-            check_sglang_block_alignment([(name, reader.shape(name)) for name in reader.names()])
+        check_sglang_block_alignment([(name, reader.shape(name)) for name in reader.names()])
         copy_non_weight_files(hf_dir, out_dir)
         writer = HFCheckpointWriter(out_dir)
         for name in reader.names():
