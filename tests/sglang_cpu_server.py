@@ -97,7 +97,6 @@ from torch.distributed import distributed_c10d as c10d
 from megatron_zero.config.rollout import TorchEngineConfig
 from megatron_zero.rollout import fp8_weights as fp8_weights_module
 from megatron_zero.rollout.engine import SamplingParams
-from megatron_zero.rollout.sglang_engine import on_the_wire
 from megatron_zero.rollout.torch_engine import TorchEngine
 
 logger = logging.getLogger(__name__)
@@ -561,8 +560,8 @@ def receive_broadcasts(names: list[str], dtypes: list[str], shapes: list[list[in
         received = []
         for name, dtype, shape in zip(names, dtypes, shapes):
             tensor = torch.empty(shape, dtype=getattr(torch, dtype))
-            # gloo has no float8: received as bytes, as NCCL does (sglang_engine.on_the_wire).
-            handles.append(server_rank.receive(on_the_wire(tensor)))
+            # gloo has no float8: received as bytes, as NCCL does (fp8_weights.as_bytes).
+            handles.append(server_rank.receive(fp8_weights_module.as_bytes(tensor)))
             received.append((name, tensor))
         per_rank.append(received)
     for handle in handles:

@@ -138,10 +138,16 @@ def encode_bucket(bucket: Sequence[tuple[str, torch.Tensor]],
     raise ValueError(f"rollout.quantization={quantization!r} is unknown")
 
 
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A float8 tensor as its bytes (a uint8 view, no copy), other tensors unchanged. gloo has no float8 type, Ray's
+    pickling of a float8 tensor does not load (torch 2.13: "UntypedStorage has no attribute dtype"), and NCCL sends
+    float8 as ncclUint8 anyway, so a receiver that allocates the announced float8 dtype gets the same bytes."""
+    return tensor.view(torch.uint8) if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor
+
+
 def fp8_as_bytes(bucket: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    """FP8 tensors as uint8 views (no copy), to cross a Ray call: Ray's pickling of a float8 tensor does not load
-    (torch 2.13: "UntypedStorage has no attribute dtype"). ``fp8_from_bytes`` undoes it."""
-    return [(name, tensor.view(torch.uint8) if tensor.dtype == FP8_DTYPE else tensor) for name, tensor in bucket]
+    """The bucket with its FP8 tensors as bytes (``as_bytes``), to cross a Ray call; ``fp8_from_bytes`` undoes it."""
+    return [(name, as_bytes(tensor)) for name, tensor in bucket]
 
 
 def fp8_from_bytes(bucket: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:

@@ -51,7 +51,7 @@ import torch
 
 from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.rollout.engine import FINISH_REASONS, Generation, RolloutEngine, SamplingParams, WeightUpdateStats
-from megatron_zero.rollout.fp8_weights import SCALE_SUFFIX
+from megatron_zero.rollout.fp8_weights import SCALE_SUFFIX, as_bytes
 from megatron_zero.rollout.sglang_http import SGLangHTTPClient, SGLangHTTPError
 
 logger = logging.getLogger(__name__)
@@ -246,13 +246,6 @@ def wait_first_failure(pending: Mapping[concurrent.futures.Future, str], timeout
                 raise
 
 
-def on_the_wire(tensor: torch.Tensor) -> torch.Tensor:
-    """What a broadcast sends for ``tensor``: FP8 weights as their bytes (a uint8 view, no copy). gloo has no float8
-    type, and NCCL sends float8 as ncclUint8 anyway, so the server, which receives into a float8 tensor of the
-    announced dtype, gets the same bytes either way."""
-    return tensor.view(torch.uint8) if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor
-
-
 def broadcast_bucket(bucket: Sequence[tuple[str, torch.Tensor]], group: torch.distributed.ProcessGroup,
                      answers: Sequence[tuple[str, concurrent.futures.Future]], timeout_s: float) -> None:
     """Broadcast ``bucket``'s tensors from rank 0 of ``group``, in order, to the servers whose announcements
@@ -261,7 +254,7 @@ def broadcast_bucket(bucket: Sequence[tuple[str, torch.Tensor]], group: torch.di
     A server that refuses the bucket (HTTP 400) stops receiving, so the answers are watched while the broadcasts
     run and the first refusal is raised at once, naming the server (the group is then unusable: the run stops).
     """
-    works = [torch.distributed.broadcast(on_the_wire(tensor), src=0, group=group, async_op=True)
+    works = [torch.distributed.broadcast(as_bytes(tensor), src=0, group=group, async_op=True)
              for _, tensor in bucket]
     wait_first_failure({future: url for url, future in answers}, timeout_s,
                        f"broadcasting {[name for name, _ in bucket][:3]}... (sglang.control_timeout_s)")
