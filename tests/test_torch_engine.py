@@ -4,8 +4,12 @@ Every expected value is recomputed independently: log-probs by one unpadded, unc
 greedy tokens by repeated argmax; stop positions by scanning an unconstrained sample of the same seed.
 """
 
+import inspect
+import re
+
 import pytest
 import torch
+import transformers
 from omegaconf import OmegaConf
 
 from megatron_zero.config.rollout import RolloutConfig, TorchEngineConfig
@@ -127,16 +131,79 @@ def test_sampling_frequencies_follow_the_truncated_distribution(model_dirs, top_
     assert ((frequencies - expected).abs() <= 5 * (expected * (1 - expected) / num_samples).sqrt() + 1e-3).all()
 
 
+def uncached_greedy(model, prompt, num_tokens):
+    """Greedy tokens by an argmax over one full, uncached forward of the whole sequence per step."""
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
 def test_greedy_is_argmax_with_temperature_one_logprobs(model_dirs):
     model = load(model_dirs["qwen2"])
     generations = TorchEngine(model).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=6))
     for g in generations:
-        sequence = list(g.prompt_ids)
-        with torch.no_grad():
-            for _ in range(6):
-                sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
-        assert g.token_ids == sequence[len(g.prompt_ids):]
+        assert g.token_ids == uncached_greedy(model, g.prompt_ids, 6)
     assert max_logprob_error(model, generations, 1.0) < 1e-5
+
+
+class CacheRenamed(torch.nn.Module):
+    """A tiny HF model behind a forward that takes its KV cache under the name a subclass declares and, like
+    transformers' own forwards, swallows unknown keywords in **kwargs: a wrong name silently decodes uncached.
+    transformers 5.19 (the GPU container's) names it past_key_values, 5.25 (the CPU stack's) cache; the
+    subclasses let either venv check the engine against both."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.installed_name = next(name for name in ("cache", "past_key_values")
+                                   if name in inspect.signature(model.forward).parameters)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def run(self, cache, **inputs):
+        return self.model(**inputs, **{self.installed_name: cache})
+
+
+class CacheAsPastKeyValues(CacheRenamed):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
+        return self.run(past_key_values, input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+class CacheAsCache(CacheRenamed):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
+        return self.run(cache, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+class NoCache(CacheRenamed):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0,
+                **kwargs):
+        return self.run(None, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+@pytest.mark.parametrize("renamed", [CacheAsPastKeyValues, CacheAsCache])
+def test_decoding_uses_the_kv_cache_whatever_the_forward_calls_it(model_dirs, renamed):
+    """Decoding without the cache sees one token per step: its log-probs are off by ~0.75 on this model (its
+    greedy tokens happen to agree, so the log-probs are the check that catches it)."""
+    model = load(model_dirs["qwen2"])
+    generations = TorchEngine(renamed(model)).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=6))
+    for g in generations:
+        assert g.token_ids == uncached_greedy(model, g.prompt_ids, 6)
+    assert max_logprob_error(model, generations, 1.0) < 1e-5
+
+
+def test_a_forward_taking_no_cache_is_refused_at_construction(model_dirs):
+    message = f"NoCache.forward (transformers {transformers.__version__}) takes neither 'cache' nor 'past_key_values'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TorchEngine(NoCache(load(model_dirs["qwen2"])))
 
 
 def test_stop_strings_stop_tokens_and_length(model_dirs, tokenizer):

@@ -36,6 +36,7 @@ engine refuses to serve until then.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class TorchEngine(RolloutEngine):
         if quantization == "fp8":
             round_trip_fp8_(self._model)
         self._tokenizer = tokenizer
+        self._cache_argument = _cache_argument(model)
         self._vocab_size = model.get_input_embeddings().num_embeddings
         # state_dict names -> tensors; tied weights appear under several names with one tensor object.
         self._targets: dict[str, torch.Tensor] = self._model.state_dict(keep_vars=True)
@@ -155,7 +157,7 @@ class TorchEngine(RolloutEngine):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model.config)
         logits = self._model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                             cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                             **{self._cache_argument: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
         next_position = position_ids[:, -1] + 1
         rows = list(range(len(prompts)))  # request row of each batch row still decoding
         token_ids: list[list[int]] = [[] for _ in prompts]
@@ -198,7 +200,7 @@ class TorchEngine(RolloutEngine):
                 rows = [rows[index] for index in keep]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             logits = self._model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                                 cache=cache, use_cache=True).logits[:, -1]
+                                 **{self._cache_argument: cache}, use_cache=True).logits[:, -1]
             next_position = next_position + 1
 
     @torch.inference_mode()
@@ -384,6 +386,22 @@ class TorchEngine(RolloutEngine):
             logits = self._model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self._device)).logits
         if not torch.isfinite(logits).all():
             raise RuntimeError("the torch engine's one-token forward gave non-finite logits; the weights are broken")
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its KV cache under: transformers 4.x and 5.19 (SGLang 0.5.23's pin)
+    call it ``past_key_values``, 5.25 calls it ``cache`` (keeping ``past_key_values`` as a deprecated alias
+    until 5.40). A forward swallows a name it does not know in ``**kwargs`` and decodes without the cache,
+    silently giving wrong tokens, so the name is read from the signature, never guessed."""
+    parameters = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    import transformers
+
+    raise ValueError(f"{type(model).__name__}.forward (transformers {transformers.__version__}) takes neither "
+                     f"'cache' nor 'past_key_values', so the torch engine cannot pass it a KV cache; use a "
+                     f"transformers release whose causal LMs take one of them (SGLang 0.5.23 pins 5.19.0)")
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams,
