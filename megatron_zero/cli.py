@@ -57,7 +57,7 @@ def _engine_config(args: argparse.Namespace):
 
     dtype = {"dtype": args.dtype} if args.dtype else {}
     if args.engine == "torch":
-        return EngineConfig(engine="torch", torch=TorchEngineConfig(device=args.device, **dtype))
+        return EngineConfig(engine="torch", torch=TorchEngineConfig(device=args.device or "cpu", **dtype))
     if args.sglang_url:
         url = urlsplit(args.sglang_url)
         if not url.hostname or not url.port:
@@ -68,7 +68,8 @@ def _engine_config(args: argparse.Namespace):
     sglang = SGLangConfig(model_path=args.model, colocated=False, tp_size=args.tp_size,
                           enable_deterministic_inference=args.deterministic, context_length=args.context_length,
                           extra_server_args=list(args.sglang_arg), **where, **dtype)
-    return EngineConfig(engine="sglang", sglang=sglang, num_gpus=args.num_gpus, ray_address=args.ray_address)
+    return EngineConfig(engine="sglang", sglang=sglang, num_gpus=args.num_gpus, ray_address=args.ray_address,
+                        sglang_device=args.device or "cuda")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -117,10 +118,14 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine", "torch: in this process (CPU or one GPU); sglang: servers launched "
                                                 "on --num-gpus GPUs of the Ray cluster, or the one at --sglang-url")
     group.add_argument("--engine", choices=("torch", "sglang"), default="torch")
-    group.add_argument("--device", default="cpu", help="torch engine: cpu, cuda or cuda:N")
-    group.add_argument("--dtype", default=None, help="weights dtype (default: torch float32, SGLang bfloat16)")
+    group.add_argument("--device", default=None,
+                       help="torch engine: cpu (default), cuda or cuda:N; launched SGLang servers: cuda (default) or "
+                            "cpu (the real server on CPU, docs/sglang.md)")
+    group.add_argument("--dtype", default=None,
+                       help="weights dtype (default: torch float32, SGLang bfloat16 on GPUs and float32 on CPU)")
     group.add_argument("--sglang-url", default=None, help="use the SGLang server running at http://HOST:PORT")
-    group.add_argument("--num-gpus", type=int, default=1, help="GPUs for launched SGLang servers")
+    group.add_argument("--num-gpus", type=int, default=1,
+                       help="GPUs for launched SGLang servers (with --device cpu: CPU bundles, one per server rank)")
     group.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs per SGLang server")
     group.add_argument("--context-length", type=int, default=None)
     group.add_argument("--deterministic", action="store_true",

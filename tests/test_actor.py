@@ -57,8 +57,13 @@ def _actor_job(mcore_dir: str, max_tokens_per_microbatch: int, train: bool, pack
     # Kept in host memory between passes; another token budget than the actor's.
     reference = ReferenceModel(mcore_dir, model_config, dataclasses.replace(
         config, max_tokens_per_microbatch=2 * max_tokens_per_microbatch, offload_reference=True))
+    # Stand-ins for Transformer Engine's cached FP8 weight copies (a TE module's _fp8_workspaces dict; the CPU run
+    # has megatron-core's local layers): the offload after the reference's pass must drop them.
+    reference_cached = next(module for module in reference.model.modules() if hasattr(module, "weight"))
+    reference_cached._fp8_workspaces = {"weight": torch.empty(8)}
     ref_logp = reference.compute_logprobs(batch)
     result["reference_offloaded_after_pass"] = reference.offloaded
+    result["reference_fp8_workspaces_after_pass"] = dict(reference_cached._fp8_workspaces)
     advantages = torch.randn(batch.tokens.shape, generator=torch.Generator().manual_seed(1))
     train_batch = dataclasses.replace(batch, old_logp=logp, advantages=advantages, ref_logp=ref_logp)
     result.update(ref_logp=ref_logp, metrics=[])
@@ -68,7 +73,10 @@ def _actor_job(mcore_dir: str, max_tokens_per_microbatch: int, train: bool, pack
             result["logp_after_step"] = actor.compute_logprobs(batch)[0]
 
     before_offload = actor.compute_logprobs(batch)[0]
+    cached = [module for module in actor.model.modules() if hasattr(module, "weight")][-1]
+    cached._fp8_workspaces = {"weight": torch.empty(8)}
     result["offload"] = actor.offload()
+    result["fp8_workspaces_after_offload"] = dict(cached._fp8_workspaces)
     result["params_freed"] = all(p.untyped_storage().nbytes() == 0 for p in actor.model.parameters())
     result["num_params"] = sum(p.numel() for p in actor.model.parameters())
     errors = {}
@@ -195,6 +203,8 @@ def test_offload_onload(trained):
     assert weights >= 4 * num_params and offload.bytes_by_kind["grads"] == weights
     assert 0 <= offload.bytes_by_kind["optimizer"] - 8 * num_params <= 8 * offload.num_storages
     assert "already offloaded" in result["offloaded_errors"]["offload"]
+    # TE's cached FP8 weight copies (stand-ins here) leave the GPU with the models.
+    assert result["fp8_workspaces_after_offload"] == {} == result["reference_fp8_workspaces_after_pass"]
     assert "onload() first" in result["offloaded_errors"]["logprobs"]
     assert result["logp_after_onload_diff"] == 0.0
     assert result["step_after_onload"]["loss"] < result["metrics"][-1]["loss"]

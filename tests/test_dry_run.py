@@ -152,3 +152,19 @@ def test_fp8_rollout_dry_run_launches_servers_from_the_fp8_copy(model_dirs, trai
         return next(line for line in text.splitlines() if "engine_weights" in line)
 
     assert engine_weights(out) != engine_weights(plain)
+
+
+@pytest.mark.parametrize("model, tp_size, fits", [("Qwen2.5-0.5B", 1, True), ("Qwen2.5-0.5B", 2, False),
+                                                  ("Qwen2.5-7B", 4, True), ("Qwen2.5-7B", 8, False)])
+def test_fp8_rollout_dry_run_refuses_a_sglang_tp_size_that_splits_blocks(model, tp_size, fits, model_dirs, train_file,
+                                                                         tmp_path, capsys):
+    """SGLang loads block-FP8 weights only if each rank's slice is whole 128-row blocks: Qwen2.5-0.5B's q_proj is
+    448 rows per rank at tp 2 and Qwen2.5-7B's gate/up 2368 at tp 8, so the dry run refuses those, naming tp_size."""
+    config_path = next(path for path, config_dir in example_configs() if config_dir.name == model)
+    code, out, err = _dry_run(capsys, config_path, model_dirs[model], train_file, tmp_path, "rollout.quantization=fp8",
+                              f"rollout.sglang.tp_size={tp_size}")
+    if fits:
+        assert code == 0, out + err
+    else:
+        assert code == 2 and f"rollout.sglang.tp_size={tp_size}: an SGLang server of tp_size={tp_size} cannot load" \
+            in err, out + err

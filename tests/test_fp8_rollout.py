@@ -91,7 +91,7 @@ def test_fp8_checkpoint_has_sglang_layout_and_refuses_unfusable_shapes(tmp_path)
 
     model_dir = save_tiny_model("qwen2", tmp_path / "hf", **ALIGNED)
     build_char_tokenizer().save_pretrained(str(model_dir))
-    out = write_fp8_checkpoint(model_dir, tmp_path / "fp8")
+    out = write_fp8_checkpoint(model_dir, tmp_path / "fp8", tp_size=1)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == FP8_QUANTIZATION_CONFIG
     assert (out / "tokenizer.json").is_file()
@@ -115,9 +115,32 @@ def test_fp8_checkpoint_has_sglang_layout_and_refuses_unfusable_shapes(tmp_path)
         assert any(f.get_slice(name).get_dtype() == "F8_E4M3" for name in f.keys())
 
     unaligned = save_tiny_model("qwen2", tmp_path / "unaligned")
-    with pytest.raises(ValueError, match=r"multiples of 128 \(SGLang fuses them\)"):
-        write_fp8_checkpoint(unaligned, tmp_path / "never")
+    with pytest.raises(ValueError, match=r"tp_size=1: an SGLang server of tp_size=1 cannot load 128x128 block-FP8 "
+                                         r"weights of this model: .*self_attn\.k_proj output slice"):
+        write_fp8_checkpoint(unaligned, tmp_path / "never", tp_size=1)
     assert not (tmp_path / "never").exists()
+
+
+def test_hf_to_fp8_refuses_a_tp_size_whose_rank_slices_sglang_cannot_load(tmp_path, capsys):
+    """The ALIGNED model's q/k/v are one 128-row block each: whole on one rank, 64 rows per rank at --tp-size 2,
+    which SGLang's loader refuses, so the converter does too, before writing anything."""
+    import convert_checkpoint
+
+    from megatron_zero.demo.tokenizer import build_char_tokenizer
+    from megatron_zero.models.tiny import save_tiny_model
+
+    model_dir = save_tiny_model("qwen2", tmp_path / "hf", **ALIGNED)
+    build_char_tokenizer().save_pretrained(str(model_dir))
+    capsys.readouterr()  # transformers' progress bars
+    argv = ["hf-to-fp8", "--hf", str(model_dir), "--out", str(tmp_path / "tp2"), "--tp-size", "2"]
+    assert convert_checkpoint.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --tp-size=2: an SGLang server of tp_size=2 cannot load"), error
+    assert "self_attn.q_proj output slice 64 is not a multiple of 128" in error
+    assert error.rstrip().endswith("use --tp-size in [1]")
+    assert not (tmp_path / "tp2").exists()
+    assert convert_checkpoint.main(["hf-to-fp8", "--hf", str(model_dir), "--out", str(tmp_path / "tp1")]) == 0
+    assert (tmp_path / "tp1" / "config.json").is_file()
 
 
 def _fp8_broadcast_job(mcore_dir: str, server_model_dir: str, url: str, quantization):
@@ -152,7 +175,7 @@ def test_fp8_buckets_broadcast_to_an_fp8_server_serve_the_fp8_policy(tmp_path):
     run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(pushed_dir), mcore_dir))
     served_dir = save_tiny_model("qwen2", tmp_path / "served", seed=3, **ALIGNED)
     build_char_tokenizer().save_pretrained(str(served_dir))
-    fp8_dir = write_fp8_checkpoint(served_dir, tmp_path / "served_fp8")
+    fp8_dir = write_fp8_checkpoint(served_dir, tmp_path / "served_fp8", tp_size=1)
     # The reference: the pushed model with its linear weights through the FP8 round trip, in float64.
     reference = AutoModelForCausalLM.from_pretrained(str(pushed_dir))
     round_trip_fp8_(reference)

@@ -13,6 +13,7 @@ round-to-nearest moves it by at most half that, 2^(e-4) <= |q| * 2^-4; below 2^-
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,14 +147,53 @@ def test_fp8_bucket_is_half_the_bytes_of_bf16():
     bf16_bytes = sum(t.numel() * t.element_size() for _, t in bucket)
     fp8_bytes = sum(t.numel() * t.element_size() for _, t in quantize_bucket(bucket))
     assert 0.5 < fp8_bytes / bf16_bytes < 0.501
-    check_sglang_block_alignment([(name, t.shape) for name, t in bucket])
 
 
-def test_sglang_alignment_check_names_the_unfusable_projection():
-    with pytest.raises(ValueError, match=r"k_proj\.weight \(64, 896\)"):
-        check_sglang_block_alignment([("model.layers.0.self_attn.k_proj.weight", (64, 896)),
-                                      ("model.layers.0.self_attn.o_proj.weight", (896, 100))])
-    check_sglang_block_alignment([("model.layers.0.self_attn.o_proj.weight", (896, 100))])  # not fused: fine
+def _example_architecture(name: str):
+    from megatron_zero.models.registry import read_architecture
+
+    return read_architecture(Path(__file__).resolve().parents[1] / "examples/model_configs" / name)
+
+
+@pytest.mark.parametrize("model, tp_size", [("Qwen2.5-0.5B", 1), ("Qwen2.5-7B", 4), ("Llama-3.1-8B", 16)])
+def test_sglang_alignment_check_accepts_whole_block_slices(model, tp_size):
+    # Llama-3.1-8B at 16 ranks: 32 heads x 128 / 16 = 256 for q, its 8 kv heads replicated (one of 128 per rank),
+    # 14336 / 16 = 896 = 7 blocks for gate/up.
+    check_sglang_block_alignment(_example_architecture(model), tp_size)
+
+
+@pytest.mark.parametrize("model, tp_size, misfits, fits", [
+    # 14 heads x 64 = 896 = 7 blocks whole, but 448 per rank at tp 2; 2 kv heads x 64 / 2 = 64.
+    ("Qwen2.5-0.5B", 2, ["self_attn.q_proj output slice 448", "self_attn.o_proj input slice 448",
+                         "self_attn.k_proj output slice 64", "self_attn.v_proj output slice 64"], "[1]"),
+    # 14 ranks: each holds one of the 2 kv heads (64 rows) replicated, and 4864 / 14 is not whole.
+    ("Qwen2.5-0.5B", 14, ["intermediate_size=4864 does not split", "self_attn.k_proj output slice 64"], "[1]"),
+    # 18944 / 8 = 2368 = 18.5 blocks; SGLang also cannot split 28 heads over 8 ranks.
+    ("Qwen2.5-7B", 8, ["num_attention_heads=28 does not split", "mlp.gate_proj output slice 2368",
+                       "mlp.up_proj output slice 2368", "mlp.down_proj input slice 2368"], "[1, 2, 4]"),
+])
+def test_sglang_alignment_check_refuses_per_rank_slices_naming_them(model, tp_size, misfits, fits):
+    with pytest.raises(ValueError) as error:
+        check_sglang_block_alignment(_example_architecture(model), tp_size, "rollout.sglang.tp_size")
+    message = str(error.value)
+    assert message.startswith(f"rollout.sglang.tp_size={tp_size}: ")
+    assert all(misfit in message for misfit in misfits), message
+    assert message.endswith(f"use rollout.sglang.tp_size in {fits}")
+
+
+def test_sglang_alignment_check_needs_whole_fused_outputs_on_one_rank():
+    # 2 kv heads of 32 rows: SGLang's fused qkv_proj needs each of q, k, v in whole blocks even unsplit.
+    from megatron_zero.models.common.architecture import DecoderArchitecture
+
+    base = dict(model_type="qwen2", vocab_size=256, hidden_size=128, num_layers=2, norm_epsilon=1e-6,
+                rope_theta=1e6, rope_scaling=None, tie_word_embeddings=True, qkv_bias=True,
+                max_position_embeddings=512, sliding_window=None, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"self_attn\.k_proj output slice 64 is not a multiple of 128; "
+                                         r"self_attn\.v_proj output slice 64 .*; no tp_size fits"):
+        check_sglang_block_alignment(DecoderArchitecture(**base, ffn_hidden_size=256, num_attention_heads=4,
+                                                         num_query_groups=2, head_dim=32), 1)
+    check_sglang_block_alignment(DecoderArchitecture(**base, ffn_hidden_size=256, num_attention_heads=2,
+                                                     num_query_groups=2, head_dim=64), 1)
 
 
 def test_torch_engine_runs_the_dequantized_weights():

@@ -2,14 +2,19 @@
 
 tools/gpu_smoke.sh must stop within seconds with one line when there is no CUDA (a lent slot is short; a
 misrouted run must not spend it). Its checks are plain functions: the actor-vs-HF comparison runs here at float32
-on the tiny model, the IPC hand-off through shared memory by the same torch reductions CUDA IPC uses.
+on the tiny model, the IPC hand-off through shared memory by the same torch reductions CUDA IPC uses. The GPU
+machine has no network: the wheels its pins name (with their dependencies, less the image's torch) must cover
+every package the smoke's code imports.
 
     python -m pytest tests/test_gpu_smoke.py -q
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import time
@@ -73,3 +78,122 @@ def test_ipc_handoff_through_shared_memory_on_cpu():
     assert result["consumer_device"] == "cpu" and result["num_bytes"] >= 4 * 2**20 * 3 // 4
     # A handle crossed the pipe, not the tensor bytes.
     assert result["payload_bytes"] < result["num_bytes"] / 1000
+
+
+# --- the wheels fetched for the GPU machine -------------------------------------------------------------------
+
+# Packages imported somewhere in the modules the smoke reaches that its parts never run, and why; each may only be
+# imported inside a function, so that importing those modules does not need it.
+NOT_RUN_IMPORTS = {
+    "transformer_engine": "models/common/spec.py probes for it; the smoke's image has none, so the local layers run",
+    "datasets": "data/problems.py reads dataset directories; the smoke reads no data files",
+    "pyarrow": "data/splits.py reads Parquet files; the smoke reads no data files",
+    "omegaconf": "config/trainer.py load_config reads YAML configs; the smoke builds its configs in code",
+}
+
+
+def _smoke_imports() -> dict[str, list[tuple[str, bool]]]:
+    """Top-level name of every import outside the repository and the standard library in the modules
+    tools/gpu_smoke.py reaches (following every import of ours, at module level or inside functions), each with
+    (file, whether it sits inside a function)."""
+    def local_file(name: str):
+        path = ROOT.joinpath(*name.split("."))
+        for candidate in (path.with_suffix(".py"), path / "__init__.py", ROOT / "tools" / f"{name}.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    found: dict[str, list[tuple[str, bool]]] = {}
+    seen, todo = set(), [ROOT / "tools" / "gpu_smoke.py"]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+
+        def visit(node, in_function: bool) -> None:
+            in_function = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            for name in names:
+                parts = name.split(".")
+                ours = [local_file(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+                todo.extend(file for file in ours if file is not None)
+                if ours[0] is None and parts[0] not in sys.stdlib_module_names and parts[0] != "__future__":
+                    found.setdefault(parts[0], []).append((str(path.relative_to(ROOT)), in_function))
+            for child in ast.iter_child_nodes(node):
+                visit(child, in_function)
+
+        visit(ast.parse(path.read_text()), False)
+    return found
+
+
+def _requirement_closure(names: set[str]) -> set[str]:
+    """``names`` and what they require, transitively, by the installed packages' metadata (requirements under an
+    ``extra`` marker left out); normalized names."""
+    closure, todo = set(), list(names)
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in closure:
+            continue
+        closure.add(name)
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement).group() for requirement in requirements
+                 if "extra ==" not in requirement]
+    return closure
+
+
+def test_fetched_wheels_cover_every_import_the_smoke_runs():
+    """Every package the smoke's code imports is the image's (torch and what it requires), a pin of
+    tools/gpu_smoke.sh, or a dependency of a pin (fetch-wheels resolves those); requirements are read from this
+    machine's installed versions of the same packages."""
+    script = (ROOT / "tools" / "gpu_smoke.sh").read_text()
+    pins = {re.sub(r"[-_.]+", "-", pin.split("==")[0]).lower()
+            for pin in re.search(r"^PINS=\(([^)]*)\)", script, re.MULTILINE).group(1).split()}
+    imports = _smoke_imports()
+    for name, why in NOT_RUN_IMPORTS.items():
+        assert name in imports, f"{name} is no longer imported; drop it from NOT_RUN_IMPORTS"
+        assert all(lazy for _, lazy in imports[name]), f"{name} is imported at module level ({why}): fetch it"
+    distributions = importlib.metadata.packages_distributions()
+    unknown = sorted(set(imports) - set(NOT_RUN_IMPORTS) - set(distributions))
+    assert not unknown, f"imported by the smoke, installed nowhere here: {unknown} ({imports[unknown[0]]})"
+    imported = {re.sub(r"[-_.]+", "-", distribution).lower()
+                for name in set(imports) - set(NOT_RUN_IMPORTS) for distribution in distributions[name]}
+    covered = _requirement_closure({"torch"}) | _requirement_closure(pins)
+    assert {"transformers", "safetensors", "megatron-core"} <= imported  # the walk finds what the parts use
+    assert imported <= covered, f"imported by the smoke, but not fetched: {sorted(imported - covered)}"
+
+
+def test_wheels_to_fetch_leaves_out_torch_and_what_it_requires():
+    from gpu_smoke import wheels_to_fetch
+
+    def item(name, version, *requires):
+        return {"metadata": {"name": name, "version": version, "requires_dist": list(requires)}}
+
+    report = {"install": [
+        item("torch", "2.14.1", "filelock", "sympy>=1.13.3", 'nvidia-nccl-cu13==2.28; platform_system == "Linux"',
+             'opt-einsum>=3.3; extra == "opt-einsum"'),
+        item("sympy", "1.14.0", "mpmath<1.4,>=1.1.0"), item("mpmath", "1.3.0"), item("filelock", "4.3.2"),
+        item("nvidia-nccl-cu13", "2.28"), item("opt_einsum", "3.4.0"),
+        item("transformers", "5.19.0", "huggingface-hub<3.0,>=1.31.0", "numpy>=1.17"),
+        item("huggingface_hub", "2.4.0", "filelock>=3.10.0", 'hf-xet<2; platform_machine == "x86_64"'),
+        item("hf-xet", "1.8.0"), item("numpy", "2.5.5"), item("megatron-core", "0.19.2", "torch>=2.6.0", "numpy"),
+    ]}
+    # opt_einsum is only an extra of torch: whoever pulled it in here needs it fetched.
+    assert wheels_to_fetch(report) == ["hf-xet==1.8.0", "huggingface_hub==2.4.0", "megatron-core==0.19.2",
+                                       "numpy==2.5.5", "opt_einsum==3.4.0", "transformers==5.19.0"]
+
+
+def test_smoke_says_what_it_does_not_cover():
+    """The run prints DOES_NOT_COVER and writes it into the JSON; the script's header names the same gaps."""
+    from gpu_smoke import DOES_NOT_COVER
+
+    header = (ROOT / "tools" / "gpu_smoke.sh").read_text().split("set -euo pipefail")[0]
+    for gap in ("SGLang", "Transformer Engine", "FP8", "THD", "NCCL", "TP/PP/DP"):
+        assert gap in header and any(gap.split("/")[0] in line for line in DOES_NOT_COVER), gap

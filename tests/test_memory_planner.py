@@ -303,3 +303,37 @@ def test_fp8_engine_weights_count_the_real_models_linear_weights_at_one_byte(tp)
     per_rank = linear // tp
     assert bf16.weights - fp8.weights == per_rank - 4 * math.ceil(per_rank / 128**2)
     assert fp8.kv_cache - bf16.kv_cache == bf16.weights - fp8.weights  # the KV pool takes what the weights free
+
+
+@pytest.mark.parametrize("deployment, engine_tp, logprob_copies, train_reference_copies",
+                         [("colocated", 2, 1, 0), ("disaggregated", 4, 2, 1)])
+def test_fp8_training_counts_transformer_engines_cached_weight_copies(deployment, engine_tp, logprob_copies,
+                                                                       train_reference_copies):
+    """model.fp8: every TE linear caches FP8 copies of its weight shard, row- and column-wise in training (2 bytes
+    per element) and row-wise only in a forward without grad (1). Colocated, the offload drops them, so the log-prob
+    pass holds row-wise copies only; disaggregated, the actor never offloads and keeps the train step's. The
+    reference adds its row-wise copies wherever the plan counts it (colocated, the offloaded reference is there for
+    its log-prob pass only). Reference arithmetic from Qwen2.5-7B's HF shapes at TP=2."""
+    from test_examples import EXAMPLES, load_example
+
+    from megatron_zero.models.registry import read_architecture
+    from megatron_zero.planning.memory import plan_inputs
+
+    # q_proj, o_proj [3584, 3584]; k_proj, v_proj [512, 3584]; gate_proj, up_proj [18944, 3584], down_proj [3584,
+    # 18944]: per layer, 28 layers, split over TP=2.
+    linear = 28 * (2 * 3584 * 3584 + 2 * 512 * 3584 + 3 * 18944 * 3584) // 2
+    engine = EngineInputs(tp_size=engine_tp, mem_fraction_static=0.5)
+    plain = {p.name: p for p in plan_memory(_qwen7b(deployment=deployment, engine=engine)).phases}
+    fp8 = {p.name: p for p in plan_memory(_qwen7b(deployment=deployment, engine=engine, fp8=True)).phases}
+    assert all("fp8_workspaces" not in phase.terms for phase in plain.values())
+    assert fp8["train"].terms["fp8_workspaces"] == fp8["sync"].terms["fp8_workspaces"] == 2 * linear
+    assert fp8["train"].total - plain["train"].total == (2 + train_reference_copies) * linear
+    assert fp8["logprob"].terms["fp8_workspaces"] == logprob_copies * linear
+    assert fp8["logprob"].terms["reference"] - plain["logprob"].terms["reference"] == linear
+    assert fp8["rollout"].total == plain["rollout"].total  # dropped with the actor (colocated), or not its GPU
+    # plan_inputs reads model.fp8 from the config.
+    config_path = EXAMPLES / "configs" / "qwen2.5-7b-zero-1node.yaml"
+    model_dir = EXAMPLES / "model_configs" / "Qwen2.5-7B"
+    config = load_example(config_path, model_dir, "model.fp8=hybrid", "model.transformer_impl=transformer_engine")
+    assert plan_inputs(config, read_architecture(model_dir)).fp8
+    assert not plan_inputs(load_example(config_path, model_dir), read_architecture(model_dir)).fp8

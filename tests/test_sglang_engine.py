@@ -452,7 +452,10 @@ def test_unreachable_server_fails_after_bounded_retries():
 # --- weights -----------------------------------------------------------------------------------------
 
 
-def test_colocated_update_stops_at_the_cuda_boundary(fake, tmp_path):
+def test_colocated_update_stops_at_the_cuda_boundary(fake, tmp_path, monkeypatch):
+    """With CUDA present, CPU tensors are refused: a GPU server could not open their shared memory cheaply. (Without
+    CUDA they travel in shared memory to a CPU server: tests/test_sglang_real_server.py.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     save_file({"embed.weight": torch.zeros(4, 2), "head.weight": torch.zeros(2, 4)}, tmp_path / "model.safetensors")
     engine = make_engine(fake, model_path=str(tmp_path))
     engine.begin_weight_update(version=1)
@@ -461,6 +464,43 @@ def test_colocated_update_stops_at_the_cuda_boundary(fake, tmp_path):
     with pytest.raises(CUDABoundaryError, match=r"not on a CUDA device \(first: 'embed.weight'"):
         engine.update_weights([("embed.weight", torch.zeros(4, 2))])
     assert fake.requests == [("/begin_weight_update", {})]  # the session opened; no weights were sent
+
+
+
+def test_colocated_update_serializes_the_bucket_once_per_server_rank(fake, monkeypatch):
+    """SGLang 0.5.23 opens entry i of serialized_named_tensors on TP rank i only (managers/tp_worker.py
+    deserialize_own_rank), and each CUDA IPC serialization carries its own reference count: a tp_size=2 server gets
+    two serializations of the bucket, whose buffers live until the request returns. No CUDA here, so the serializer
+    is replaced by one that numbers its calls."""
+    import weakref
+
+    from megatron_zero.rollout import sglang_engine
+
+    bucket = [("embed.weight", torch.ones(4, 2)), ("head.weight", torch.ones(2, 4))]
+    buffers = []
+
+    def serialize(named_tensors):
+        assert [name for name, _ in named_tensors] == ["embed.weight", "head.weight"]
+        buffer = torch.zeros(8)
+        buffers.append(weakref.ref(buffer))
+        return f"payload-{len(buffers)}", buffer
+
+    monkeypatch.setattr(sglang_engine, "serialize_flattened_bucket", serialize)
+    engine = make_engine(fake, names=[name for name, _ in bucket], tp_size=2)
+    alive_while_sent, post = [], engine._client.post
+
+    def watched_post(endpoint, payload, **kwargs):
+        if endpoint == "/update_weights_from_tensor":
+            alive_while_sent.append([ref() is not None for ref in buffers])
+        return post(endpoint, payload, **kwargs)
+
+    monkeypatch.setattr(engine._client, "post", watched_post)
+    engine.begin_weight_update(version=1)
+    engine.update_weights(bucket)
+    sent = [body["serialized_named_tensors"] for path, body in fake.requests if path == "/update_weights_from_tensor"]
+    assert sent == [["payload-1", "payload-2"]]
+    assert alive_while_sent == [[True, True]]
+    assert all(ref() is None for ref in buffers)  # released once the server answered
 
 
 def test_disaggregated_update_requests_and_broadcast(fake, gloo_group_of_one):

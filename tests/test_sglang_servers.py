@@ -115,7 +115,10 @@ def test_plan_engines_errors_name_the_problem():
 def test_server_env_sets_the_engine_gpus_and_drops_original_logprob():
     base = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "3", "SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}
     assert server_env(base, (3, 5)) == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "3,5"}
-    assert server_env(base, ()) == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "3"}
+    # No GPUs: the CPU mode's variables (tests/test_sglang_cpu_mode.py), the caller's CUDA_VISIBLE_DEVICES untouched.
+    on_cpu = server_env(base, ())
+    assert on_cpu["CUDA_VISIBLE_DEVICES"] == "3" and on_cpu["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert "SGLANG_RETURN_ORIGINAL_LOGPROB" not in on_cpu
     assert base["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"  # the caller's mapping is not changed
 
 

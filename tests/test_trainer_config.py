@@ -50,10 +50,26 @@ GPU_SGLANG = ["cluster.gpus_per_node=8", "cluster.cpu_workers_per_node=null", "c
 
 
 DISAGGREGATED = ["cluster.colocate=false", "cluster.rollout_num_gpus=8", "rollout.sglang.colocated=false"]
+CPU_WORKERS = ["cluster.gpus_per_node=0", "cluster.cpu_workers_per_node=2"]
+
+
+def test_sglang_launches_on_cpu_workers_colocated_or_on_bundles_of_their_own():
+    """Without GPUs the launched servers run on CPU (rollout/sglang_cpu.py): on the CPU workers' bundles or on
+    cluster.rollout_num_gpus CPU bundles; float32 unless asked otherwise, so the fp32 gap bounds apply."""
+    colocated = load_config(None, ["model_path=/unused", *BASE, *GPU_SGLANG, *CPU_WORKERS, "model.params_dtype=float32"])
+    assert colocated.rollout.sglang.served_dtype(colocated.cluster.use_gpus) == "float32"
+    assert colocated.logprob_precision == "fp32"
+    separate = load_config(None, ["model_path=/unused", *BASE, *GPU_SGLANG, *CPU_WORKERS, "cluster.colocate=false",
+                                  "cluster.rollout_num_gpus=1", "rollout.sglang.colocated=false"])
+    assert separate.cluster.rollout_num_gpus == 1
+    on_gpus = load_config(None, ["model_path=/unused", *BASE, *GPU_SGLANG, "model.params_dtype=float32"])
+    assert on_gpus.rollout.sglang.served_dtype(on_gpus.cluster.use_gpus) == "bfloat16"
+    assert on_gpus.logprob_precision == "16bit"
+    with pytest.raises(ValueError, match=r"the SGLang servers have no GPUs: set cluster.colocate=True"):
+        load_config(None, ["model_path=/unused", *BASE, *GPU_SGLANG, *CPU_WORKERS, "cluster.colocate=false"])
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["cluster.gpus_per_node=0", "cluster.cpu_workers_per_node=2"], r"cluster.gpus_per_node=0; use rollout.engine=torch"),
     (["cluster.colocate=false"], r"the SGLang servers have no GPUs: set cluster.colocate=True .* or "
                                  r"cluster.rollout_num_gpus=N"),
     (["rollout.sglang.colocated=false"], r"sglang.colocated=False, but servers on the actor's GPUs must release"),
@@ -227,8 +243,8 @@ def test_fp8_rollout_with_sglang_is_checked_before_workers(tmp_path):
     model = _model_with_tokenizer(tmp_path)
     config = load_config(None, [f"model_path={model}", *BASE, *GPU_SGLANG, f"rollout.sglang.model_path={model}",
                                 "rollout.quantization=fp8"])
-    with pytest.raises(ValueError, match=r"rollout.quantization='fp8' with rollout.engine='sglang' .*: FP8 rollout "
-                                         r"weights need q/k/v and gate/up output sizes that are multiples of 128"):
+    with pytest.raises(ValueError, match=r"rollout.quantization='fp8' \(.*\): rollout.sglang.tp_size=1: an SGLang "
+                                         r"server of tp_size=1 cannot load 128x128 block-FP8 weights of this model"):
         config.check_inputs()
     aligned = save_tiny_model("qwen2", tmp_path / "aligned", hidden_size=128, intermediate_size=256,
                               num_attention_heads=2, num_key_value_heads=2)
@@ -240,7 +256,7 @@ def test_fp8_rollout_with_sglang_is_checked_before_workers(tmp_path):
     with pytest.raises(ValueError, match=r"rollout.sglang.model_path='.*aligned' \(the server started by hand\) is "
                                          r"not an FP8 checkpoint; start the server from `python tools/convert_"):
         config.check_inputs()
-    fp8 = write_fp8_checkpoint(aligned, tmp_path / "fp8")
+    fp8 = write_fp8_checkpoint(aligned, tmp_path / "fp8", tp_size=1)
     load_config(None, [*by_hand, f"rollout.sglang.model_path={fp8}"]).check_inputs()
 
 

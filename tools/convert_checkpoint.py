@@ -3,10 +3,12 @@
     python tools/convert_checkpoint.py hf-to-mcore --hf HF_DIR --out MCORE_DIR
     python tools/convert_checkpoint.py mcore-to-hf --mcore MCORE_DIR --out HF_DIR [--max-shard-size 5GB]
     python tools/convert_checkpoint.py verify --hf HF_DIR --mcore MCORE_DIR --tp 2 --pp 2
-    python tools/convert_checkpoint.py hf-to-fp8 --hf HF_DIR --out FP8_DIR
+    python tools/convert_checkpoint.py hf-to-fp8 --hf HF_DIR --out FP8_DIR [--tp-size 2]
 
 ``hf-to-fp8`` writes the block-FP8 checkpoint an SGLang server started by hand serves under
 ``rollout.quantization=fp8`` (launched servers get the trainer's own copy); rollout/fp8_weights.py has the layout.
+``--tp-size`` is the server's: each rank's slice of every linear must be whole 128x128 blocks, so a model is
+refused at a tp size SGLang could not load it at (the error lists the sizes that fit).
 
 Supported: Qwen2 / Qwen2.5 / Qwen2.5-Math, Llama-3 / 3.1 (and Llama-shaped DeepSeek-Math), Mistral.
 The Megatron checkpoint (torch_dist) loads at any TP/PP whose sizes divide the heads, query groups,
@@ -69,7 +71,7 @@ def mcore_to_hf(args: argparse.Namespace) -> None:
 
 def hf_to_fp8(args: argparse.Namespace) -> None:
     _check_empty_output(args.out)
-    write_fp8_checkpoint(args.hf, args.out)
+    write_fp8_checkpoint(args.hf, args.out, tp_size=args.tp_size, tp_field="--tp-size")
     print(f"wrote FP8 checkpoint {args.out}")
 
 
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("hf-to-fp8", help="HF safetensors -> block-FP8 HF checkpoint for SGLang rollout engines")
     p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="new directory for the FP8 checkpoint")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="tensor-parallel size of the SGLang server that will load it (its --tp-size)")
     p.set_defaults(run=hf_to_fp8)
     return parser
 

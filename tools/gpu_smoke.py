@@ -14,6 +14,13 @@ Each part runs in a process of its own (a hung CUDA call cannot stall the rest) 
 --out as soon as it finishes, so a run cut short still leaves the parts that finished. Exits 1 if any part failed
 or timed out, 2 at once without CUDA.
 
+What it covers and what it does not (``COVERS`` and ``DOES_NOT_COVER``, printed at the start and written into the
+JSON): one GPU, megatron-core's local layers in bf16, the torch engine, and a plain torch CUDA IPC hand-off. It
+touches no SGLang (no server, no /update_weights_from_tensor or its flattened_bucket load, no memory saver), no
+Transformer Engine or FP8 (neither FP8 GEMMs nor TE's cached FP8 weight copies nor FP8 rollout weights), no THD
+packing (TE's packed-sequence attention), no NCCL weight update (the broadcast to disaggregated engines), and
+nothing across GPUs (TP/PP/DP, Ray).
+
     python tools/gpu_smoke.py --out gpu_smoke.json                  # normally through tools/gpu_smoke.sh
     python tools/gpu_smoke.py --out gpu_smoke.json --parts environment ipc_handoff
 """
@@ -24,6 +31,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +41,21 @@ from pathlib import Path
 
 PARTS_TIMEOUT_S = {"environment": 30, "ipc_handoff": 60, "actor_vs_hf": 100, "throughput": 260}
 SMOKE_SHAPE = "qwen2.5-0.5b"
+COVERS = [
+    "one GPU: torch, CUDA, the device and its peak-table entry",
+    "the Megatron actor on CUDA with megatron-core's local layers (no Transformer Engine) in bf16 against HF "
+    "log-probs",
+    "a train step's TFLOP/s and MFU, a log-prob pass and the torch rollout engine on CUDA (Qwen2.5-0.5B's shape)",
+    "the weight sync into the torch engine in one process (resharding + load), GB/s against a device copy",
+    "a plain torch CUDA IPC hand-off of a flattened bucket to a second process",
+]
+DOES_NOT_COVER = [
+    "SGLang: no server, no /update_weights_from_tensor (flattened_bucket) load, no memory saver release/resume",
+    "Transformer Engine and FP8: no TE layers, FP8 GEMMs, cached FP8 weight copies or FP8 rollout weights",
+    "THD packing: Transformer Engine's packed-sequence attention (the local layers use a dense mask)",
+    "the NCCL weight update: the broadcast to disaggregated SGLang engines (update_weights_from_distributed)",
+    "more than one GPU: TP, PP, DP, Ray placement",
+]
 
 
 def part_environment(workdir: Path) -> dict:
@@ -102,6 +125,28 @@ PARTS = {"environment": part_environment, "ipc_handoff": part_ipc_handoff, "acto
          "throughput": part_throughput}
 
 
+def wheels_to_fetch(report: dict) -> list[str]:
+    """``name==version`` of every wheel a pip resolution (``pip install --dry-run --report``) installs, less torch
+    and what torch requires, transitively: the GPU machine's image brings those. Requirements under an ``extra``
+    marker are not followed; other markers are (the image is Linux x86_64, where torch's CUDA ones hold)."""
+    installs = {_normalized(item["metadata"]["name"]): item["metadata"] for item in report["install"]}
+    image, todo = set(), ["torch"]
+    while todo:
+        name = todo.pop()
+        if name in image or name not in installs:
+            continue
+        image.add(name)
+        for requirement in installs[name].get("requires_dist", []):
+            if "extra ==" not in requirement:
+                todo.append(_normalized(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement).group()))
+    return sorted(f"{metadata['name']}=={metadata['version']}" for name, metadata in installs.items()
+                  if name not in image)
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
+
+
 def run_part(name: str, workdir: Path, timeout_s: float) -> dict:
     """``name`` in a process group of its own, killed whole after ``timeout_s`` (the part's own workers too); its
     status, seconds and result."""
@@ -131,7 +176,12 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch space (default: a temp dir)")
     parser.add_argument("--run-part", choices=list(PARTS), help=argparse.SUPPRESS)  # one part, in its own process
     parser.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
+    # tools/gpu_smoke.sh fetch-wheels: the wheels of a pip report to download (on a machine that may lack torch).
+    parser.add_argument("--wheels-to-fetch", type=Path, metavar="REPORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.wheels_to_fetch:
+        print("\n".join(wheels_to_fetch(json.loads(args.wheels_to_fetch.read_text()))))
+        return 0
 
     import torch
 
@@ -144,7 +194,10 @@ def main() -> int:
         args.part_out.write_text(json.dumps(PARTS[args.run_part](args.workdir), default=str))
         return 0
 
-    report: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "parts": {}}
+    print("gpu_smoke: covers: " + "; ".join(COVERS), flush=True)
+    print("gpu_smoke: does NOT cover: " + "; ".join(DOES_NOT_COVER), flush=True)
+    report: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "covers": COVERS,
+                    "does_not_cover": DOES_NOT_COVER, "parts": {}}
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         for name in args.parts:
             print(f"gpu_smoke: {name} (at most {PARTS_TIMEOUT_S[name]} s) ...", flush=True)
@@ -153,7 +206,9 @@ def main() -> int:
                   flush=True)
             args.out.write_text(json.dumps(report, indent=2, default=str))  # what finished so far
     failed = [name for name, part in report["parts"].items() if part["status"] != "ok"]
-    print(f"gpu_smoke: wrote {args.out}; " + (f"FAILED: {failed}" if failed else "all parts ok"), flush=True)
+    print(f"gpu_smoke: wrote {args.out}; " + (f"FAILED: {failed}" if failed else "all parts ok")
+          + " (SGLang, Transformer Engine / FP8, THD packing, NCCL weight updates and multi-GPU not covered)",
+          flush=True)
     return 1 if failed else 0
 
 

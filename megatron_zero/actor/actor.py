@@ -43,7 +43,7 @@ from megatron_zero.actor.batching import ActorBatch, fp8_token_multiple, split_b
 from megatron_zero.actor.checkpointing import load_actor_checkpoint, save_actor_checkpoint
 from megatron_zero.actor.logprobs import vocab_parallel_logprobs_entropy
 from megatron_zero.actor.losses import aggregation_normaliser, compute_policy_loss
-from megatron_zero.actor.memory import MemoryMove, StorageOffloader, unique_storages_by_kind
+from megatron_zero.actor.memory import MemoryMove, StorageOffloader, drop_fp8_workspaces, unique_storages_by_kind
 from megatron_zero.actor.packing import packed_attention_inputs, packing_format
 from megatron_zero.config.actor import ActorConfig
 from megatron_zero.config.algorithm import PolicyLossConfig
@@ -139,6 +139,7 @@ class ReferenceModel:
         return logp
 
     def offload(self) -> MemoryMove:
+        drop_fp8_workspaces(self.model)
         tensors = [*self.model.parameters(), *self.model.buffers()]
         return self._memory.offload(unique_storages_by_kind({"weights": tensors}))
 
@@ -421,7 +422,9 @@ class MegatronActor:
         return unique_storages_by_kind({"weights": weights, "grads": grads, "optimizer": optimizer_state})
 
     def offload(self) -> MemoryMove:
-        """Copy weights, grads and optimizer state to host memory and free their device storage."""
+        """Copy weights, grads and optimizer state to host memory and free their device storage; drop TE's cached
+        FP8 weight copies (recast at the next step)."""
+        drop_fp8_workspaces(self.model)
         return self._memory.offload(self._storages_by_kind())
 
     def onload(self) -> MemoryMove:

@@ -7,7 +7,8 @@ How: ``offloader = StorageOffloader("actor")``; ``offloader.offload(unique_stora
 storage to (pinned) host memory and frees it in place with ``resize_(0)``; ``offloader.onload()`` reallocates and
 copies back. Resizing the storage, not re-pointing tensors, keeps every view valid (params are views into
 DDP's contiguous buffers, optimizer shards views of those). On a CPU-only machine the host copy is in the
-same memory, so nothing is freed, but the same code and bookkeeping run.
+same memory, so nothing is freed, but the same code and bookkeeping run. Under FP8 the models first drop
+Transformer Engine's cached FP8 weight copies (``drop_fp8_workspaces``), which are not parameters.
 """
 
 from __future__ import annotations
@@ -51,6 +52,23 @@ def unique_storages_by_kind(tensors_by_kind: dict[str, Iterable[Optional[torch.T
             seen.add(storage.data_ptr())
             kinds[kind].append(storage)
     return kinds
+
+
+def drop_fp8_workspaces(model: torch.nn.Module) -> None:
+    """Drop Transformer Engine's cached FP8 weight copies: every module's ``_fp8_workspaces`` dict (TE 2.x
+    module/base.py), emptied in place.
+
+    Why: megatron-core passes ``is_first_microbatch`` to TE's linears (extensions/transformer_engine.py), so each
+    keeps the FP8 cast of its weight (row-wise, and column-wise for the backward: 1-2 bytes per weight element of
+    its TP shard) in that dict from one step to the next; offloading parameters, grads and optimizer state leaves
+    them on the GPU through rollout. Dropping them costs one allocation at the next step: TE casts the weights
+    into the cached copy on every first microbatch anyway, and makes a new one when none is cached. Turning the cache
+    off instead (TransformerConfig.disable_parameter_transpose_cache) would cast on every microbatch. The planner
+    counts them (planning/memory.py FP8_TRAIN_WORKSPACE_BYTES)."""
+    for module in model.modules():
+        workspaces = getattr(module, "_fp8_workspaces", None)
+        if workspaces:
+            workspaces.clear()
 
 
 class StorageOffloader:

@@ -82,6 +82,9 @@ class EvalConfig:
         return sorted(set(ks) | {self.n_samples})
 
 
+SGLANG_DEVICES = ("cuda", "cpu")
+
+
 @dataclass(kw_only=True, frozen=True)
 class EngineConfig:
     # "torch": the embedded engine (engine.torch); "sglang": SGLang (engine.sglang).
@@ -93,6 +96,9 @@ class EngineConfig:
     sglang: Optional[SGLangConfig] = None
     num_gpus: int = 1
     ray_address: str = RAY_ADDRESS_AUTO
+    # Where launched SGLang servers run: "cuda", num_gpus GPUs of the Ray cluster; "cpu", num_gpus CPU bundles (the
+    # real server on CPU: rollout/sglang_cpu.py).
+    sglang_device: str = "cuda"
 
     def __post_init__(self) -> None:
         if self.engine not in ROLLOUT_ENGINES:
@@ -101,6 +107,8 @@ class EngineConfig:
             raise ValueError("engine='sglang' needs an SGLangConfig (sglang.model_path set)")
         if not (isinstance(self.num_gpus, int) and self.num_gpus >= 1):
             raise ValueError(f"num_gpus={self.num_gpus!r} must be an integer >= 1")
+        if self.sglang_device not in SGLANG_DEVICES:
+            raise ValueError(f"sglang_device={self.sglang_device!r} is unknown; use one of {list(SGLANG_DEVICES)}")
         if self.engine == "sglang" and self.sglang.launch:
             if self.sglang.colocated:
                 raise ValueError("sglang.colocated=True shares GPUs with training ranks, but evaluation has none; "
@@ -111,5 +119,8 @@ class EngineConfig:
     def cluster(self) -> ClusterConfig:
         """Launched servers' Ray layout: num_gpus GPUs of their own, as the trainer's disaggregated engines (no
         Megatron ranks are placed)."""
+        if self.sglang_device == "cpu":
+            return ClusterConfig(num_nodes=1, gpus_per_node=0, cpu_workers_per_node=self.num_gpus,
+                                 rollout_num_gpus=self.num_gpus, ray_address=self.ray_address)
         return ClusterConfig(num_nodes=1, gpus_per_node=self.num_gpus, rollout_num_gpus=self.num_gpus,
                              ray_address=self.ray_address)

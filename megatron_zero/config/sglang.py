@@ -20,6 +20,14 @@ if TYPE_CHECKING:
 
 # The --dtype choices of sglang 0.5.23 (sglang/srt/arg_groups/fields/model.py).
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+# sglang.dtype when left unset: bfloat16 on GPUs; float32 on CPU, where the server's float32 output equals HF
+# transformers' (log-prob gap <= 2.2e-6, measured) and "auto" would serve an fp32 checkpoint in float16.
+DEFAULT_DTYPE = {True: "bfloat16", False: "float32"}  # keyed by "the server has GPUs"
+# sglang.max_total_tokens when left unset. On GPUs None: the KV-cache pool is what mem_fraction_static leaves. On
+# CPU SGLang reads mem_fraction_static as a share of the machine's RAM and allocates it all at start (0.7 of a
+# 24 GiB machine: 14 GB of KV cache, 16 s to allocate, measured), so the pool gets a size that fits beside the
+# trainer; 65536 tokens is 256 responses of 256 tokens.
+DEFAULT_MAX_TOTAL_TOKENS = {True: None, False: 65536}
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -40,7 +48,11 @@ class SGLangConfig:
     # Share of each GPU's memory for weights + KV cache. Colocated with the actor, the actor's memory is
     # released during rollout, so this is the share while the actor is offloaded.
     mem_fraction_static: float = 0.7
-    dtype: str = "bfloat16"
+    # None: DEFAULT_DTYPE (bfloat16 on GPUs, float32 on CPU); see served_dtype.
+    dtype: Optional[str] = None
+    # KV-cache pool in tokens (--max-total-tokens). None: DEFAULT_MAX_TOTAL_TOKENS (on GPUs what
+    # mem_fraction_static leaves; a fixed pool on CPU); see served_max_total_tokens.
+    max_total_tokens: Optional[int] = None
     # Colocated (cluster.colocate): weights arrive as CUDA IPC handles (/update_weights_from_tensor) and GPU memory
     # is released during training (needs --enable-memory-saver). Disaggregated (cluster.rollout_num_gpus): weights
     # arrive by NCCL broadcast (/update_weights_from_distributed) and memory is never released.
@@ -79,7 +91,7 @@ class SGLangConfig:
             raise ValueError(f"sglang.base_gpu_id={self.base_gpu_id} must be >= 0")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"sglang.mem_fraction_static={self.mem_fraction_static} must be in (0, 1)")
-        if self.dtype not in SGLANG_DTYPES:
+        if self.dtype is not None and self.dtype not in SGLANG_DTYPES:
             raise ValueError(f"sglang.dtype={self.dtype!r} is not an SGLang dtype; use one of {list(SGLANG_DTYPES)}")
         for name in ("generate_timeout_s", "control_timeout_s", "health_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
@@ -90,10 +102,12 @@ class SGLangConfig:
             raise ValueError(f"sglang.max_retries={self.max_retries} must be >= 0 (0 = no retry)")
         if self.retry_backoff_s < 0:
             raise ValueError(f"sglang.retry_backoff_s={self.retry_backoff_s} must be >= 0")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError(f"sglang.max_total_tokens={self.max_total_tokens} must be >= 1 or None (the default)")
         if self.context_length is not None and self.context_length < 1:
             raise ValueError(f"sglang.context_length={self.context_length} must be >= 1 or None (model default)")
         reserved = {"--model-path", "--host", "--port", "--tp-size", "--tensor-parallel-size", "--base-gpu-id",
-                    "--mem-fraction-static", "--dtype", "--enable-memory-saver"}
+                    "--mem-fraction-static", "--dtype", "--enable-memory-saver", "--max-total-tokens"}
         clashes = sorted(reserved & {arg.split("=", 1)[0] for arg in self.extra_server_args})
         if clashes:
             raise ValueError(f"sglang.extra_server_args sets {clashes}, which are SGLangConfig fields; set the fields")
@@ -101,6 +115,14 @@ class SGLangConfig:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def served_dtype(self, on_gpus: bool) -> str:
+        """The --dtype the server runs: ``dtype``, or ``DEFAULT_DTYPE`` for its device when unset."""
+        return self.dtype if self.dtype is not None else DEFAULT_DTYPE[on_gpus]
+
+    def served_max_total_tokens(self, on_gpus: bool) -> Optional[int]:
+        """The --max-total-tokens the server runs (None: not passed): ``max_total_tokens``, or the device's default."""
+        return self.max_total_tokens if self.max_total_tokens is not None else DEFAULT_MAX_TOTAL_TOKENS[on_gpus]
 
     def check_launch(self, cluster: "ClusterConfig") -> None:
         """Can the trainer launch these servers on ``cluster`` (``launch=true``)? Colocated on the Megatron ranks'

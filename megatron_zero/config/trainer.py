@@ -181,7 +181,8 @@ class TrainConfig:
     @property
     def logprob_precision(self) -> str:
         """``LOGPROB_GAP_BOUNDS`` key of the engine/actor pair: "fp32" only when both compute in float32."""
-        engine_dtype = self.rollout.torch.dtype if self.rollout.engine == "torch" else self.rollout.sglang.dtype
+        engine_dtype = (self.rollout.torch.dtype if self.rollout.engine == "torch"
+                        else self.rollout.sglang.served_dtype(self.cluster.use_gpus))
         both_fp32 = (self.model.params_dtype in _FP32_DTYPES and engine_dtype in _FP32_DTYPES
                      and self.model.fp8 is None and self.rollout.quantization is None)
         return "fp32" if both_fp32 else "16bit"
@@ -195,9 +196,8 @@ class TrainConfig:
 
     def _check_sglang(self, sglang: SGLangConfig) -> None:
         if sglang.launch:
-            if not self.cluster.use_gpus:
-                raise ValueError("rollout.engine='sglang' launches SGLang servers on the cluster's GPUs, but "
-                                 "cluster.gpus_per_node=0; use rollout.engine=torch on CPU")
+            # With cluster.gpus_per_node=0 the servers run on CPU (rollout/sglang_cpu.py), on the CPU workers'
+            # bundles (colocated) or on cluster.rollout_num_gpus CPU bundles of their own.
             sglang.check_launch(self.cluster)
             return
         # A server started by hand (rollout.sglang.host:port) sits on GPUs the trainer does not manage: it takes
@@ -220,15 +220,11 @@ class TrainConfig:
             raise ValueError(f"rollout.quantization='fp8' sends FP8 weights, but rollout.sglang.model_path="
                              f"{sglang.model_path!r} (the server started by hand) is not an FP8 checkpoint; start the "
                              "server from `python tools/convert_checkpoint.py hf-to-fp8 --hf MODEL --out DIR`")
-        attention, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
-        projections = {"self_attn.q_proj": attention, "self_attn.k_proj": kv, "self_attn.v_proj": kv,
-                       "mlp.gate_proj": arch.ffn_hidden_size, "mlp.up_proj": arch.ffn_hidden_size}
         try:
-            check_sglang_block_alignment([(f"model.layers.0.{name}.weight", (rows, arch.hidden_size))
-                                          for name, rows in projections.items()])
+            check_sglang_block_alignment(arch, sglang.tp_size, "rollout.sglang.tp_size")
         except ValueError as error:
-            raise ValueError(f"rollout.quantization='fp8' with rollout.engine='sglang' ({self.model_path}): "
-                             f"{error}") from None
+            raise ValueError(f"rollout.quantization='fp8' ({self.model_path}): {error}; or sync unquantized weights "
+                             "(rollout.quantization=null)") from None
 
     def check_inputs(self) -> None:
         """File checks, run before any worker starts; raise naming the field and the path."""

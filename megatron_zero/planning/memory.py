@@ -51,6 +51,13 @@ DEFAULT_OVERHEAD_GIB = 2.0
 # SGLang's CUDA graphs and forward activations, outside its static pool (mem_fraction_static).
 DEFAULT_CUDA_GRAPH_RESERVE_GIB = 3.0
 DEFAULT_GPU_MEMORY_GIB = 80.0
+# model.fp8: bytes per linear weight element of Transformer Engine's cached FP8 copies (each TE module's
+# ``_fp8_workspaces``, kept between microbatches because megatron-core passes ``is_first_microbatch``). A training
+# forward casts a row-wise copy for its GEMM and a column-wise one for the backward GEMMs (TE module/linear.py:
+# columnwise usage when grad is enabled); a forward without grad only the row-wise one. Block scales are left out
+# (at most one byte per 32 elements, mxfp8).
+FP8_TRAIN_WORKSPACE_BYTES = 2
+FP8_FORWARD_WORKSPACE_BYTES = 1
 
 
 def _divisors(n: int) -> list[int]:
@@ -317,13 +324,19 @@ class EngineInputs:
     fp8_weights: bool = False
 
 
-def engine_linear_parameters(arch: DecoderArchitecture, tp_size: int) -> int:
-    """Parameters of one engine rank's quantizable linears (q/k/v/o, gate/up/down), at its TP; k/v are replicated
-    when the TP exceeds the KV heads, as in the KV cache."""
+def layer_linear_parameters(arch: DecoderArchitecture, tp_size: int) -> int:
+    """Weight elements of one decoder layer's linears (q/k/v/o, gate/up/down) on one TP rank, the weights FP8
+    quantizes; k/v are replicated when the TP exceeds the KV heads (an SGLang engine, as in its KV cache; the
+    actor's TP always divides them)."""
     q_rows = arch.num_attention_heads * arch.head_dim // tp_size
     kv_rows = max(1, arch.num_query_groups // tp_size) * arch.head_dim
     attention = arch.hidden_size * (2 * q_rows + 2 * kv_rows)  # q and o; k and v
-    return arch.num_layers * (attention + 3 * arch.hidden_size * arch.ffn_hidden_size // tp_size)
+    return attention + 3 * arch.hidden_size * arch.ffn_hidden_size // tp_size
+
+
+def engine_linear_parameters(arch: DecoderArchitecture, tp_size: int) -> int:
+    """Parameters of one engine rank's quantizable linears, at its TP."""
+    return arch.num_layers * layer_linear_parameters(arch, tp_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,6 +389,8 @@ class PlanInputs:
     pipeline_parallel_size: int
     data_parallel_size: int
     params_dtype: str = "bfloat16"
+    # model.fp8 is set: the actor's and the reference's TE linears cache FP8 copies of their weights.
+    fp8: bool = False
     vocab_pad_multiple: int = 128
     max_tokens_per_microbatch: int = 16384
     recompute: Recompute = NO_RECOMPUTE
@@ -419,13 +434,14 @@ def plan_inputs(config: TrainConfig, arch: DecoderArchitecture, **device: int) -
     else:
         deployment = "colocated" if config.cluster.colocate else "disaggregated"
         engine = EngineInputs(tp_size=sglang.tp_size, mem_fraction_static=sglang.mem_fraction_static,
-                              dtype=sglang.dtype, fp8_weights=config.rollout.quantization == "fp8")
+                              dtype=sglang.served_dtype(config.cluster.use_gpus),
+                              fp8_weights=config.rollout.quantization == "fp8")
     bucket_mb = config.run.weight_sync_bucket_mb
     reference = "none" if config.loss.kl_coef == 0 else "offloaded" if config.actor.offload_reference else "device"
     return PlanInputs(
         arch=arch, tensor_parallel_size=config.parallel.tensor_parallel_size,
         pipeline_parallel_size=config.parallel.pipeline_parallel_size, data_parallel_size=dp,
-        params_dtype=model.params_dtype, vocab_pad_multiple=model.vocab_pad_multiple,
+        params_dtype=model.params_dtype, fp8=model.fp8 is not None, vocab_pad_multiple=model.vocab_pad_multiple,
         max_tokens_per_microbatch=config.actor.max_tokens_per_microbatch,
         recompute=Recompute(granularity=model.recompute_granularity, method=model.recompute_method,
                             num_layers=model.recompute_num_layers),
@@ -458,6 +474,10 @@ class ActorTerms:
     stage: int
     model_state: ModelState
     reference: int
+    # TE's cached FP8 weight copies (model.fp8; 0 without): as a train step leaves them, and as a log-prob pass
+    # casts them anew after the offload dropped them (actor/memory.py drop_fp8_workspaces).
+    fp8_workspaces: int
+    fp8_forward_workspaces: int
     train: Activations
     logprob: Activations
     train_batch: int
@@ -474,19 +494,24 @@ class Deployment(abc.ABC):
         ...
 
 
-def _actor_phases(actor: ActorTerms, inputs: PlanInputs, reference_between: bool,
-                  process_overheads: int) -> list[PhaseMemory]:
+def _fp8_workspace_term(inputs: PlanInputs, num_bytes: int) -> dict[str, int]:
+    return {"fp8_workspaces": num_bytes} if inputs.fp8 else {}
+
+
+def _actor_phases(actor: ActorTerms, inputs: PlanInputs, reference_between: bool, process_overheads: int,
+                  logprob_workspaces: int) -> list[PhaseMemory]:
     """logprob and train on the actor's GPU. ``reference_between``: the reference occupies the GPU outside its own
-    pass. The offloaded reference visits only during the log-prob phase (its pass); offload empties the cache."""
+    pass. The offloaded reference visits only during the log-prob phase (its pass); offload empties the cache.
+    ``logprob_workspaces``: the actor's cached FP8 weight copies during its log-prob pass."""
     state, overhead = actor.model_state, process_overheads * inputs.overhead_bytes
     common = {"weights": state.weights, "grads": state.grads, "optimizer": state.optimizer}
     reference_train = actor.reference if reference_between else 0
     logprob = PhaseMemory("logprob", "actor", actor.stage, {
-        **common, "reference": actor.reference, "activations": actor.logprob.total,
-        "batch": actor.logprob_batch, "overhead": overhead})
+        **common, **_fp8_workspace_term(inputs, logprob_workspaces), "reference": actor.reference,
+        "activations": actor.logprob.total, "batch": actor.logprob_batch, "overhead": overhead})
     train = PhaseMemory("train", "actor", actor.stage, {
-        **common, "reference": reference_train, "activations": actor.train.total,
-        "batch": actor.train_batch, "overhead": overhead})
+        **common, **_fp8_workspace_term(inputs, actor.fp8_workspaces), "reference": reference_train,
+        "activations": actor.train.total, "batch": actor.train_batch, "overhead": overhead})
     return [logprob, train]
 
 
@@ -516,9 +541,11 @@ class ColocatedDeployment(Deployment):
         state = actor.model_state
         sync = PhaseMemory("sync", "shared", actor.stage, {
             "weights": state.weights, "grads": state.grads, "optimizer": state.optimizer,
+            **_fp8_workspace_term(inputs, actor.fp8_workspaces),
             "reference": actor.reference if reference_between else 0, "activations": _cached_activations(actor),
             "engine_weights": engine.weights, "buckets": 2 * inputs.weight_bucket_bytes, "overhead": overhead})
-        return [rollout, *_actor_phases(actor, inputs, reference_between, 2), sync]
+        # The offload before rollout dropped the FP8 copies; the log-prob pass casts row-wise ones only.
+        return [rollout, *_actor_phases(actor, inputs, reference_between, 2, actor.fp8_forward_workspaces), sync]
 
 
 class DisaggregatedDeployment(Deployment):
@@ -531,7 +558,7 @@ class DisaggregatedDeployment(Deployment):
         rollout = PhaseMemory("rollout", "rollout", 0, {
             "engine_static": int(inputs.device_bytes * inputs.engine.mem_fraction_static),
             "cuda_graphs": engine.cuda_graph_reserve})
-        return [rollout, *_actor_phases(actor, inputs, inputs.reference != "none", 1),
+        return [rollout, *_actor_phases(actor, inputs, inputs.reference != "none", 1, actor.fp8_workspaces),
                 _sync_without_engine(actor, inputs)]
 
 
@@ -541,13 +568,15 @@ class ActorOnlyDeployment(Deployment):
     name = "actor_only"
 
     def phases(self, actor, engine, inputs):
-        return [*_actor_phases(actor, inputs, inputs.reference != "none", 1), _sync_without_engine(actor, inputs)]
+        return [*_actor_phases(actor, inputs, inputs.reference != "none", 1, actor.fp8_workspaces),
+                _sync_without_engine(actor, inputs)]
 
 
 def _sync_without_engine(actor: ActorTerms, inputs: PlanInputs) -> PhaseMemory:
     state = actor.model_state
     return PhaseMemory("sync", "actor", actor.stage, {
         "weights": state.weights, "grads": state.grads, "optimizer": state.optimizer,
+        **_fp8_workspace_term(inputs, actor.fp8_workspaces),
         "reference": actor.reference if inputs.reference == "device" else 0,
         "activations": _cached_activations(actor), "buckets": 2 * inputs.weight_bucket_bytes,
         "overhead": inputs.overhead_bytes})
@@ -614,10 +643,16 @@ def _actor_terms(inputs: PlanInputs, stage: StageParameters) -> ActorTerms:
     shape = dict(tensor_parallel_size=inputs.tensor_parallel_size, pipeline_parallel_size=inputs.pipeline_parallel_size,
                  stage=stage.stage, num_tokens=inputs.max_tokens_per_microbatch, e=e,
                  vocab_pad_multiple=inputs.vocab_pad_multiple)
+    # Elements of the stage's linear weights on this TP rank, which TE casts to FP8 (0 without model.fp8).
+    fp8_linear = stage.num_layers * layer_linear_parameters(arch, inputs.tensor_parallel_size) if inputs.fp8 else 0
     return ActorTerms(
         stage=stage.stage,
         model_state=model_state_bytes(stage.num_parameters, inputs.params_dtype, inputs.data_parallel_size),
-        reference=0 if inputs.reference == "none" else stage.num_parameters * e,
+        # The reference's forward-only passes cache row-wise FP8 copies, kept while it is on the device.
+        reference=(0 if inputs.reference == "none"
+                   else stage.num_parameters * e + FP8_FORWARD_WORKSPACE_BYTES * fp8_linear),
+        fp8_workspaces=FP8_TRAIN_WORKSPACE_BYTES * fp8_linear,
+        fp8_forward_workspaces=FP8_FORWARD_WORKSPACE_BYTES * fp8_linear,
         train=train_activation_bytes(arch, kernels, recompute=inputs.recompute, **shape),
         logprob=logprob_activation_bytes(arch, kernels, **shape),
         train_batch=inputs.rows_per_train_call * inputs.max_sequence_tokens * BATCH_BYTES_PER_TOKEN,

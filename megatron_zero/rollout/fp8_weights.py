@@ -13,8 +13,10 @@ Layout (SGLang 0.5.23, ``srt/layers/quantization/fp8.py``: ``Fp8LinearMethod.cre
 ``fp8[i*128:(i+1)*128, j*128:(j+1)*128].float() * scale_inv[i, j]``; a partial last block has a scale of its own.
 SGLang quantizes only its ``LinearBase`` layers (fused ``qkv_proj`` / ``gate_up_proj`` load the per-projection
 tensors and their scale rows); embeddings, norms and ``lm_head`` stay in the checkpoint's dtype, as the peers keep
-them. Fused projections also need every q/k/v and gate/up output size to be a multiple of 128 (SGLang's
-``validate_block_quant_shapes``), which ``check_sglang_block_alignment`` checks before an engine would refuse.
+them. SGLang's ``validate_block_quant_shapes`` also needs each tensor-parallel rank's slice to be whole blocks: the
+output slice of every q/k/v and gate/up projection (at any tp_size, since they are fused) and, at tp_size > 1, the
+input slice of o_proj and down_proj; ``check_sglang_block_alignment`` checks that for a server's tp_size before an
+engine would refuse.
 
 Why not nvidia-modelopt (checked: 0.47.0 from PyPI): its ``FP8QTensor.quantize(w, block_sizes={-1: 128, -2: 128})``
 computes this very layout (scale = block amax / 448, weight ~ fp8 * scale), but (1) importing
@@ -36,8 +38,12 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_zero.models.common.architecture import DecoderArchitecture
 
 FP8_DTYPE = torch.float8_e4m3fn
 # Largest finite e4m3fn value (448): the block's absmax maps onto it.
@@ -53,8 +59,6 @@ FP8_QUANTIZATION_CONFIG = {
 }
 # The linear layers of the dense decoder families (qwen2, llama, mistral share HF names); everything else stays.
 _QUANTIZED_RE = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
-# Projections SGLang fuses into one LinearBase (qkv_proj, gate_up_proj): their output sizes must be block-aligned.
-_FUSED_RE = re.compile(r"\.(self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)\.weight$")
 
 
 def is_quantized_weight(name: str, tensor: torch.Tensor) -> bool:
@@ -166,18 +170,21 @@ def round_trip_fp8_(model: torch.nn.Module) -> None:
                 tensor.copy_(dequantize_block_fp8(*quantize_block_fp8(tensor), tensor.dtype))
 
 
-def write_fp8_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
+def write_fp8_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, tp_size: int,
+                         tp_field: str = "tp_size") -> Path:
     """An FP8 copy of the HF checkpoint ``hf_dir`` in ``out_dir``, the one SGLang engines start from under
     ``rollout.quantization=fp8``: linear weights as FP8 + ``*_scale_inv``, every other tensor as it is, the
     tokenizer and generation files copied, and ``config.json`` with ``quantization_config`` =
-    ``FP8_QUANTIZATION_CONFIG``. Shapes SGLang's fused layers cannot load (``check_sglang_block_alignment``) are
-    refused first, before anything is written."""
+    ``FP8_QUANTIZATION_CONFIG``. A model whose per-rank slices an SGLang server of ``tp_size`` GPUs cannot load
+    (``check_sglang_block_alignment``; ``tp_field`` names the option that set it) is refused first, before anything
+    is written."""
     from megatron_zero.models.hf_io import HFCheckpointReader, HFCheckpointWriter, copy_non_weight_files
+    from megatron_zero.models.registry import read_architecture
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_sglang_block_alignment(read_architecture(hf_dir), tp_size, tp_field)
     reader = HFCheckpointReader(hf_dir)
     try:
-        check_sglang_block_alignment([(name, reader.shape(name)) for name in reader.names()])
         copy_non_weight_files(hf_dir, out_dir)
         writer = HFCheckpointWriter(out_dir)
         for name in reader.names():
@@ -202,11 +209,48 @@ def is_fp8_checkpoint(hf_dir: str | Path) -> bool:
     return all(quantization.get(key) == value for key, value in FP8_QUANTIZATION_CONFIG.items())
 
 
-def check_sglang_block_alignment(named_shapes: Sequence[tuple[str, Sequence[int]]]) -> None:
-    """Raise if SGLang would refuse the FP8 checkpoint: a fused projection whose output size is not a multiple of
-    the block rows (its scale rows would straddle two projections)."""
-    bad = [f"{name} {tuple(shape)}" for name, shape in named_shapes
-           if _FUSED_RE.search(name) and len(shape) == 2 and shape[0] % BLOCK_SIZE[0]]
-    if bad:
-        raise ValueError(f"FP8 rollout weights need q/k/v and gate/up output sizes that are multiples of "
-                         f"{BLOCK_SIZE[0]} (SGLang fuses them); not so for {bad[:3]}; sync bf16 weights for this model")
+def _sglang_slice_misfits(arch: "DecoderArchitecture", tp_size: int) -> list[str]:
+    """What SGLang 0.5.23 refuses when it loads block-FP8 weights of ``arch`` on ``tp_size`` ranks, one line each.
+
+    Mirrors its layers: ``QKVParallelLinear`` gives each rank ``heads / tp`` query heads and ``kv_heads / tp`` kv
+    heads, or, when ``tp >= kv_heads``, one kv head replicated on ``tp / kv_heads`` ranks (so both must divide);
+    ``MergedColumnParallelLinear`` splits gate and up by ``tp``; ``RowParallelLinear`` splits o_proj's and
+    down_proj's input by ``tp`` (sglang/srt/layers/linear.py). ``Fp8LinearMethod.validate_block_quant_shapes``
+    (srt/layers/quantization/fp8.py) then needs every fused output slice to be a multiple of the block rows (at any
+    tp, since q/k/v and gate/up are fused) and, at tp > 1, every row-parallel input slice a multiple of the block
+    columns."""
+    heads, kv_heads, ffn = arch.num_attention_heads, arch.num_query_groups, arch.ffn_hidden_size
+    rows, cols = BLOCK_SIZE
+    misfits, slices = [], []
+    if heads % tp_size:
+        misfits.append(f"num_attention_heads={heads} does not split over tp_size={tp_size}")
+    else:
+        slices.append(("self_attn.q_proj output", heads // tp_size * arch.head_dim, rows))
+        if tp_size > 1:
+            slices.append(("self_attn.o_proj input", heads // tp_size * arch.head_dim, cols))
+    if kv_heads % tp_size and tp_size % kv_heads:
+        misfits.append(f"num_key_value_heads={kv_heads} neither splits over nor replicates onto tp_size={tp_size}")
+    else:
+        kv_slice = max(kv_heads // tp_size, 1) * arch.head_dim  # one replicated kv head per rank when tp >= kv heads
+        slices += [("self_attn.k_proj output", kv_slice, rows), ("self_attn.v_proj output", kv_slice, rows)]
+    if ffn % tp_size:
+        misfits.append(f"intermediate_size={ffn} does not split over tp_size={tp_size}")
+    else:
+        slices += [("mlp.gate_proj output", ffn // tp_size, rows), ("mlp.up_proj output", ffn // tp_size, rows)]
+        if tp_size > 1:
+            slices.append(("mlp.down_proj input", ffn // tp_size, cols))
+    return misfits + [f"{what} slice {size} is not a multiple of {block}" for what, size, block in slices
+                      if size % block]
+
+
+def check_sglang_block_alignment(arch: "DecoderArchitecture", tp_size: int, field: str = "tp_size") -> None:
+    """Raise if an SGLang server of ``tp_size`` GPUs would refuse block-FP8 weights of ``arch`` at load, naming
+    every projection whose per-rank slice is not whole blocks and the values of ``field`` (the option that set
+    ``tp_size``) that would load."""
+    misfits = _sglang_slice_misfits(arch, tp_size)
+    if misfits:
+        heads = arch.num_attention_heads
+        fits = [tp for tp in range(1, heads + 1) if heads % tp == 0 and not _sglang_slice_misfits(arch, tp)]
+        fix = f"use {field} in {fits}" if fits else f"no {field} fits: serve this model without FP8 weights"
+        raise ValueError(f"{field}={tp_size}: an SGLang server of tp_size={tp_size} cannot load {BLOCK_SIZE[0]}x"
+                         f"{BLOCK_SIZE[1]} block-FP8 weights of this model: {'; '.join(misfits)}; {fix}")

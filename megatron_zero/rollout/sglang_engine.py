@@ -26,10 +26,11 @@ off). Greedy requests (T = 0) return log_softmax(logits) (SGLang treats T = 0 as
 Prompt (input) log-probs are always at T = 1 in 0.5.23 (log_softmax of the raw logits, logprob_processor.py), so
 ``compute_logprobs`` accepts only temperature 1.0 (or 0, greedy, scored at 1) and refuses others.
 
-CUDA boundary: serialising weights needs CUDA tensors and the sglang package (its pickling patch maps
-device indices to GPU UUIDs, so a trainer that sees one GPU can hand a tensor to a server that sees
-several); on CPU ``update_weights`` raises ``CUDABoundaryError`` before any request. Everything else runs
-against any server speaking the API; tests/test_sglang_engine.py uses a fake one on 127.0.0.1.
+CUDA boundary: serialising weights needs the sglang package (its pickling patch maps device indices to GPU
+UUIDs, so a trainer that sees one GPU can hand a tensor to a server that sees several) and, on a GPU machine, CUDA
+tensors (``CUDABoundaryError`` otherwise, before any request). On a machine without CUDA the same payload holds a
+CPU tensor in shared memory, which the real server on CPU loads (rollout/sglang_cpu.py); tests/
+test_sglang_real_server.py runs every path against it, tests/test_sglang_engine.py against a fake on 127.0.0.1.
 
 How: ``cmd = launch_server_command(cfg)`` (start it with ``launch_server_env()``), then
 ``engine = SGLangEngine(cfg); engine.wait_until_ready(); engine.generate(prompts, SamplingParams())``.
@@ -52,6 +53,7 @@ import torch
 from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.rollout.engine import FINISH_REASONS, Generation, RolloutEngine, SamplingParams, WeightUpdateStats
 from megatron_zero.rollout.fp8_weights import SCALE_SUFFIX, as_bytes
+from megatron_zero.rollout.sglang_cpu import CPU_SERVER_ARGS, cpu_server_env
 from megatron_zero.rollout.sglang_http import SGLangHTTPClient, SGLangHTTPError
 
 logger = logging.getLogger(__name__)
@@ -70,9 +72,9 @@ class CUDABoundaryError(RuntimeError):
     """Weights were offered for a colocated (CUDA IPC) update from a machine or tensor without CUDA."""
 
 
-def launch_server_command(config: SGLangConfig) -> list[str]:
+def launch_server_command(config: SGLangConfig, *, on_cpu: bool = False) -> list[str]:
     """The ``python -m sglang.launch_server`` command line for one engine (flags of sglang 0.5.23,
-    sglang/srt/arg_groups/fields/)."""
+    sglang/srt/arg_groups/fields/). ``on_cpu``: a server on a machine without a GPU (``rollout/sglang_cpu.py``)."""
     command = [
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", config.model_path,
@@ -81,11 +83,17 @@ def launch_server_command(config: SGLangConfig) -> list[str]:
         "--tp-size", str(config.tp_size),
         "--base-gpu-id", str(config.base_gpu_id),
         "--mem-fraction-static", str(config.mem_fraction_static),
-        "--dtype", config.dtype,
+        "--dtype", config.served_dtype(on_gpus=not on_cpu),
     ]
-    if config.colocated:
-        # /release_memory_occupation and /resume_memory_occupation need torch_memory_saver's allocator. No
-        # --enable-weights-cpu-backup: released weights are discarded, and every resume is followed by a sync.
+    max_total_tokens = config.served_max_total_tokens(on_gpus=not on_cpu)
+    if max_total_tokens is not None:
+        command += ["--max-total-tokens", str(max_total_tokens)]
+    if on_cpu:
+        command += CPU_SERVER_ARGS
+    elif config.colocated:
+        # /release_memory_occupation and /resume_memory_occupation need torch_memory_saver's allocator (CUDA only:
+        # on CPU they flush the cache and keep the weights). No --enable-weights-cpu-backup: released weights are
+        # discarded, and every resume is followed by a sync.
         command.append("--enable-memory-saver")
     if config.disable_radix_cache:
         command.append("--disable-radix-cache")
@@ -100,10 +108,12 @@ def launch_server_command(config: SGLangConfig) -> list[str]:
     return command + list(config.extra_server_args)
 
 
-def launch_server_env(base: dict[str, str]) -> dict[str, str]:
+def launch_server_env(base: Mapping[str, str], *, on_cpu: bool = False) -> dict[str, str]:
     """The environment for the server: ``base`` without SGLANG_RETURN_ORIGINAL_LOGPROB, which would make the
-    returned log-probs ignore the temperature and break the contract."""
-    return {key: value for key, value in base.items() if key != "SGLANG_RETURN_ORIGINAL_LOGPROB"}
+    returned log-probs ignore the temperature and break the contract; on CPU with what ``rollout/sglang_cpu.py``
+    adds."""
+    env = {key: value for key, value in base.items() if key != "SGLANG_RETURN_ORIGINAL_LOGPROB"}
+    return cpu_server_env(env) if on_cpu else env
 
 
 def sglang_sampling_params(params: SamplingParams, *, deterministic: bool) -> dict:
@@ -196,13 +206,20 @@ def _check_batch(outputs: object, expected: int, url: str) -> list[dict]:
 
 def serialize_flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> tuple[str, torch.Tensor]:
     """One bucket as SGLang's "flattened_bucket" payload: a base64 pickled dict holding one uint8 CUDA buffer
-    (shared by IPC handle, not copied over HTTP) and each tensor's name, dtype, shape and byte range.
+    (shared by IPC handle, not copied over HTTP) and each tensor's name, dtype, shape and byte range. On a machine
+    without CUDA (the CPU server beside CPU ranks, rollout/sglang_cpu.py) the buffer is a CPU tensor in shared
+    memory, which the server opens by name.
 
-    Returns the payload and the buffer: CUDA IPC needs the producer to keep the buffer alive until the server
-    has loaded it, so hold it until the request returns.
+    Returns the payload and the buffer: the producer must keep the buffer alive until the server has loaded it,
+    so hold it until the request returns.
     """
     off_gpu = [name for name, tensor in named_tensors if not tensor.is_cuda]
-    if off_gpu:
+    if not torch.cuda.is_available():
+        # The default sharing strategy passes a file descriptor over a multiprocessing connection the server never
+        # opens (it unpickles an HTTP body): its scheduler then dies ("digest sent was rejected", measured). A
+        # file_system handle names a /dev/shm file instead. Process-wide, and only ever set on CPU machines.
+        torch.multiprocessing.set_sharing_strategy("file_system")
+    elif off_gpu:
         raise CUDABoundaryError(
             f"colocated SGLang weight updates pass CUDA IPC handles, but {len(off_gpu)} tensor(s) are not on a "
             f"CUDA device (first: {off_gpu[0]!r}, CUDA available: {torch.cuda.is_available()}); move the bucket "
@@ -510,14 +527,21 @@ class SGLangEngine(RolloutEngine):
         return self._stats
 
     def _update_from_tensor(self, chunk: list[tuple[str, torch.Tensor]]) -> None:
-        serialized, buffer = serialize_flattened_bucket(chunk)
-        self.update_weights_from_serialized([serialized] * self.config.tp_size)
-        del buffer  # the server has copied it into its parameters
+        # One serialization per server TP rank, as SGLang 0.5.23's own Engine sends (entrypoints/engine.py
+        # _serialize_tensors_per_rank): rank i deserializes only entry i (managers/tp_worker.py
+        # deserialize_own_rank), and each serialization registers its own CUDA IPC reference count here, which
+        # that one rank's release drops; one payload opened by every rank would drop a single count tp_size times.
+        # The flattened_bucket load does not move the buffer (weight_updater._update_weights_from_flattened_bucket):
+        # each rank opens it on this process's GPU and its weight loaders copy it onto their own. Each call flattens
+        # its own copy of the bucket (tp_size x run.weight_sync_bucket_mb while the request runs).
+        per_rank = [serialize_flattened_bucket(chunk) for _ in range(self.config.tp_size)]
+        self.update_weights_from_serialized([serialized for serialized, _ in per_rank])
+        del per_rank  # the buffers lived until every rank had copied them into its parameters
 
     def update_weights_from_serialized(self, per_rank: Sequence[str]) -> None:
         """Send one flattened bucket already serialised per TP rank of the server (entry i is opened by rank i).
 
-        ``update_weights`` passes the same handle to every rank, so with tp_size > 1 ranks read the buffer
+        ``update_weights`` serializes a buffer of this process for every rank, so with tp_size > 1 ranks read
         across GPUs; a caller whose actor rank i shares GPU i with server rank i can instead gather each
         rank's own ``serialize_flattened_bucket`` and send them here.
         """

@@ -67,6 +67,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from megatron_zero.config.cluster import ClusterConfig
 from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.rollout.engine import Generation, RolloutEngine, SamplingParams, WeightUpdateStats
+from megatron_zero.rollout.sglang_cpu import build_driver_stub
 from megatron_zero.rollout.sglang_engine import SGLangEngine, launch_server_command, launch_server_env
 from megatron_zero.trainer.actor_group import COLOCATED_GPU_SHARE, LOG_TAIL_LINES
 from megatron_zero.trainer.placement import Bundle, ClusterPlacement
@@ -147,8 +148,9 @@ def plan_engines(bundles: Sequence[Bundle], tp_size: int) -> list[EngineSlot]:
 
 
 def server_env(base: Mapping[str, str], gpu_ids: Sequence[int]) -> dict[str, str]:
-    """The server's environment: ``launch_server_env(base)``, seeing exactly the engine's GPUs (if it has any)."""
-    env = launch_server_env(dict(base))
+    """The server's environment: ``launch_server_env(base)``, seeing exactly the engine's GPUs; an engine without
+    GPUs (CPU bundles) gets the CPU mode's variables (rollout/sglang_cpu.py)."""
+    env = launch_server_env(base, on_cpu=not gpu_ids)
     if gpu_ids:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpu_ids)
     return env
@@ -157,8 +159,9 @@ def server_env(base: Mapping[str, str], gpu_ids: Sequence[int]) -> dict[str, str
 def slot_server_launch(config: SGLangConfig, slot: EngineSlot, host: str, port: int,
                        base_env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """The argv and environment ``slot``'s server is started with, bound to ``host:port``: pure (no Ray, no network),
-    so the actor runs exactly what a dry run prints. The GPUs are CUDA_VISIBLE_DEVICES, numbered from 0 inside."""
-    command = launch_server_command(dataclasses.replace(config, host=host, port=port))
+    so the actor runs exactly what a dry run prints. The GPUs are CUDA_VISIBLE_DEVICES, numbered from 0 inside; a
+    slot without GPUs (a CPU placement) runs the server on CPU."""
+    command = launch_server_command(dataclasses.replace(config, host=host, port=port), on_cpu=not slot.gpu_ids)
     return command, server_env(base_env, slot.gpu_ids)
 
 
@@ -212,6 +215,8 @@ class SGLangServerActor:
         node_ip = ray.util.get_node_ip_address()
         port = free_port()
         command, env = slot_server_launch(self._config, self._slot, node_ip, port, os.environ)
+        if not self._slot.gpu_ids and self._server_command is None:
+            build_driver_stub()  # the CPU server's libcuda.so.1, compiled once per machine
         if self._server_command is not None:
             command = [arg.replace(HOST_PLACEHOLDER, node_ip).replace(PORT_PLACEHOLDER, str(port))
                        for arg in self._server_command]

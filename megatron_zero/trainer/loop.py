@@ -619,7 +619,7 @@ def rollout_sglang_config(config: TrainConfig, *, write: bool = False) -> Option
 
         partial = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)  # an interrupted earlier write
-        write_fp8_checkpoint(config.model_path, partial)
+        write_fp8_checkpoint(config.model_path, partial, tp_size=sglang.tp_size, tp_field="rollout.sglang.tp_size")
         shutil.rmtree(out_dir, ignore_errors=True)
         partial.rename(out_dir)  # config.json declares FP8 only once every shard is in place
     return dataclasses.replace(sglang, model_path=str(out_dir))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -74,19 +75,41 @@ def connect_ray(cluster: ClusterConfig) -> None:
         logger.info("Ray already initialised; using it")
         return
     if cluster.ray_address == RAY_ADDRESS_LOCAL:
-        ray.init(include_dashboard=False)
+        _start_local_ray(cluster)
     elif cluster.ray_address == RAY_ADDRESS_AUTO and not os.environ.get("RAY_ADDRESS"):
         # No address given anywhere: join a cluster started on this machine with `ray start`, if there is one.
         try:
             ray.init(address="auto")
         except ConnectionError:
             logger.info("no running Ray cluster found; starting a local one")
-            ray.init(include_dashboard=False)
+            _start_local_ray(cluster)
     else:
         # An explicit address, or RAY_ADDRESS under "auto" (ray.init reads it): failing to connect is an error,
         # never a silent switch to a local cluster.
         ray.init(address=cluster.ray_address)
     logger.info("Ray resources: %s", ray.cluster_resources())
+
+
+def local_cluster_cpus(cluster: ClusterConfig) -> int:
+    """Logical CPUs of a local Ray cluster for this run: the machine's cores, or the bundles' CPUs if more (a
+    2-core machine runs two CPU ranks and a CPU rollout engine: Ray's CPUs are a scheduling count, not cores)."""
+    needed = 0 if cluster.use_gpus else (cluster.num_workers + cluster.rollout_num_gpus) * cluster.cpus_per_worker
+    return max(os.cpu_count() or 1, math.ceil(needed))
+
+
+def _start_local_ray(cluster: ClusterConfig) -> None:
+    """Start a Ray cluster on this machine, sized for the run; one that lacks the GPUs the run needs is refused at
+    once (no node will join a local cluster, so waiting for one would only end at cluster.startup_timeout_s)."""
+    ray.init(include_dashboard=False, num_cpus=local_cluster_cpus(cluster))
+    if cluster.use_gpus:
+        found = ray.cluster_resources().get("GPU", 0)
+        if found < cluster.gpus_per_node:
+            ray.shutdown()
+            raise ClusterNotReadyError(
+                f"the local Ray cluster started here has {found:g} GPUs, but the run places bundles of "
+                f"cluster.gpus_per_node={cluster.gpus_per_node} GPUs; "
+                "on a machine without GPUs set cluster.gpus_per_node=0 (CPU ranks; SGLang servers then run on "
+                "CPU), or join a GPU cluster with cluster.ray_address")
 
 
 # --------------------------------------------------------------------------- node check
