@@ -5,6 +5,11 @@ Extras:
          (torch 2.13.0 CPU build, megatron-core 0.16.1, the newest for Python 3.11).
   cpu-py312 - the same on the GPU image's versions (Python 3.12, torch 2.14.1, megatron-core 0.19.2), CI's
          second stack, plus the tools of CI's container check (uv, hadolint; see containers/check.sh).
+  sglang-cpu - the real SGLang 0.5.23 server with its own dependencies, serving on CPU (rollout/sglang_cpu.py):
+         `megatron-zero demo rollout.engine=sglang` and the real-server tests. ~5 min, ~11 GB (SGLang pins torch
+         2.14.1, a CUDA build that runs on CPU; its CUDA libraries come along). Needs a C compiler (cc) at run
+         time for the server's driver stub. CI's second stack installs it with the GPU image's pins:
+           pip install -c containers/constraints-gpu.txt -e ".[cpu-py312,sglang-cpu]"
   gpu  - the cluster stack on Python 3.12: SGLang 0.5.23 rollout engines, megatron-core 0.19, Transformer Engine
          (FP8), wandb. Install it with the container's constraints, which pin every version and keep the torch
          SGLang pins (its CUDA build), so pip replaces nothing Transformer Engine and apex are compiled against:
@@ -58,6 +63,9 @@ EXTRAS = {
     # on CPU by CI's second pass. There is no CPU wheel of this torch here: pip takes the CUDA build (~5.5 GB),
     # which runs on CPU.
     "cpu-py312": ["torch==2.14.1", "megatron-core==0.19.2", *TEST_REQUIREMENTS, *CONTAINER_CHECK_REQUIREMENTS],
+    # The real server on CPU. torch pinned to SGLang's own pin (its CUDA build; from local disk on Python 3.11), so
+    # nothing pulls another; with the cpu extra's torch==2.13.0 pip refuses the combination instead of mixing them.
+    "sglang-cpu": ["sglang==0.5.23", "torch==2.14.1"],
     "gpu": [
         "sglang==0.5.23",  # pins torch==2.14.1 and transformers==5.19.0
         # Exact versions: containers/constraints-gpu.txt. The floors keep this extra on the image's stack:

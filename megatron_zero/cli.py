@@ -318,14 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
+    from megatron_zero.utils.cpu_process import prepare_cpu_process
 
-    silence_cpu_fallback_warnings()
+    prepare_cpu_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from megatron_zero.trainer.placement import ClusterNotReadyError
+
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ClusterNotReadyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -372,61 +372,6 @@ def _same_greedy_results(reference_out, out):
             == json.loads((reference_out / "results_step0.json").read_text())["benchmarks"])
 
 
-def test_eval_command_on_a_running_sglang_server(tmp_path, greedy_torch_eval):
-    """--engine sglang --sglang-url: the SGLang client against the CPU stand-in (a real SGLang HTTP API)."""
-    from test_sglang_cpu_server import start_server, wait_healthy
-
-    from megatron_zero.cli import main
-    from megatron_zero.demo import BASE_MODEL_PATH
-
-    data_dir, reference_out = greedy_torch_eval
-    process, port = start_server(BASE_MODEL_PATH, tmp_path / "server.log")
-    try:
-        wait_healthy(process, port, tmp_path / "server.log")
-        out = tmp_path / "out"
-        assert main(_eval_argv(data_dir, out, "--temperature", "0", "--engine", "sglang", "--sglang-url",
-                               f"http://127.0.0.1:{port}", "--dtype", "float32", "--deterministic")) == 0
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    _same_greedy_results(reference_out, out)
-
-
-def test_evaluate_model_launches_sglang_through_ray_like_the_trainer(tmp_path, greedy_torch_eval):
-    """Launched servers: a Ray placement of their own and the trainer's launch path (CPU stand-in in place of
-    `python -m sglang.launch_server`; Ray is told of one GPU, which the stand-in ignores)."""
-    import sys
-    from pathlib import Path
-
-    import ray
-
-    from megatron_zero.config.evaluation import EngineConfig
-    from megatron_zero.config.sglang import SGLangConfig
-    from megatron_zero.demo import BASE_MODEL_PATH
-    from megatron_zero.evaluation.model_eval import evaluate_model
-
-    data_dir, reference_out = greedy_torch_eval
-    stand_in = [sys.executable, str(Path(__file__).resolve().parent / "sglang_cpu_server.py"), "--model-path",
-                str(BASE_MODEL_PATH), "--host", "{host}", "--port", "{port}", "--dtype", "float32"]
-    engine = EngineConfig(engine="sglang", num_gpus=1, sglang=SGLangConfig(
-        model_path=str(BASE_MODEL_PATH), colocated=False, dtype="float32", startup_timeout_s=120))
-    config = EvalConfig(benchmarks=["gsm8k", "amc23"], data_dir=str(data_dir), template="{input}", temperature=0.0,
-                        top_p=1.0, max_new_tokens=24)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
-    try:
-        evaluate_model(str(BASE_MODEL_PATH), config, engine, tmp_path / "out", server_command=stand_in)
-        assert (tmp_path / "out" / "logs" / "sglang_engine_0.log").is_file()
-        # Closing the engine removed its placement group: the GPU is free again (Ray frees it asynchronously).
-        from ray.util.placement_group import placement_group_table
-
-        assert {group["state"] for group in placement_group_table().values()} == {"REMOVED"}
-    finally:
-        ray.shutdown()
-    _same_greedy_results(reference_out, tmp_path / "out")
-
-
 def test_engine_config_refuses_what_cannot_work():
     from megatron_zero.config.evaluation import EngineConfig
     from megatron_zero.config.sglang import SGLangConfig
@@ -439,3 +384,31 @@ def test_engine_config_refuses_what_cannot_work():
         EngineConfig(engine="sglang", sglang=SGLangConfig(model_path="m"))
     with pytest.raises(ValueError, match="sglang.tp_size=2 must divide cluster.rollout_num_gpus=1"):
         EngineConfig(engine="sglang", sglang=SGLangConfig(model_path="m", colocated=False, tp_size=2))
+    with pytest.raises(ValueError, match=r"sglang_device='tpu' is unknown; use one of \['cuda', 'cpu'\]"):
+        EngineConfig(engine="sglang", sglang=SGLangConfig(model_path="m", colocated=False), sglang_device="tpu")
+    # --device cpu: the servers' bundles are CPU bundles, one per server rank.
+    on_cpu = EngineConfig(engine="sglang", sglang=SGLangConfig(model_path="m", colocated=False, tp_size=2),
+                          num_gpus=4, sglang_device="cpu").cluster
+    assert (on_cpu.use_gpus, on_cpu.rollout_num_gpus) == (False, 4)
+
+
+def test_sglang_eval_without_gpus_is_refused_at_once_unless_asked_for_cpu(tmp_path, capsys):
+    """A local Ray cluster on a machine without GPUs never gets one: the launch says so at once (not after
+    cluster.startup_timeout_s, 300 s) and names the CPU mode."""
+    import time
+
+    import ray
+
+    from megatron_zero.cli import main
+
+    if ray.is_initialized():
+        ray.shutdown()
+    start = time.monotonic()
+    assert main(_eval_argv(_demo_benchmarks(tmp_path / "data"), tmp_path / "out", "--engine", "sglang",
+                           "--ray-address", "local")) == 2
+    assert time.monotonic() - start < 60
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: the local Ray cluster started here has 0 GPUs, but the run places bundles of "
+                            "cluster.gpus_per_node=1 GPUs; on a machine without GPUs set cluster.gpus_per_node=0 "
+                            "for `train` (CPU ranks; SGLang servers then run on CPU) or pass --device cpu")
+    assert not ray.is_initialized()

@@ -33,7 +33,7 @@ from megatron_zero.models.registry import get_bridge
 from megatron_zero.models.verify import verify_conversion
 from megatron_zero.parallel.local_launch import WorkerFailed, run_local_workers
 from megatron_zero.rollout.fp8_weights import write_fp8_checkpoint
-from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
+from megatron_zero.utils.cpu_process import prepare_cpu_process
 
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    silence_cpu_fallback_warnings()
+    prepare_cpu_process()
     # glibc otherwise raises its mmap threshold after the first large free and keeps freed tensor
     # memory in the heap: measured, that made the conversion workers' memory grow with model size.
     # glibc reads it when a process starts: set here, before the workers' fork server (or, with CUDA, the spawned

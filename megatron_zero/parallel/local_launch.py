@@ -61,9 +61,9 @@ def _worker(rank: int, world_size: int, port: int, config: ParallelConfig, fn: C
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
-    from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
+    from megatron_zero.utils.cpu_process import prepare_cpu_process
 
-    silence_cpu_fallback_warnings()
+    prepare_cpu_process()
     from megatron_zero.parallel.init import destroy_parallel, initialize_parallel
 
     os.environ.update(

@@ -4,9 +4,9 @@ Only imports: nothing here may start threads, touch CUDA or initialise torch.dis
 forked from the process that ran it.
 """
 
-from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
+from megatron_zero.utils.cpu_process import prepare_cpu_process
 
-silence_cpu_fallback_warnings()
+prepare_cpu_process()
 
 import megatron.core.dist_checkpointing  # noqa: E402,F401
 import megatron.core.models.gpt  # noqa: E402,F401

@@ -230,8 +230,10 @@ def serialize_flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]
     from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
-    # Pickle device UUIDs instead of indices: this process and the server see different CUDA_VISIBLE_DEVICES.
-    monkey_patch_torch_reductions()
+    if torch.cuda.is_available():
+        # Pickle device UUIDs instead of indices: this process and the server see different CUDA_VISIBLE_DEVICES.
+        # (The patch rewrites the device field of CUDA tensors' pickles; a CPU tensor's has none.)
+        monkey_patch_torch_reductions()
     # Widest elements first: the server views each tensor's slice of the flat uint8 buffer as its dtype, which
     # needs the slice's offset to be a multiple of the element size; an FP8 bucket mixes 4-byte scales, 2-byte
     # norms and 1-byte weights, and in this order every offset is aligned.

@@ -46,11 +46,29 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
+# With rollout.engine=sglang: the real SGLang server on CPU (rollout/sglang_cpu.py), colocated like the product's
+# default layout: one server of tp 1 beside each of the two ranks, weights pushed from every rank into its server
+# each step. Release/resume only flush on CPU, so the phases alternate on the same cores. For a server of its own
+# (weights broadcast over a gloo group from rank 0): cluster.colocate=false cluster.rollout_num_gpus=1
+# rollout.sglang.colocated=false.
+DEMO_SGLANG_DEFAULTS: dict[str, Any] = {
+    "cluster": {"colocate": True},
+    "rollout": {"sglang": {"model_path": str(BASE_MODEL_PATH), "colocated": True}},
+}
+SGLANG_OVERRIDE = "rollout.engine=sglang"
+
+
 def demo_config(output_dir: str, num_steps: Optional[int] = None, overrides: Optional[list[str]] = None):
+    from omegaconf import OmegaConf
+
     from megatron_zero.config.trainer import load_config
 
+    overrides = list(overrides or [])
     steps = [f"run.num_steps={num_steps}"] if num_steps is not None else []
-    return load_config(None, [f"run.output_dir={output_dir}", *steps, *(overrides or [])], base=DEMO_DEFAULTS)
+    base = DEMO_DEFAULTS
+    if SGLANG_OVERRIDE in overrides:
+        base = OmegaConf.to_container(OmegaConf.merge(DEMO_DEFAULTS, DEMO_SGLANG_DEFAULTS))
+    return load_config(None, [f"run.output_dir={output_dir}", *steps, *overrides], base=base)
 
 
 def run_demo(output_dir: str, num_steps: Optional[int] = None, overrides: Optional[list[str]] = None) -> dict[str, Any]:

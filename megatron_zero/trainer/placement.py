@@ -108,8 +108,9 @@ def _start_local_ray(cluster: ClusterConfig) -> None:
             raise ClusterNotReadyError(
                 f"the local Ray cluster started here has {found:g} GPUs, but the run places bundles of "
                 f"cluster.gpus_per_node={cluster.gpus_per_node} GPUs; "
-                "on a machine without GPUs set cluster.gpus_per_node=0 (CPU ranks; SGLang servers then run on "
-                "CPU), or join a GPU cluster with cluster.ray_address")
+                "on a machine without GPUs set cluster.gpus_per_node=0 for `train` (CPU ranks; SGLang servers then "
+                "run on CPU) or pass --device cpu to `eval` / `difficulty`, or join a GPU cluster (cluster."
+                "ray_address, --ray-address)")
 
 
 # --------------------------------------------------------------------------- node check

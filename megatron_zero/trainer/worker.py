@@ -136,9 +136,9 @@ class RankWorker:
         # Imported here, not at module level: torch takes seconds to import on a small machine, and workers
         # hosting objects that never join torch.distributed (light helpers, the tests' probes) do not need it.
         from megatron_zero.parallel.init import DistributedEnv, initialize_parallel
-        from megatron_zero.utils.cpu_warnings import silence_cpu_fallback_warnings
+        from megatron_zero.utils.cpu_process import prepare_cpu_process
 
-        silence_cpu_fallback_warnings()
+        prepare_cpu_process()
 
         env = DistributedEnv(rank=rank, world_size=world_size, local_rank=local_rank, master_addr=master_addr,
                              master_port=master_port)

@@ -16,7 +16,9 @@ _CPU_EXPECTED = (
     "`load_state_dict` is deprecated and will be removed",
     "`save_state_dict` is deprecated and will be removed",
     "recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS",
-    "full scope is deprecated. Use empty cuda_graph_scope",
+    "full scope is deprecated. Use empty cuda_graph_",  # _scope (0.16), _modules (0.19)
+    "MimoModelConfig is experimental",
+    "The argument order of load has been changed",
     # torch deprecations of collectives megatron-core 0.16.1 still calls.
     "`torch.distributed.reduce_scatter_tensor` is deprecated",
     "`torch.distributed.all_gather_into_tensor` is deprecated",
