@@ -19,7 +19,7 @@ import ray
 from megatron_zero.cli import main
 from megatron_zero.demo import BASE_MODEL_PATH, TRAIN_PROMPTS_PATH
 from real_sglang import require_real_sglang, start_server_by_hand, wait_until_serving
-from test_evaluation import _eval_argv, _same_greedy_results
+from test_evaluation import _eval_argv, _same_greedy_results, greedy_torch_eval  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(autouse=True)

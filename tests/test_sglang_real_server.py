@@ -227,6 +227,11 @@ def test_broadcast_from_rank_zero_lands_exactly_in_every_engine(servers, models,
     per_rank = run_local_workers(_broadcast_push, parallel, args=(mcore_dir, served, urls))
     assert [stats[0] for stats in per_rank[0]] == [1, 2] and per_rank[1] == [None, None]
     _assert_serves_exactly(urls, pushed)
+    if layout == "tp2":
+        # A restarted trainer (new processes) meets servers that still hold the old group: it drops and rebuilds it.
+        per_rank = run_local_workers(_broadcast_push, parallel, args=(mcore_dir, served, urls))
+        assert [stats[0] for stats in per_rank[0]] == [1, 2]
+        _assert_serves_exactly(urls, pushed)
 
 
 # --------------------------------------------------------------------------- memory, cache, failure
