@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole zero-RL loop on this CPU box, no downloads (~10 min)")
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument("--steps", type=int, default=None, help="RL steps (default: the demo's tuned number)")
-    demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo's config")
+    demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo's config; rollout.engine=sglang "
+                                                   "runs it on the real SGLang server on CPU (the sglang-cpu extra)")
     demo.set_defaults(run=_demo)
 
     ev = commands.add_parser("eval", help="evaluate an HF model on math benchmarks (local files)")

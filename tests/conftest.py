@@ -79,3 +79,20 @@ def tiny_qwen2(tmp_path_factory):
     hf_dir = save_tiny_model("qwen2", root / "hf")
     run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(str(hf_dir), str(root / "mcore")))
     return str(hf_dir), str(root / "mcore")
+
+
+@pytest.fixture
+def real_sglang_own_ray():
+    """For tests whose command launches the real SGLang server (tests/real_sglang.py: skipped, or failed in CI, where
+    it cannot run) and starts its own local Ray cluster, sized for its bundles: one left by another test would not
+    fit, so none is left before or after."""
+    import ray
+
+    from real_sglang import require_real_sglang
+
+    require_real_sglang()
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()

@@ -14,22 +14,14 @@ import os
 import signal
 
 import pytest
-import ray
 
 from megatron_zero.cli import main
 from megatron_zero.demo import BASE_MODEL_PATH, TRAIN_PROMPTS_PATH
-from real_sglang import require_real_sglang, start_server_by_hand, wait_until_serving
+from real_sglang import start_server_by_hand, wait_until_serving
 from test_evaluation import _eval_argv, _same_greedy_results, greedy_torch_eval  # noqa: F401 (a fixture)
 
 
-@pytest.fixture(autouse=True)
-def no_ray_left():
-    require_real_sglang()
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("real_sglang_own_ray")
 
 
 def test_eval_launches_the_real_server_on_cpu_and_scores_like_the_torch_engine(tmp_path, greedy_torch_eval):

@@ -23,7 +23,6 @@ fails there under MEGATRON_ZERO_REQUIRE_REAL_SGLANG=1 (tests/real_sglang.py).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import time

@@ -280,3 +280,19 @@ def test_train_help_lists_every_field_with_its_default():
     for name in [*leaves(TrainConfig), *leaves(SGLangConfig)]:
         assert f"{name}:" in text, name
     assert "max_concurrent_requests: 512" in text and "pack_sequences: true" in text
+
+
+def test_demo_on_sglang_runs_colocated_servers_of_its_own_model():
+    """`megatron-zero demo rollout.engine=sglang`: one server beside each of the two ranks, serving the demo model;
+    a user's layout overrides still win."""
+    from megatron_zero.demo import BASE_MODEL_PATH
+    from megatron_zero.trainer.demo import demo_config
+
+    config = demo_config("/tmp/unused", 2, ["rollout.engine=sglang"])
+    assert config.cluster.colocate and config.rollout.sglang.colocated
+    assert config.rollout.sglang.model_path == str(BASE_MODEL_PATH)
+    assert config.logprob_precision == "fp32"  # float32 on both sides: the tight gap bounds
+    separate = demo_config("/tmp/unused", 2, ["rollout.engine=sglang", "cluster.colocate=false",
+                                              "cluster.rollout_num_gpus=1", "rollout.sglang.colocated=false"])
+    assert (separate.cluster.colocate, separate.cluster.rollout_num_gpus) == (False, 1)
+    assert demo_config("/tmp/unused", 2).rollout.sglang is None  # the torch engine's demo is unchanged

@@ -26,11 +26,9 @@ import re
 from pathlib import Path
 
 import pytest
-import ray
 
 from megatron_zero.config.trainer import LOGPROB_GAP_BOUNDS
 from megatron_zero.trainer.demo import demo_config
-from real_sglang import require_real_sglang
 
 SMOKE = ["data.sampler.batch_size=8", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=24",
          "eval.max_new_tokens=24", "eval.max_problems=8", "run.save_every=0", "run.num_minibatches=2",
@@ -38,15 +36,7 @@ SMOKE = ["data.sampler.batch_size=8", "rollout.num_samples_per_prompt=4", "rollo
 NUM_STEPS = 2
 
 
-@pytest.fixture(autouse=True)
-def own_ray_cluster():
-    """The trainer starts its local Ray cluster sized for its bundles; one left by another test would not fit."""
-    require_real_sglang()
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("real_sglang_own_ray")
 
 
 def _train(output_dir: Path, base_mcore: str, overrides: list[str]) -> list[dict]:

@@ -1,9 +1,11 @@
 """The embedded zero-RL demo: the whole loop on one CPU box, no downloads, a few minutes.
 
     megatron-zero demo --output-dir outputs/demo
+    megatron-zero demo --output-dir outputs/demo-sglang rollout.engine=sglang   # the real SGLang server on CPU
 
 What runs is the product, scaled down: a local Ray cluster, the Megatron actor at TP=2 over gloo,
-the torch rollout engine, the real math reward, on a small base model and character tokenizer that
+the torch rollout engine (with rollout.engine=sglang: two real SGLang servers on CPU, one beside each rank,
+weights pushed into them every step), the real math reward, on a small base model and character tokenizer that
 the project pretrained itself (``tools/pretrain_demo_model.py``; shipped in ``megatron_zero/demo/assets``)
 on 2-digit additions whose corpus mixes answer formats. Greedy decoding of the base model mostly
 takes an inaccurate direct answer; sampling sometimes takes an accurate digit-by-digit chain that
