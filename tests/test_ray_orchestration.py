@@ -295,3 +295,16 @@ def test_log_tail_is_read_on_the_workers_node(ray_cluster, tmp_path):
     ref = read_log_tail_remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
                                         ).remote(str(log), 3)
     assert ray.get(ref, timeout=30) == "line 27\nline 28\nline 29"
+
+
+def test_a_local_cluster_has_the_cpus_the_runs_bundles_need():
+    """Ray's CPUs are a scheduling count: a 2-core machine still places two CPU ranks and a CPU rollout engine's
+    bundle (otherwise the placement would wait cluster.startup_timeout_s and fail)."""
+    from megatron_zero.config.cluster import ClusterConfig
+    from megatron_zero.trainer.placement import local_cluster_cpus
+
+    cores = os.cpu_count()
+    separate = ClusterConfig(gpus_per_node=0, cpu_workers_per_node=2, rollout_num_gpus=1, cpus_per_worker=2)
+    assert local_cluster_cpus(separate) == max(cores, 6)
+    assert local_cluster_cpus(ClusterConfig(gpus_per_node=0, cpu_workers_per_node=1)) == max(cores, 1)
+    assert local_cluster_cpus(ClusterConfig(gpus_per_node=8)) == cores  # GPU runs: Ray counts the cores
