@@ -285,7 +285,12 @@ def test_fp8_padding_changes_neither_loss_nor_gradients(cpu_run, pack):
         assert len(padded["shapes"]) == 2 and all(rows * columns % multiple == 0 for rows, columns in padded["shapes"])
         assert padded["shapes"] != unpadded["shapes"]
         assert padded["num_tokens"] == unpadded["num_tokens"] == make_batch().response_mask.sum()
-        # Bit for bit (float32 on both CI stacks): the real tokens' arithmetic is the same, the padding's is dropped.
-        assert padded["loss"] == unpadded["loss"]
-        assert torch.equal(padded["logp"], unpadded["logp"]) and torch.equal(padded["grads"], unpadded["grads"])
+        # The real tokens' arithmetic is the same and the padding's is dropped: equal up to float32 rounding. Not bit
+        # for bit: a longer padded row is a longer reduction in attention (masked keys add exact zeros), and MKL may
+        # block it differently by length; on an AMD EPYC (avx512) CI machine the loss moved by 3.7e-7 relative,
+        # already before this test's code changed. The control below shows what a leak of the padding would do.
+        scale = unpadded["grads"].abs().max()
+        assert padded["loss"] == pytest.approx(unpadded["loss"], rel=1e-5)
+        torch.testing.assert_close(padded["logp"], unpadded["logp"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(padded["grads"], unpadded["grads"], rtol=1e-5, atol=1e-5 * float(scale))
     assert difference > 0.1 * unpadded["grads"].abs().max()

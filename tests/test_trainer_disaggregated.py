@@ -32,7 +32,8 @@ STAND_IN_COMMAND = [sys.executable, str(Path(__file__).resolve().parent / "sglan
 SMOKE = ["data.sampler.batch_size=8", "rollout.num_samples_per_prompt=4", "rollout.max_new_tokens=24",
          "eval.max_new_tokens=24", "eval.max_problems=8", "run.save_every=0", "run.num_minibatches=2",
          "reward.num_workers=1"]
-DISAGGREGATED = ["cluster.gpus_per_node=2", "cluster.cpu_workers_per_node=null", "cluster.rollout_num_gpus=2",
+DISAGGREGATED = ["cluster.gpus_per_node=2", "cluster.cpu_workers_per_node=null", "cluster.colocate=false",
+                 "cluster.rollout_num_gpus=2",
                  "rollout.engine=sglang", f"rollout.sglang.model_path={BASE_MODEL_PATH}", "rollout.sglang.colocated=false",
                  "rollout.sglang.enable_deterministic_inference=true", "rollout.sglang.dtype=float32",
                  "rollout.sglang.startup_timeout_s=120", "rollout.sglang.control_timeout_s=120"]
