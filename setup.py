@@ -87,7 +87,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_zero", "megatron_zero.*"]),
     include_package_data=True,
-    package_data={"megatron_zero.demo": ["assets/*", "assets/*/*"]},
+    # sglang_cpu_files/: the driver stub's C source and the server's sitecustomize (rollout/sglang_cpu.py), data
+    # of the rollout package rather than modules of it.
+    package_data={"megatron_zero.demo": ["assets/*", "assets/*/*"], "megatron_zero.rollout": ["sglang_cpu_files/*"]},
     install_requires=BASE_REQUIREMENTS,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["megatron-zero=megatron_zero.cli:main"]},
