@@ -138,15 +138,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from megatron_zero.config.parallel import ParallelConfig
-    from megatron_zero.models.mcore_checkpoint import convert_mcore_to_hf
-    from megatron_zero.parallel.local_launch import run_local_workers
-    from megatron_zero.trainer.checkpoint import COMPLETE_MARKER
+    from megatron_zero.trainer.checkpoint import COMPLETE_MARKER, export_hf
 
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete training checkpoint (no {COMPLETE_MARKER} marker)")
-    run_local_workers(convert_mcore_to_hf, ParallelConfig(), args=(str(checkpoint / "actor"), args.out))
+    export_hf(checkpoint, args.out)  # verified against its marker first; nothing left in --out's folder on failure
     print(f"wrote HF model {args.out}")
     return 0
 

@@ -107,12 +107,15 @@ class Trainer:
         (``{host}`` and ``{port}`` filled in; see rollout/sglang_servers.py), e.g. a CPU stand-in in tests."""
         from megatron_zero.evaluation.model_eval import load_tokenizer
         from megatron_zero.rewards import GraderPool
+        from megatron_zero.trainer import checkpoint
         from megatron_zero.trainer.metrics import MetricsLogger
 
+        # Preflight: a damaged checkpoint to resume from stops the run here, in one line, before Ray starts.
         config.check_inputs()
         self.config = config
         self.output_dir = Path(config.run.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = checkpoint.resume_point(config.run)
         self.tokenizer = load_tokenizer(config.model_path)
         self.arch = read_architecture(config.model_path)  # row costs for the data-parallel split
         # Before Ray starts: a missing or mismatched pass-rate table fails here, in one line.
@@ -143,7 +146,7 @@ class Trainer:
         self.stop_requested = False
         self.progress = None  # the console's progress bar while fit() runs
         self.actor_offloaded = False
-        self.resumed_from = self.maybe_resume()
+        self.resumed_from = self.maybe_resume(resume_from)
         # Held-out accuracies by step; a resumed run keeps its earlier ones (the baseline among them).
         self.eval_history = _read_eval_history(self.output_dir, self.step) if self.resumed_from else {}
         # A resume has synced its policy already. Otherwise colocated engines need the weights release_memory()
@@ -488,17 +491,17 @@ class Trainer:
             self.sync_weights()  # release_memory() dropped the engine's weights
             self.switch_to_rollout()
         checkpoint.save_driver_state(path, self.step, self.weight_version, self.sampler.state_dict(), self.pending)
-        checkpoint.finalize(path, Path(self.mcore_dir))
+        checkpoint.finalize(path, Path(self.mcore_dir), self.step)
         logger.info("saved checkpoint %s", path)
         return path
 
-    def maybe_resume(self) -> Optional[Path]:
+    def maybe_resume(self, path: Optional[Path]) -> Optional[Path]:
+        """Load ``path`` (checked by the preflight; None: start at step 0)."""
         from megatron_zero.trainer import checkpoint
 
-        path = checkpoint.latest_checkpoint(self.output_dir) if self.config.run.resume else None
         if path is None:
             return None
-        self.group.run("load", str(path / "actor"))
+        self.group.run("load", str(path / checkpoint.ACTOR_DIR))
         state = checkpoint.load_driver_state(path)
         self.step, self.weight_version = state["step"], state["weight_version"]
         self.sampler.load_state_dict(state["sampler"])
