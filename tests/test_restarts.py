@@ -3,7 +3,9 @@
 
 Checks: a checkpoint whose file was truncated, deleted or overwritten stops the restart before Ray starts, in one
 line that names the file and the intact checkpoint to resume from; run.resume_from resumes there; export of a
-damaged checkpoint refuses in one line and leaves nothing behind.
+damaged checkpoint refuses in one line and leaves nothing behind. A restart after a crash keeps one history: the
+records of steps logged after the checkpoint it resumes from are moved out first, so every step is logged once;
+a start at step 0 moves an earlier run's records aside.
 """
 
 import json
@@ -36,8 +38,19 @@ def _demo(output_dir, base_mcore, steps, *extra) -> int:
 def saved_run(tmp_path_factory, base_mcore):
     """3 steps with run.save_every=2: checkpoints after step 2 and (the end) step 3."""
     out = tmp_path_factory.mktemp("saved") / "run"
-    assert _demo(out, base_mcore, 3, "run.save_every=2") == 0
+    assert _demo(out, base_mcore, 3, "run.save_every=2", "run.tensorboard=true") == 0
     return out
+
+
+def _steps(path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def _metrics(output_dir) -> list[dict]:
+    """metrics.jsonl without what differs between runs (timings)."""
+    volatile = ("seconds", "per_s", "weight_sync")
+    return [{k: v for k, v in json.loads(line).items() if not any(tag in k for tag in volatile)}
+            for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _copy(saved_run, tmp_path):
@@ -103,10 +116,13 @@ def test_resume_from_the_intact_checkpoint_after_the_latest_was_damaged(saved_ru
     assert _demo(out, base_mcore, 3, "run.save_every=2", f"run.resume_from={intact}") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == str(intact) and summary["num_steps"] == 3
+    assert _metrics(out) == _metrics(saved_run)  # step 3 redone once, as the uninterrupted run did it
 
     from megatron_zero.trainer.checkpoint import verify_checkpoint
 
     verify_checkpoint(out / "checkpoints" / "step_000003")  # saved again, whole
+    (damaged,) = (out / "superseded").glob("*/checkpoints/step_000003")  # moved out, not deleted
+    assert (damaged / "actor" / "__0_0.distcp").stat().st_size == 1000
 
 
 def test_resume_from_is_checked_before_ray(saved_run, base_mcore, tmp_path, monkeypatch, capsys):
@@ -166,3 +182,62 @@ def test_export_that_fails_in_its_worker_names_the_file_and_leaves_nothing(saved
     with pytest.raises(WorkerFailed, match=f"{checkpoint / 'actor' / '__0_0.distcp'} is damaged"):
         main(["export", "--checkpoint", str(checkpoint), "--out", str(exported)])
     assert list(exported.parent.iterdir()) == []
+
+
+# ---- B: one history across restarts ------------------------------------------------------------------------------
+
+def test_a_restart_after_a_crash_logs_every_step_once(saved_run, base_mcore, tmp_path, caplog):
+    """Crashed while saving step 3: its records are written, its checkpoint is not (no COMPLETE), and the last
+    metrics line was cut off mid-write. The restart resumes at step 2 and redoes step 3, logged once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = _copy(saved_run, tmp_path)
+    (out / "checkpoints" / "step_000003" / "COMPLETE").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')
+    assert _demo(out, base_mcore, 3, "run.save_every=2", "run.tensorboard=true") == 0
+    assert _steps(out / "metrics.jsonl") == [1, 2, 3]
+    assert _metrics(out) == _metrics(saved_run)
+    assert _steps(out / "eval.jsonl") == [0, 3]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "eval_step_0.jsonl", "eval_step_3.jsonl", "step_1.jsonl", "step_2.jsonl", "step_3.jsonl"]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("accuracy")] == [1, 2, 3]
+    (aside,) = (out / "superseded").iterdir()
+    assert (f"resuming at step 2: moved the records of steps 3 (logged after that checkpoint; this run redoes them) "
+            f"from metrics.jsonl, eval.jsonl, samples/ (2 files), checkpoints/ (1) to {aside}") in caplog.text
+    # What was moved out is all there: step 3's first records, the cut-off line, the unfinished checkpoint.
+    assert (aside / "metrics.jsonl").read_text().splitlines()[1] == '{"step": 4, "rew'
+    assert _steps(aside / "eval.jsonl") == [3] and (aside / "checkpoints" / "step_000003" / "trainer.pt").is_file()
+
+
+def test_a_start_at_step_0_moves_an_earlier_runs_records_aside(saved_run, base_mcore, tmp_path, caplog):
+    """No complete checkpoint (crashed while saving each): the run starts at step 0 and moves the earlier files out
+    first, keeping the base model's conversion and the logs."""
+    out = _copy(saved_run, tmp_path)
+    for marker in (out / "checkpoints").glob("*/COMPLETE"):
+        marker.unlink()
+    assert _demo(out, base_mcore, 1) == 0
+    assert _steps(out / "metrics.jsonl") == [1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
+    (aside,) = (out / "superseded").iterdir()
+    assert _steps(aside / "metrics.jsonl") == [1, 2, 3]
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    assert (f"starting at step 0 in {out}, which holds an earlier run's records: moved metrics.jsonl, eval.jsonl, "
+            f"samples/ (5 files), checkpoints/ (2), summary.json, training.png, analysis, tensorboard to {aside}"
+            ) in caplog.text
+    assert (out / "logs").is_dir()
+
+
+def test_records_keep_one_line_per_step_the_last_written(tmp_path):
+    """Files logged twice by restarts before this cut-back existed ([1, 2, 1, 2]) come out with each step once."""
+    from megatron_zero.trainer.run_records import keep_history_through
+
+    lines = [{"step": 1, "v": "old"}, {"step": 2, "v": "old"}, {"step": 1, "v": "new"}, {"step": 2, "v": "new"},
+             {"step": 3, "v": "new"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    aside = keep_history_through(tmp_path, 2)
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == lines[2:4]
+    assert _steps(aside / "metrics.jsonl") == [1, 2, 3]
+    assert keep_history_through(tmp_path, 2) is None  # nothing left to move

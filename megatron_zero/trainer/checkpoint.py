@@ -58,13 +58,19 @@ def step_dir(output_dir: Path, step: int) -> Path:
     return checkpoint_root(output_dir) / f"step_{step:06d}"
 
 
+def dir_step(name: str) -> Optional[int]:
+    """The step of a checkpoint folder named ``step_000012``; None for any other name."""
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
 def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of the checkpoints with a COMPLETE marker, newest first; incomplete ones are left out."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(match.group(1)), path) for path in root.iterdir()
-             if (match := _STEP_DIR.match(path.name)) and (path / COMPLETE_MARKER).is_file()]
+    found = [(step, path) for path in root.iterdir()
+             if (step := dir_step(path.name)) is not None and (path / COMPLETE_MARKER).is_file()]
     return sorted(found, reverse=True)
 
 
@@ -161,9 +167,8 @@ def saved_step(path: Path) -> int:
     """The step a complete checkpoint was saved after: its marker's, else (an older marker) its folder's name."""
     step = _read_marker(path).get("step")
     if step is None:
-        match = _STEP_DIR.match(path.name)
-        step = int(match.group(1)) if match else torch.load(path / "trainer.pt", weights_only=False)["step"]
-    return step
+        step = dir_step(path.name)
+    return step if step is not None else torch.load(path / "trainer.pt", weights_only=False)["step"]
 
 
 def resume_point(run: RunConfig) -> Optional[Path]:
