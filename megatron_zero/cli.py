@@ -104,7 +104,9 @@ def _difficulty(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from megatron_zero.data.splits import SPLIT_DATASET_FIELDS, build_difficulty_split, read_rows, write_jsonl
+    from megatron_zero.utils.files import prepare_output
 
+    prepare_output(args.out, "--out")
     rows = build_difficulty_split(args.split, [row for path in args.math for row in read_rows(path)],
                                   [row for path in args.gsm8k for row in read_rows(path)],
                                   max_problems=args.max_problems, seed=args.seed)

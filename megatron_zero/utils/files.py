@@ -6,6 +6,7 @@
     with staged_directory(out) as partial:   # fill partial; renamed to out only when the block succeeds
         ...
     checksum(path)                           # xxh3-128 of the file's bytes, as hex
+    prepare_output(path, "--out")            # before any work: its folder made, writable, or one line naming it
 
 A temporary name starts with a dot and sits beside its target (the same filesystem, so the rename is atomic);
 on failure it is removed, and one left by a killed process is replaced by the next attempt.
@@ -72,3 +73,26 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
         partial.rename(out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def prepare_output(path: str | Path, option: str, *, folder: bool = False) -> Path:
+    """Run by a command before any work: create the folder ``path`` goes in (``path`` itself when ``folder``) and
+    check this process may write there. Raises one line naming ``option`` and the path otherwise: a file where a
+    folder must be (or the reverse), no permission."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file; name a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; name a file in it, e.g. {path / 'out.jsonl'}")
+    where = path if folder else path.parent
+    blocking = next((p for p in (where, *where.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{option} {path}: {blocking} is a file, where a folder must be")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise ValueError(f"{option} {path}: no permission to create the folder {where}") from None
+    # Results are written under a temporary name beside their target and renamed: the folder must be writable.
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: no permission to write in {where}")
+    return path
