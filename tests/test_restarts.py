@@ -145,6 +145,13 @@ def test_resume_from_is_checked_before_ray(saved_run, base_mcore, tmp_path, monk
                                           "bytes")
 
 
+def test_resume_from_with_resume_false_is_refused():
+    from megatron_zero.config.trainer import RunConfig
+
+    with pytest.raises(ValueError, match=r"run.resume_from='x' with run.resume=false: drop one"):
+        RunConfig(resume=False, resume_from="x")
+
+
 def test_a_checkpoint_saved_before_markers_listed_files_loads_with_a_warning(saved_run, tmp_path, caplog):
     from megatron_zero.config.trainer import RunConfig
     from megatron_zero.trainer.checkpoint import check_resume_point

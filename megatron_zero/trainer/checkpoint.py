@@ -196,7 +196,7 @@ def check_resume_point(run: RunConfig) -> Optional[Path]:
             raise CheckpointDamaged(f"run.resume_from: {damage}") from None
         step = saved_step(path)
         newer = _newest_intact(output_dir, lambda other: other > step)
-        if newer is not None and newer.resolve() != path.resolve():
+        if newer is not None:
             raise ValueError(f"run.resume_from={run.resume_from!r} (step {step}) is older than the intact checkpoint "
                              f"{newer} in run.output_dir; drop run.resume_from to go on from there, or move the "
                              f"checkpoints after step {step} out of {checkpoint_root(output_dir)} to go back")
