@@ -44,6 +44,7 @@ BASE_REQUIREMENTS = [
     "packaging>=23",  # actor/mcore_bugs.py reads the installed megatron-core version
     "psutil>=5.9",  # dist_checkpointing's async/spawned workers import it
     "requests>=2.31",  # SGLang HTTP client
+    "xxhash>=3",  # checkpoint checksums (utils/files.py); `datasets` installs it too
 ]
 
 TEST_REQUIREMENTS = [

@@ -104,7 +104,9 @@ def _difficulty(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from megatron_zero.data.splits import SPLIT_DATASET_FIELDS, build_difficulty_split, read_rows, write_jsonl
+    from megatron_zero.utils.files import prepare_output
 
+    prepare_output(args.out, "--out")
     rows = build_difficulty_split(args.split, [row for path in args.math for row in read_rows(path)],
                                   [row for path in args.gsm8k for row in read_rows(path)],
                                   max_problems=args.max_problems, seed=args.seed)
@@ -138,15 +140,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from megatron_zero.config.parallel import ParallelConfig
-    from megatron_zero.models.mcore_checkpoint import convert_mcore_to_hf
-    from megatron_zero.parallel.local_launch import run_local_workers
-    from megatron_zero.trainer.checkpoint import COMPLETE_MARKER
+    from megatron_zero.trainer.checkpoint import COMPLETE_MARKER, export_hf
 
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete training checkpoint (no {COMPLETE_MARKER} marker)")
-    run_local_workers(convert_mcore_to_hf, ParallelConfig(), args=(str(checkpoint / "actor"), args.out))
+    export_hf(checkpoint, args.out)  # verified against its marker first; nothing left in --out's folder on failure
     print(f"wrote HF model {args.out}")
     return 0
 

@@ -26,6 +26,7 @@ from bench_rewards import make_batch
 
 from megatron_zero.benchmark.shapes import MODEL_SHAPES
 from megatron_zero.benchmark.throughput import DEVICES, DTYPES, BenchmarkSpec, markdown_table, run_benchmark
+from megatron_zero.utils.files import atomic_write_text, prepare_output
 
 
 def main() -> None:
@@ -52,6 +53,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where the random model goes (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = parser.parse_args()
+    if args.out is not None:
+        try:
+            prepare_output(args.out, "--out")  # before the benchmark's minutes, not after
+        except ValueError as error:
+            parser.error(str(error))
 
     spec = BenchmarkSpec(shape=args.shape, num_layers=args.num_layers, device=args.device, dtype=args.dtype,
                          num_prompts=args.num_prompts, samples_per_prompt=args.samples_per_prompt,
@@ -66,7 +72,7 @@ def main() -> None:
     result["command"] = shlex.join([Path(sys.executable).name, *sys.argv])
     print(markdown_table(result))
     if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.out, json.dumps(result, indent=2))
         print(f"wrote {args.out}")
 
 

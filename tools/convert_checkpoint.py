@@ -23,17 +23,18 @@ import argparse
 import os
 import re
 import sys
-from pathlib import Path
 
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.models.common.architecture import read_hf_config
 from megatron_zero.models.hf_io import HFCheckpointReader
-from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore, convert_mcore_to_hf, read_checkpoint_info
+from megatron_zero.models.mcore_checkpoint import convert_hf_to_mcore
 from megatron_zero.models.registry import get_bridge
 from megatron_zero.models.verify import verify_conversion
 from megatron_zero.parallel.local_launch import WorkerFailed, run_local_workers
 from megatron_zero.rollout.fp8_weights import write_fp8_checkpoint
+from megatron_zero.trainer.checkpoint import export_hf
 from megatron_zero.utils.cpu_process import prepare_cpu_process
+from megatron_zero.utils.files import staged_directory
 
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -46,32 +47,28 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def _check_empty_output(path: str) -> None:
-    out = Path(path)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} is not empty; choose a new one")
-
+# Every command writes its output under a temporary name beside --out and renames it at the end (utils/files.py):
+# a failed or interrupted conversion leaves no half-written checkpoint, and --out must be new or empty.
 
 def hf_to_mcore(args: argparse.Namespace) -> None:
     # Validate in this process first: a bad config fails in a second, before any worker starts.
     hf_config = read_hf_config(args.hf)
     get_bridge(hf_config).parse(hf_config)
     HFCheckpointReader(args.hf)
-    _check_empty_output(args.out)
-    run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(args.hf, args.out, args.vocab_pad_multiple))
+    with staged_directory(args.out) as partial:
+        run_local_workers(convert_hf_to_mcore, ParallelConfig(), args=(args.hf, str(partial), args.vocab_pad_multiple))
     print(f"wrote Megatron checkpoint {args.out}")
 
 
 def mcore_to_hf(args: argparse.Namespace) -> None:
-    read_checkpoint_info(args.mcore)
-    _check_empty_output(args.out)
-    run_local_workers(convert_mcore_to_hf, ParallelConfig(), args=(args.mcore, args.out, args.max_shard_size))
+    # A training checkpoint (step_N or its actor/) is checked against its COMPLETE marker first.
+    export_hf(args.mcore, args.out, args.max_shard_size)
     print(f"wrote HF checkpoint {args.out}")
 
 
 def hf_to_fp8(args: argparse.Namespace) -> None:
-    _check_empty_output(args.out)
-    write_fp8_checkpoint(args.hf, args.out, tp_size=args.tp_size, tp_field="--tp-size")
+    with staged_directory(args.out) as partial:
+        write_fp8_checkpoint(args.hf, partial, tp_size=args.tp_size, tp_field="--tp-size")
     print(f"wrote FP8 checkpoint {args.out}")
 
 
@@ -96,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=hf_to_mcore)
 
     p = commands.add_parser("mcore-to-hf", help="Megatron torch_dist checkpoint -> HF safetensors")
-    p.add_argument("--mcore", required=True, help="Megatron checkpoint directory written by hf-to-mcore or training")
+    p.add_argument("--mcore", required=True,
+                   help="Megatron checkpoint directory written by hf-to-mcore, or a training checkpoint (step_N)")
     p.add_argument("--out", required=True, help="new directory for the HF model")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="e.g. 5GB, 500MB")
     p.set_defaults(run=mcore_to_hf)

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_zero.utils.files import atomic_write_text
+
 FINISH_REASONS = ("stop", "length")
 # Only a full-score reward counts as correct, so the format-aware reward (1 / 0.5 / -0.5 / -1)
 # and the binary one (1 / 0) agree on what "correct" means.
@@ -137,6 +139,4 @@ def load_samples(paths: Iterable[str | Path]) -> list[LoadedRecord]:
 
 
 def write_samples(records: Iterable[SampleRecord], path: str | Path) -> None:
-    with Path(path).open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(json.dumps(record.to_dict(), ensure_ascii=False) + "\n" for record in records))

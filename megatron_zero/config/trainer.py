@@ -81,6 +81,9 @@ class RunConfig:
     tensorboard: bool = False
     # Resume from the latest complete checkpoint in output_dir when there is one.
     resume: bool = True
+    # Resume from this checkpoint (a checkpoints/step_N folder) instead, e.g. the newest intact one when the latest
+    # is damaged; checked before Ray starts (trainer/checkpoint.py).
+    resume_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -92,6 +95,9 @@ class RunConfig:
                 raise ValueError(f"run.{name}={getattr(self, name)} must be >= 0 (0 = off)")
         if self.weight_sync_bucket_mb < 1:
             raise ValueError(f"run.weight_sync_bucket_mb={self.weight_sync_bucket_mb} must be >= 1")
+        if self.resume_from is not None and not self.resume:
+            raise ValueError(f"run.resume_from={self.resume_from!r} with run.resume=false: drop one (resume_from "
+                             "resumes there; resume=false starts at step 0)")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -281,6 +287,10 @@ class TrainConfig:
             raise FileNotFoundError(f"data.pass_rate_filter.pass_rate_file={table!r} does not exist; write it with "
                                     f"`megatron-zero difficulty --model {self.model_path} --data "
                                     f"{self.data.train.path} --out {table}`")
+        from megatron_zero.trainer.checkpoint import check_resume_point
+
+        # Last: it reads every byte of the checkpoint a run would resume from (once, before Ray starts).
+        check_resume_point(self.run)
 
 
 def load_config(path: Optional[str], overrides: list[str], base: Optional[dict[str, Any]] = None) -> TrainConfig:

@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 from megatron_zero.config.data import PassRateFilterConfig
 from megatron_zero.data.problems import Problem
+from megatron_zero.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +90,10 @@ def estimate_pass_rates(
 
 
 def save_pass_rates(rates: dict[str, PassRate], path: str | Path) -> None:
-    with Path(path).open("w", encoding="utf-8") as f:
-        for rate in rates.values():
-            f.write(json.dumps({**dataclasses.asdict(rate), "pass_rate": rate.pass_rate}) + "\n")
+    """Written under a temporary name and renamed: an interrupted write leaves the previous table, not half of one
+    (data.pass_rate_filter would refuse or misread it)."""
+    atomic_write_text(path, "".join(json.dumps({**dataclasses.asdict(rate), "pass_rate": rate.pass_rate}) + "\n"
+                                    for rate in rates.values()))
 
 
 def load_pass_rates(path: str | Path) -> dict[str, PassRate]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_zero.rewards.extraction import last_boxed
+from megatron_zero.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,4 @@ def build_difficulty_split(
 
 
 def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> None:
-    with Path(path).open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(json.dumps(dict(row), ensure_ascii=False) + "\n" for row in rows))

@@ -62,10 +62,10 @@ def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling:
     from megatron_zero.evaluation.generation import EngineGenerator
     from megatron_zero.evaluation.model_eval import check_model_dir, load_tokenizer, pool_grader
     from megatron_zero.rewards import GraderPool
+    from megatron_zero.utils.files import prepare_output
 
     check_model_dir(model_path)
-    if Path(out_path).is_dir():
-        raise ValueError(f"--out {out_path} is a folder; name the table's file, e.g. {Path(out_path) / 'rates.jsonl'}")
+    prepare_output(out_path, "--out")
     tokenizer = load_tokenizer(model_path)
     problems = load_problems(dataset, tokenizer)
     log_dir = Path(out_path).parent / "logs"

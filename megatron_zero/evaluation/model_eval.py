@@ -45,8 +45,10 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
     from megatron_zero.evaluation.generation import EngineGenerator
     from megatron_zero.evaluation.runner import evaluate, load_benchmarks, write_eval_outputs
     from megatron_zero.rewards import GraderPool
+    from megatron_zero.utils.files import prepare_output
 
     check_model_dir(model_path)
+    prepare_output(out_dir, "--out", folder=True)
     problems = load_benchmarks(config)
     tokenizer = load_tokenizer(model_path)
     format_prompt = make_prompt_formatter(config.template, tokenizer)

@@ -31,6 +31,7 @@ from megatron_zero.config.evaluation import EvalConfig
 from megatron_zero.evaluation.benchmarks import Problem, get_benchmark, load_benchmark
 from megatron_zero.evaluation.generation import Generator, Grader
 from megatron_zero.evaluation.metrics import mean_avg_at_k, mean_pass_at_k
+from megatron_zero.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,8 @@ def write_eval_outputs(report: EvalReport, out_dir: str | Path) -> dict[str, Pat
         "markdown": out_dir / f"results_step{report.step}.md",
         "samples": out_dir / f"samples_step{report.step}.jsonl",
     }
-    paths["json"].write_text(json.dumps(results_json(report), indent=2) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(results_table(report), encoding="utf-8")
+    # Each file under a temporary name, renamed when whole: an interrupted write leaves no half-written result.
+    atomic_write_text(paths["json"], json.dumps(results_json(report), indent=2) + "\n")
+    atomic_write_text(paths["markdown"], results_table(report))
     write_samples(report.samples, paths["samples"])
     return paths

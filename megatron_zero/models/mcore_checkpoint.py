@@ -282,18 +282,24 @@ class TorchDistReader:
             for size in chunk.sizes[1:]:
                 row_numel *= size
             itemsize = torch.empty((), dtype=stored.properties.dtype).element_size()
-            with open(self.path / info.relative_path, "rb") as file, \
-                    zipfile.ZipFile(_FileView(file, info.offset, info.length)) as archive:
-                records = [n for n in archive.namelist() if n.rsplit("/", 2)[-2:-1] == ["data"]]
-                if len(records) != 1:
-                    raise ValueError(f"{key}: stored chunk has {len(records)} storages, expected 1")
-                expected = row_numel * chunk.sizes[0] * itemsize
-                if archive.getinfo(records[0]).file_size != expected:
-                    raise ValueError(f"{key}: stored chunk holds {archive.getinfo(records[0]).file_size} bytes, "
-                                     f"expected {expected} (a contiguous {tuple(chunk.sizes)} tensor)")
-                with archive.open(records[0]) as record:
-                    record.seek((start - chunk.offsets[0]) * row_numel * itemsize)
-                    data = bytearray(record.read((stop - start) * row_numel * itemsize))
+            file_path = self.path / info.relative_path
+            try:
+                with open(file_path, "rb") as file, \
+                        zipfile.ZipFile(_FileView(file, info.offset, info.length)) as archive:
+                    records = [n for n in archive.namelist() if n.rsplit("/", 2)[-2:-1] == ["data"]]
+                    if len(records) != 1:
+                        raise ValueError(f"{key}: stored chunk has {len(records)} storages, expected 1")
+                    expected = row_numel * chunk.sizes[0] * itemsize
+                    if archive.getinfo(records[0]).file_size != expected:
+                        raise ValueError(f"{key}: stored chunk holds {archive.getinfo(records[0]).file_size} bytes, "
+                                         f"expected {expected} (a contiguous {tuple(chunk.sizes)} tensor)")
+                    with archive.open(records[0]) as record:
+                        record.seek((start - chunk.offsets[0]) * row_numel * itemsize)
+                        data = bytearray(record.read((stop - start) * row_numel * itemsize))
+            except (zipfile.BadZipFile, EOFError) as error:
+                # A checkpoint without a file list in its marker reaches here damaged; name the file, not the zip.
+                raise ValueError(f"{file_path} is damaged (truncated or overwritten?): {key}'s bytes "
+                                 f"{info.offset}-{info.offset + info.length} do not read back ({error})") from None
             part = torch.frombuffer(data, dtype=stored.properties.dtype).view(stop - start, *chunk.sizes[1:])
             target = dest[start - rows.start : stop - rows.start]
             for dim, (offset, size) in enumerate(zip(chunk.offsets[1:], chunk.sizes[1:]), start=1):

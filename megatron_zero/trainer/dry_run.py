@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megatron_zero.config.trainer import TrainConfig
 from megatron_zero.trainer.placement import Bundle, order_bundles
@@ -172,6 +172,7 @@ def _memory_lines(config: TrainConfig) -> tuple[list[str], bool]:
 def dry_run(config: TrainConfig) -> DryRunReport:
     """What a run of ``config`` would do before its first GPU kernel; raises (one line) on a config or file error."""
     from megatron_zero.evaluation.model_eval import load_tokenizer
+    from megatron_zero.trainer.checkpoint import resume_point
     from megatron_zero.trainer.loop import _load_eval, _load_sampler
 
     config.check_inputs()
@@ -186,9 +187,9 @@ def dry_run(config: TrainConfig) -> DryRunReport:
     lines.append(f"data: {config.data.train.path}: {len(sampler.problems)} problems{kept}")
     if config.eval.path is not None:
         lines.append(f"eval: {config.eval.path}: {len(_load_eval(config, tokenizer))} problems")
-    checkpoint = _latest_checkpoint(config)
+    checkpoint = resume_point(config.run)  # checked whole by check_inputs
     if checkpoint is not None:
-        lines.append(f"note: {checkpoint} exists and run.resume=true: a run would resume there, not from step 0")
+        lines.append(f"note: a run would resume from {checkpoint} (its files match its marker), not from step 0")
     lines += _layout_lines(config)
     lines.append(f"precision: engine vs actor log-prob gap bounds (mean, max) {config.logprob_gap_bounds} "
                  f"({config.logprob_precision})")
@@ -196,11 +197,3 @@ def dry_run(config: TrainConfig) -> DryRunReport:
     lines += memory + _engine_lines(config) + _rollout_lines(config, tokenizer, sampler.next_batch())
     lines.append("dry run: a run could start" if fits else "dry run: the memory plan does not fit (see above)")
     return DryRunReport(text="\n".join(lines), fits=fits)
-
-
-def _latest_checkpoint(config: TrainConfig) -> Optional[Path]:
-    from megatron_zero.trainer.checkpoint import latest_checkpoint
-
-    if not config.run.resume or not Path(config.run.output_dir).is_dir():
-        return None
-    return latest_checkpoint(Path(config.run.output_dir))

@@ -107,12 +107,20 @@ class Trainer:
         (``{host}`` and ``{port}`` filled in; see rollout/sglang_servers.py), e.g. a CPU stand-in in tests."""
         from megatron_zero.evaluation.model_eval import load_tokenizer
         from megatron_zero.rewards import GraderPool
+        from megatron_zero.trainer import checkpoint
         from megatron_zero.trainer.metrics import MetricsLogger
+        from megatron_zero.trainer.run_records import keep_history_through
 
+        # Preflight: a damaged checkpoint to resume from stops the run here, in one line, before Ray starts.
         config.check_inputs()
         self.config = config
         self.output_dir = Path(config.run.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = checkpoint.resume_point(config.run)
+        resumed_step = checkpoint.saved_step(resume_from) if resume_from is not None else None
+        # Also before Ray: the records of steps this run logs again (or an earlier run's, at step 0) move out of the
+        # files it appends to, so every step is in them once.
+        keep_history_through(self.output_dir, resumed_step)
         self.tokenizer = load_tokenizer(config.model_path)
         self.arch = read_architecture(config.model_path)  # row costs for the data-parallel split
         # Before Ray starts: a missing or mismatched pass-rate table fails here, in one line.
@@ -133,7 +141,7 @@ class Trainer:
         # SGLang servers take their weights from the ranks (weight_push.py), never through the driver.
         self.engine_urls = [engine.url for engine in self.engine.engines] if config.rollout.engine == "sglang" else None
         self.group = _start_actor_group(config, self.placement, self.mcore_dir, log_dir, self.engine_urls)
-        self.metrics = MetricsLogger(self.output_dir, config)
+        self.metrics = MetricsLogger(self.output_dir, config, first_step=(resumed_step or 0) + 1)
         self.step = 0
         self.weight_version = 0
         # The step whose policy the engine holds (0: the base model); each batch records the one that generated it.
@@ -143,9 +151,9 @@ class Trainer:
         self.stop_requested = False
         self.progress = None  # the console's progress bar while fit() runs
         self.actor_offloaded = False
-        self.resumed_from = self.maybe_resume()
+        self.resumed_from = self.maybe_resume(resume_from)
         # Held-out accuracies by step; a resumed run keeps its earlier ones (the baseline among them).
-        self.eval_history = _read_eval_history(self.output_dir, self.step) if self.resumed_from else {}
+        self.eval_history = _read_eval_history(self.output_dir) if self.resumed_from else {}
         # A resume has synced its policy already. Otherwise colocated engines need the weights release_memory()
         # dropped, and SGLang servers of their own get a first sync anyway: it proves the broadcast path before
         # the first rollout rather than after it.
@@ -465,8 +473,10 @@ class Trainer:
         }
 
     def write_summary(self) -> Path:
+        from megatron_zero.utils.files import atomic_write_text
+
         path = self.output_dir / "summary.json"
-        path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.summary(), indent=2) + "\n")
         return path
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -488,17 +498,17 @@ class Trainer:
             self.sync_weights()  # release_memory() dropped the engine's weights
             self.switch_to_rollout()
         checkpoint.save_driver_state(path, self.step, self.weight_version, self.sampler.state_dict(), self.pending)
-        checkpoint.finalize(path, Path(self.mcore_dir))
+        checkpoint.finalize(path, Path(self.mcore_dir), self.step)
         logger.info("saved checkpoint %s", path)
         return path
 
-    def maybe_resume(self) -> Optional[Path]:
+    def maybe_resume(self, path: Optional[Path]) -> Optional[Path]:
+        """Load ``path`` (checked by the preflight; None: start at step 0)."""
         from megatron_zero.trainer import checkpoint
 
-        path = checkpoint.latest_checkpoint(self.output_dir) if self.config.run.resume else None
         if path is None:
             return None
-        self.group.run("load", str(path / "actor"))
+        self.group.run("load", str(path / checkpoint.ACTOR_DIR))
         state = checkpoint.load_driver_state(path)
         self.step, self.weight_version = state["step"], state["weight_version"]
         self.sampler.load_state_dict(state["sampler"])
@@ -573,14 +583,13 @@ def _load_sampler(config: TrainConfig, tokenizer):
     return PromptSampler(problems, config.data.sampler), report
 
 
-def _read_eval_history(output_dir: Path, step: int) -> dict[int, float]:
-    """Accuracies in eval.jsonl up to ``step`` (the checkpoint resumed from); a later record is from steps the
-    resumed run repeats, so it is left out, and the last record of a step wins."""
+def _read_eval_history(output_dir: Path) -> dict[int, float]:
+    """Accuracies in eval.jsonl, by step (cut back to the checkpoint resumed from: run_records.py)."""
     path = output_dir / "eval.jsonl"
     if not path.is_file():
         return {}
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return {record["step"]: record["accuracy"] for record in records if record["step"] <= step}
+    return {record["step"]: record["accuracy"] for record in records}
 
 
 def _load_eval(config: TrainConfig, tokenizer) -> list:

@@ -7,6 +7,9 @@ Files under the run's output directory:
     eval.jsonl             held-out evaluations (step, accuracy)
     tensorboard/           event files of the numeric metrics (run.tensorboard=true)
     wandb/                 the wandb run (run.wandb_project set; offline without WANDB_API_KEY)
+
+A restart resumes at its checkpoint's step: the records of later steps are moved out before it logs them again
+(run_records.py), so each step is in these files once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Optional
 from megatron_zero.analysis import has_box
 from megatron_zero.config.trainer import TrainConfig
 from megatron_zero.data.rollout_batch import RolloutBatch
+from megatron_zero.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +52,9 @@ def rollout_metrics(rollout: RolloutBatch) -> dict[str, Optional[float]]:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, config: TrainConfig) -> None:
+    def __init__(self, output_dir: Path, config: TrainConfig, first_step: int = 1) -> None:
+        """``first_step``: the step this run logs first (a resumed run's records of it and later steps were moved out
+        before it started: run_records.py)."""
         self.output_dir = output_dir
         # Every GPU the run holds (the ranks' and, disaggregated, the engines'); CPU workers in CPU mode.
         self.num_devices = config.cluster.num_workers + config.cluster.rollout_num_gpus
@@ -66,7 +72,8 @@ class MetricsLogger:
         if config.run.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            # TensorBoard hides the events of steps >= purge_step written before it: those of the steps redone.
+            self._tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=first_step)
 
     def _write_scalars(self, record: dict[str, Any], step: int) -> None:
         if self._wandb is not None:
@@ -96,11 +103,10 @@ class MetricsLogger:
         record["tokens_per_s_per_gpu"] = step_tokens / max(sum(timings.values()), 1e-9) / self.num_devices
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        with open(self.output_dir / "samples" / f"step_{step}.jsonl", "w", encoding="utf-8") as f:
-            for s in rollout.samples:
-                f.write(json.dumps(dict(step=step, prompt=s.prompt_text, response=s.response_text,
-                                        ground_truth=s.ground_truth, reward=s.reward, num_tokens=len(s.response_ids),
-                                        finish_reason=s.finish_reason)) + "\n")
+        atomic_write_text(self.output_dir / "samples" / f"step_{step}.jsonl", "".join(
+            json.dumps(dict(step=step, prompt=s.prompt_text, response=s.response_text, ground_truth=s.ground_truth,
+                            reward=s.reward, num_tokens=len(s.response_ids), finish_reason=s.finish_reason)) + "\n"
+            for s in rollout.samples))
         self._write_scalars(record, step)
         logger.info("step %d | reward %.3f | acc %.3f | len %.1f | box %.2f | loss %.4f | kl %.2e | gap %.1e | %.1fs",
                     step, record["reward_mean"], record["accuracy"], record["response_length"], record["box_ratio"],
@@ -113,9 +119,8 @@ class MetricsLogger:
             return
         self._eval.write(json.dumps({"step": step, "accuracy": result["accuracy"]}) + "\n")
         self._eval.flush()
-        with open(self.output_dir / "samples" / f"eval_step_{step}.jsonl", "w", encoding="utf-8") as f:
-            for sample in result["samples"]:
-                f.write(json.dumps(sample) + "\n")
+        atomic_write_text(self.output_dir / "samples" / f"eval_step_{step}.jsonl",
+                          "".join(json.dumps(sample) + "\n" for sample in result["samples"]))
         self._write_scalars({"eval_accuracy": result["accuracy"]}, step)
         logger.info("eval at step %d: greedy accuracy %.3f", step, result["accuracy"])
 
