@@ -26,9 +26,10 @@ WHEELS="${WHEELS:-$ROOT/.whl}"
 # What the parts import besides torch and the standard library (tests/test_gpu_smoke.py checks this against the
 # imports of every module they reach): megatron-core as the cpu-py312 stack CI tests (setup.py); transformers as
 # the GPU image pins it (containers/constraints-gpu.txt) with the safetensors it needs; math-verify and its parsers
-# as that stack has them. Their own dependencies are resolved at fetch time.
+# as that stack has them; xxhash for the checkpoint checksums (megatron_zero/utils/files.py). Their own dependencies
+# are resolved at fetch time.
 PINS=(megatron-core==0.19.2 transformers==5.19.0 safetensors==0.8.0 math-verify==0.9.0 latex2sympy2_extended==1.11.0
-      antlr4-python3-runtime==4.13.2)
+      antlr4-python3-runtime==4.13.2 xxhash==4.1.0)
 
 if [[ "${1:-}" == "fetch-wheels" ]]; then
     mkdir -p "$WHEELS"
