@@ -89,7 +89,8 @@ def _flip_a_byte(path):
 
 @pytest.mark.parametrize("damage, name, says", [
     (_truncate, "actor/__0_0.distcp", "actor/__0_0.distcp has 1000 bytes, its COMPLETE marker recorded"),
-    (lambda path: path.unlink(), "actor/common.pt", "actor/common.pt is missing"),
+    # Files both megatron-core 0.16.1 and 0.19.2 write (0.19.2 writes no common.pt and one .distcp per rank).
+    (lambda path: path.unlink(), "actor/metadata.json", "actor/metadata.json is missing"),
     (_truncate, "trainer.pt", "trainer.pt has 1000 bytes, its COMPLETE marker recorded"),
     (_flip_a_byte, "actor/__1_0.distcp", "actor/__1_0.distcp has the recorded size but other bytes"),
 ])
@@ -165,12 +166,12 @@ def test_a_checkpoint_saved_before_markers_listed_files_loads_with_a_warning(sav
 def test_export_of_a_damaged_checkpoint_refuses_in_one_line_and_leaves_nothing(saved_run, tmp_path, capsys):
     out = _copy(saved_run, tmp_path)
     checkpoint = out / "checkpoints" / "step_000003"
-    _truncate(checkpoint / "actor" / "__0_1.distcp")
+    _truncate(checkpoint / "actor" / "__1_0.distcp")
     exported = tmp_path / "exports" / "hf"
     exported.parent.mkdir()
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(exported)]) == 2
-    assert _error_line(capsys).startswith(f"error: checkpoint {checkpoint} is damaged: actor/__0_1.distcp has 1000 "
+    assert _error_line(capsys).startswith(f"error: checkpoint {checkpoint} is damaged: actor/__1_0.distcp has 1000 "
                                           "bytes")
     assert list(exported.parent.iterdir()) == []
 
