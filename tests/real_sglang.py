@@ -79,33 +79,12 @@ def float64_greedy(model_dir: str | Path, prompt: Sequence[int], max_new_tokens:
 
 def weights_checksum(url: str) -> str:
     """SGLang's own checksum of the weights it serves (POST /weights_checker, action "checksum"): a SHA-256 over
-    every parameter's hash, in SGLang's fused layout."""
+    every parameter's hash, in SGLang's fused layout (``per_engine_checksum``, over its TP ranks' ``ranks``)."""
     response = requests.post(f"{url}/weights_checker", json={"action": "checksum"}, timeout=60)
     response.raise_for_status()
     body = response.json()
-    assert body.get("success", True), body
-    return _find_checksum(body)
-
-
-def _find_checksum(body: dict) -> str:
-    # 0.5.23 answers {"success": ..., "message": ..., "results": [{"per_gpu_checksum": ...}]} or the checksum
-    # at the top level, depending on the scheduler's reply; look for the one field by name.
-    if "per_gpu_checksum" in body:
-        return body["per_gpu_checksum"]
-    for value in body.values():
-        if isinstance(value, dict):
-            try:
-                return _find_checksum(value)
-            except KeyError:
-                pass
-        if isinstance(value, list):
-            for item in value:
-                if isinstance(item, dict):
-                    try:
-                        return _find_checksum(item)
-                    except KeyError:
-                        pass
-    raise KeyError(f"no per_gpu_checksum in the /weights_checker answer {body}")
+    assert body["success"], body
+    return body["per_engine_checksum"]
 
 
 def load_weights_from_disk(url: str, model_dir: str | Path) -> None:

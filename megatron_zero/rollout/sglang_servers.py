@@ -215,11 +215,11 @@ class SGLangServerActor:
         node_ip = ray.util.get_node_ip_address()
         port = free_port()
         command, env = slot_server_launch(self._config, self._slot, node_ip, port, os.environ)
-        if not self._slot.gpu_ids and self._server_command is None:
-            build_driver_stub()  # the CPU server's libcuda.so.1, compiled once per machine
         if self._server_command is not None:
             command = [arg.replace(HOST_PLACEHOLDER, node_ip).replace(PORT_PLACEHOLDER, str(port))
                        for arg in self._server_command]
+        elif not self._slot.gpu_ids:
+            build_driver_stub()  # the CPU server's libcuda.so.1, compiled once per machine
         Path(self._log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self._log_path, "a") as log:
             log.write(f"# {self._slot.describe()}: CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')} "

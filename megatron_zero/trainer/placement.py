@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -94,7 +93,7 @@ def local_cluster_cpus(cluster: ClusterConfig) -> int:
     """Logical CPUs of a local Ray cluster for this run: the machine's cores, or the bundles' CPUs if more (a
     2-core machine runs two CPU ranks and a CPU rollout engine: Ray's CPUs are a scheduling count, not cores)."""
     needed = 0 if cluster.use_gpus else (cluster.num_workers + cluster.rollout_num_gpus) * cluster.cpus_per_worker
-    return max(os.cpu_count() or 1, math.ceil(needed))
+    return max(os.cpu_count() or 1, needed)
 
 
 def _start_local_ray(cluster: ClusterConfig) -> None:
