@@ -61,12 +61,12 @@ def _copy(saved_run, tmp_path):
 
 def _no_ray(monkeypatch):
     """Fail the test if the run gets as far as starting Ray."""
-    import megatron_zero.trainer.loop as loop
+    import megatron_zero.trainer.setup as setup
 
     def started(*args, **kwargs):
         raise AssertionError("Ray was started before the damaged checkpoint was found")
 
-    monkeypatch.setattr(loop, "_create_placements", started)
+    monkeypatch.setattr(setup, "create_placements", started)
 
 
 def _error_line(capsys) -> str:

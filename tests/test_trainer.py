@@ -155,7 +155,7 @@ def test_incomplete_checkpoint_is_not_resumed(tmp_path, base_mcore, uninterrupte
 
 
 def test_skipped_weight_sync_trips_the_health_check(tmp_path, base_mcore):
-    from megatron_zero.trainer.loop import HealthCheckFailed
+    from megatron_zero.trainer.health import HealthCheckFailed
 
     def skip_sync(trainer):
         trainer.sync_weights = lambda: {}
@@ -212,7 +212,7 @@ def test_off_policy_resume_keeps_the_batch_generated_before_the_stop(tmp_path, b
 
 
 def test_off_policy_skipped_sync_trips_the_health_check(tmp_path, base_mcore):
-    from megatron_zero.trainer.loop import HealthCheckFailed
+    from megatron_zero.trainer.health import HealthCheckFailed
 
     def skip_sync(trainer):
         trainer.sync_weights = lambda: {}
@@ -325,7 +325,7 @@ def test_colocated_phases_switch_memory_and_keep_the_metrics(tmp_path, base_mcor
 def test_a_reference_that_differs_from_the_policy_at_step_0_stops_the_run(tmp_path, base_mcore):
     """Policy and reference start from one checkpoint, so their step-0 KL is ~0 (the uninterrupted run passes the
     check); a reference that scores the responses differently (another checkpoint) must stop the run."""
-    from megatron_zero.trainer.loop import HealthCheckFailed
+    from megatron_zero.trainer.health import HealthCheckFailed
 
     def shifted_reference(trainer):
         original = trainer.ref_logprobs

@@ -92,7 +92,7 @@ def test_engines_on_their_own_gpus_track_the_actor_and_resume(tmp_path, base_mco
 
 def test_server_started_by_hand_that_ignores_the_weights_trips_the_health_check(tmp_path, base_mcore):
     """rollout.sglang.launch=false: the trainer uses the server at host:port, weights by broadcast as above."""
-    from megatron_zero.trainer.loop import HealthCheckFailed
+    from megatron_zero.trainer.health import HealthCheckFailed
     from test_sglang_cpu_server import start_server, wait_healthy
 
     process, port = start_server(BASE_MODEL_PATH, tmp_path / "server.log", "--ignore-weight-updates")

@@ -33,7 +33,7 @@ from megatron_zero.demo import BASE_MODEL_PATH, TRAIN_PROMPTS_PATH
 from megatron_zero.rewards import GradeResult, GraderPool, grade_math
 from megatron_zero.rollout.engine import SamplingParams
 from megatron_zero.rollout.torch_engine import TorchEngine
-from megatron_zero.trainer.loop import generate_graded
+from megatron_zero.trainer.rollout_source import generate_graded
 
 
 # tools/bench_rewards.py's paper-like mix (300-2000 characters of LaTeX reasoning per response) graded at ~400

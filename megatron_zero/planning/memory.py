@@ -13,7 +13,7 @@ trainer actually allocate them (docs/planning.md has every formula and how it wa
   times the microbatches a 1F1B pipeline stage holds, plus the vocabulary-sized working set of the log-prob head
   (``actor/logprobs.py``).
 * phases (``DEPLOYMENTS``): which of those share a GPU in rollout, logprob, train and weight sync, following the
-  trainer's colocated offload order (trainer/loop.py: switch_to_training, sync_weights, switch_to_rollout).
+  trainer's colocated offload order (trainer/engine_layout.py ColocatedEngines: before_training, sync_weights, enter_rollout_phase).
 
 How: ``plan_memory(plan_inputs(load_config(path, overrides), read_architecture(model_path)))`` or the CLI,
 ``megatron-zero plan --config examples/configs/qwen2.5-7b-zero-2node.yaml [--gpu-memory-gib 80] [--json]``.
@@ -363,7 +363,7 @@ def engine_memory(arch: DecoderArchitecture, engine: EngineInputs, *, device_byt
     """SGLang sizes its KV pool once, at startup, so that its static memory (weights + KV cache) is
     ``mem_fraction_static`` of the GPU: KV = free memory after loading the weights - (1 - fraction) x total
     (sglang/srt/model_executor/model_runner.py, profile_max_num_token). The engine starts before the actor
-    (trainer/loop.py), so the free memory then is the GPU less the engine's own context. KV heads are replicated
+    (trainer/engine_layout.py), so the free memory then is the GPU less the engine's own context. KV heads are replicated
     when the engine's TP exceeds them."""
     e = SGLANG_DTYPE_BYTES[engine.dtype]
     weights = stage_parameters(arch, engine.tp_size, 1, vocab_pad_multiple)[0].num_parameters * e
@@ -525,7 +525,7 @@ class ColocatedDeployment(Deployment):
     """cluster.colocate: engine and actor rank on every GPU. Rollout: the actor is offloaded, the engine holds its
     static fraction and CUDA graphs. logprob / train: the engine released everything (only its process context
     stays). Sync: the engine's weights come back while the actor (and its cached activations) is still on the GPU,
-    then the actor leaves before the KV cache returns (trainer/loop.py switch_to_rollout)."""
+    then the actor leaves before the KV cache returns (trainer/engine_layout.py enter_rollout_phase)."""
 
     name = "colocated"
 

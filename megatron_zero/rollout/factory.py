@@ -27,7 +27,7 @@ def build_engine(engine: str, model_path: str, torch_config: TorchEngineConfig, 
     """``server_command``: an argv template started instead of ``python -m sglang.launch_server`` ({host} and
     {port} filled in; rollout/sglang_servers.py), e.g. a CPU stand-in in tests. ``quantization``
     (rollout.quantization) reaches the torch engine; SGLang servers take it from their checkpoint
-    (``sglang.model_path``, the trainer's FP8 copy: trainer/loop.py ``rollout_sglang_config``)."""
+    (``sglang.model_path``, the trainer's FP8 copy: trainer/setup.py ``rollout_sglang_config``)."""
     if engine == "torch":
         from megatron_zero.rollout.torch_engine import TorchEngine
 

@@ -84,7 +84,7 @@ def _shown(payload: dict[str, Any]) -> str:
 
 def _rollout_lines(config: TrainConfig, tokenizer, problems: list) -> list[str]:
     """The first step's engine requests, built by the functions the trainer and the engines call."""
-    from megatron_zero.trainer.loop import rollout_prompts, rollout_sampling_params
+    from megatron_zero.trainer.rollout_source import rollout_prompts, rollout_sampling_params
 
     prompts = rollout_prompts(problems, tokenizer, config.rollout.num_samples_per_prompt)
     lengths = sorted(len(ids) for ids in prompts)
@@ -139,7 +139,7 @@ def _engine_lines(config: TrainConfig) -> list[str]:
     if not sglang.launch:
         return [f"SGLang server started by hand at {sglang.url} (weights by NCCL broadcast from rank 0)"]
     from megatron_zero.rollout.sglang_servers import plan_engines, slot_server_launch
-    from megatron_zero.trainer.loop import rollout_sglang_config
+    from megatron_zero.trainer.setup import rollout_sglang_config
 
     sglang.check_launch(config.cluster)
     sglang = rollout_sglang_config(config)  # the FP8 copy's path under rollout.quantization=fp8 (not written here)
@@ -173,20 +173,20 @@ def dry_run(config: TrainConfig) -> DryRunReport:
     """What a run of ``config`` would do before its first GPU kernel; raises (one line) on a config or file error."""
     from megatron_zero.evaluation.model_eval import load_tokenizer
     from megatron_zero.trainer.checkpoint import resume_point
-    from megatron_zero.trainer.loop import _load_eval, _load_sampler
+    from megatron_zero.trainer.setup import load_eval_problems, load_sampler
 
     config.check_inputs()
     lines = ["megatron-zero train --dry-run: nothing started (no Ray, no GPU, no weights read)",
              f"files: {check_checkpoint_names(config)}"]
     tokenizer = load_tokenizer(config.model_path)
-    sampler, filter_report = _load_sampler(config, tokenizer)
+    sampler, filter_report = load_sampler(config, tokenizer)
     kept = "" if filter_report is None else (
         f" in the pass-rate band [{filter_report.min_pass_rate}, {filter_report.max_pass_rate}] of "
         f"{filter_report.pass_rate_file} ({filter_report.num_dropped_hard} harder and {filter_report.num_dropped_easy}"
         " easier dropped)")
     lines.append(f"data: {config.data.train.path}: {len(sampler.problems)} problems{kept}")
     if config.eval.path is not None:
-        lines.append(f"eval: {config.eval.path}: {len(_load_eval(config, tokenizer))} problems")
+        lines.append(f"eval: {config.eval.path}: {len(load_eval_problems(config, tokenizer))} problems")
     checkpoint = resume_point(config.run)  # checked whole by check_inputs
     if checkpoint is not None:
         lines.append(f"note: a run would resume from {checkpoint} (its files match its marker), not from step 0")
