@@ -155,7 +155,10 @@ def _plan(args: argparse.Namespace) -> int:
 
     from megatron_zero.config.trainer import load_config
     from megatron_zero.models.registry import read_architecture
-    from megatron_zero.planning.memory import GIB, format_plan, plan_inputs, plan_memory, recommend_layouts
+    from megatron_zero.planning.actor_memory import GIB
+    from megatron_zero.planning.layouts import recommend_layouts
+    from megatron_zero.planning.memory import plan_inputs, plan_memory
+    from megatron_zero.planning.report import format_plan
 
     config = load_config(args.config, args.overrides)
     inputs = plan_inputs(config, read_architecture(config.model_path), device_bytes=int(args.gpu_memory_gib * GIB),

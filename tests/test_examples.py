@@ -16,7 +16,8 @@ import pytest
 
 from megatron_zero.config.trainer import load_config
 from megatron_zero.models.registry import read_architecture
-from megatron_zero.planning.memory import num_parameters, plan_inputs, plan_memory
+from megatron_zero.planning.actor_memory import num_parameters
+from megatron_zero.planning.memory import plan_inputs, plan_memory
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # The paper's ten base models (RECIPE.md) with their published sizes in billions (the model cards' figures).

@@ -27,20 +27,19 @@ from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.models.common.architecture import parse_decoder_architecture
 from megatron_zero.models.tiny import TINY_CONFIGS
 from megatron_zero.parallel.local_launch import run_local_workers
-from megatron_zero.planning.memory import (
+from megatron_zero.planning.actor_memory import (
     FULL_RECOMPUTE,
     GIB,
     LAYER_KERNELS,
     NO_RECOMPUTE,
-    EngineInputs,
-    PlanInputs,
     layer_activation_bytes,
     model_state_bytes,
-    plan_memory,
-    recommend_layouts,
     stage_parameters,
     train_activation_bytes,
 )
+from megatron_zero.planning.engine_memory import EngineInputs
+from megatron_zero.planning.layouts import recommend_layouts
+from megatron_zero.planning.memory import PlanInputs, plan_memory
 
 NUM_TOKENS = 96
 TINY_ARCH = parse_decoder_architecture(dict(TINY_CONFIGS["qwen2"]), qkv_bias=True, sliding_window=None)
@@ -291,7 +290,7 @@ def test_fp8_engine_weights_count_the_real_models_linear_weights_at_one_byte(tp)
     from transformers import AutoModelForCausalLM
 
     from megatron_zero.models.tiny import tiny_config
-    from megatron_zero.planning.memory import engine_linear_parameters, engine_memory
+    from megatron_zero.planning.engine_memory import engine_linear_parameters, engine_memory
     from megatron_zero.rollout.fp8_weights import is_quantized_weight
 
     hf = AutoModelForCausalLM.from_config(tiny_config("qwen2"))

@@ -64,7 +64,7 @@ def drop_fp8_workspaces(model: torch.nn.Module) -> None:
     them on the GPU through rollout. Dropping them costs one allocation at the next step: TE casts the weights
     into the cached copy on every first microbatch anyway, and makes a new one when none is cached. Turning the cache
     off instead (TransformerConfig.disable_parameter_transpose_cache) would cast on every microbatch. The planner
-    counts them (planning/memory.py FP8_TRAIN_WORKSPACE_BYTES)."""
+    counts them (planning/actor_memory.py FP8_TRAIN_WORKSPACE_BYTES)."""
     for module in model.modules():
         workspaces = getattr(module, "_fp8_workspaces", None)
         if workspaces:

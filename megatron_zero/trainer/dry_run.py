@@ -163,7 +163,8 @@ def _memory_lines(config: TrainConfig) -> tuple[list[str], bool]:
     if not config.cluster.use_gpus:
         return ["memory plan: CPU mode (cluster.gpus_per_node=0), no device memory to plan"], True
     from megatron_zero.models.registry import read_architecture
-    from megatron_zero.planning.memory import format_plan, plan_inputs, plan_memory
+    from megatron_zero.planning.memory import plan_inputs, plan_memory
+    from megatron_zero.planning.report import format_plan
 
     plan = plan_memory(plan_inputs(config, read_architecture(config.model_path)))
     return [format_plan(plan)], plan.fits
