@@ -101,7 +101,7 @@ def start_server_by_hand(model_dir: str | Path, log_path: Path, port: int):
 
     from megatron_zero.config.sglang import SGLangConfig
     from megatron_zero.rollout.sglang_cpu import build_driver_stub
-    from megatron_zero.rollout.sglang_engine import launch_server_command, launch_server_env
+    from megatron_zero.rollout.sglang_launch import launch_server_command, launch_server_env
 
     build_driver_stub()
     command = launch_server_command(SGLangConfig(model_path=str(model_dir), port=port, colocated=False), on_cpu=True)

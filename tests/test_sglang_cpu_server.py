@@ -36,7 +36,9 @@ from megatron_zero.demo.tokenizer import build_char_tokenizer
 from megatron_zero.models.tiny import save_tiny_model
 from megatron_zero.parallel.weight_broadcast import destroy_weight_broadcast_group, init_weight_broadcast_group
 from megatron_zero.rollout.engine import SamplingParams
-from megatron_zero.rollout.sglang_engine import WEIGHT_GROUP_NAME, SGLangEngine, request_seeds
+from megatron_zero.rollout.sglang_engine import SGLangEngine
+from megatron_zero.rollout.sglang_requests import request_seeds
+from megatron_zero.rollout.sglang_weights import WEIGHT_GROUP_NAME
 from megatron_zero.rollout.sglang_http import SGLangHTTPClient, SGLangHTTPError
 from megatron_zero.rollout.torch_engine import TorchEngine
 

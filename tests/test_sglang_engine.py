@@ -25,12 +25,9 @@ from safetensors.torch import save_file
 
 from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.rollout.engine import SamplingParams
-from megatron_zero.rollout.sglang_engine import (
-    CUDABoundaryError,
-    SGLangEngine,
-    launch_server_command,
-    launch_server_env,
-)
+from megatron_zero.rollout.sglang_engine import SGLangEngine
+from megatron_zero.rollout.sglang_launch import launch_server_command, launch_server_env
+from megatron_zero.rollout.sglang_weights import CUDABoundaryError
 from megatron_zero.rollout.sglang_http import SGLangHTTPError
 
 # --- field names of sglang 0.5.23 ----------------------------------------------------------------------
@@ -381,7 +378,7 @@ def test_seeds_are_sent_only_to_engines_that_honour_them(fake):
     from megatron_zero.demo import BASE_MODEL_PATH
     from megatron_zero.evaluation.generation import EngineGenerator
     from megatron_zero.rollout.engine import request_seed
-    from megatron_zero.rollout.sglang_servers import EngineRouter
+    from megatron_zero.rollout.engine_router import EngineRouter
 
     fast, deterministic = make_engine(fake), make_engine(fake, enable_deterministic_inference=True)
     assert [request_seed(e, 7) for e in (fast, deterministic, EngineRouter([deterministic]))] == [None, 7, 7]
@@ -474,7 +471,7 @@ def test_colocated_update_serializes_the_bucket_once_per_server_rank(fake, monke
     is replaced by one that numbers its calls."""
     import weakref
 
-    from megatron_zero.rollout import sglang_engine
+    from megatron_zero.rollout import sglang_weights
 
     bucket = [("embed.weight", torch.ones(4, 2)), ("head.weight", torch.ones(2, 4))]
     buffers = []
@@ -485,7 +482,7 @@ def test_colocated_update_serializes_the_bucket_once_per_server_rank(fake, monke
         buffers.append(weakref.ref(buffer))
         return f"payload-{len(buffers)}", buffer
 
-    monkeypatch.setattr(sglang_engine, "serialize_flattened_bucket", serialize)
+    monkeypatch.setattr(sglang_weights, "serialize_flattened_bucket", serialize)
     engine = make_engine(fake, names=[name for name, _ in bucket], tp_size=2)
     alive_while_sent, post = [], engine._client.post
 
@@ -559,7 +556,7 @@ def test_generate_payload_passes_the_wheels_contract():
     a misspelt sampling field is refused by that schema, as the server answers it (HTTP 400)."""
     import sglang_contract
 
-    from megatron_zero.rollout.sglang_engine import generate_payload
+    from megatron_zero.rollout.sglang_requests import generate_payload
 
     params = SamplingParams(temperature=0.7, max_new_tokens=4, stop=("\n",), stop_token_ids=(7,), seed=3)
     payload = generate_payload([[1, 2], [1, 2]], params, deterministic=True)

@@ -36,7 +36,8 @@ from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.parallel.local_launch import run_local_workers
 from megatron_zero.rollout.engine import SamplingParams
 from megatron_zero.rollout.sglang_engine import SGLangEngine
-from megatron_zero.rollout.sglang_servers import EngineRouter, start_sglang_servers
+from megatron_zero.rollout.engine_router import EngineRouter
+from megatron_zero.rollout.sglang_servers import start_sglang_servers
 from megatron_zero.trainer.placement import create_placement, local_cluster_cpus, remove_placement
 from real_sglang import (
     float64_greedy, float64_logprobs, load_weights_from_disk, require_real_sglang, weights_checksum,

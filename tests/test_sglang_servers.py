@@ -29,9 +29,9 @@ from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.rollout.engine import SamplingParams
 from megatron_zero.rollout.sglang_engine import SGLangEngine
 from megatron_zero.rollout.sglang_http import SGLangHTTPError
+from megatron_zero.rollout.engine_router import EngineRouter, split_by_prompt_runs
 from megatron_zero.rollout.sglang_servers import (
-    EngineRouter, SGLangServerError, plan_engines, server_env, slot_server_launch, split_by_prompt_runs,
-    start_sglang_servers,
+    SGLangServerError, plan_engines, server_env, slot_server_launch, start_sglang_servers,
 )
 from megatron_zero.trainer.placement import Bundle, ClusterPlacement, create_placement, remove_placement
 from real_sglang import real_sglang_missing

@@ -9,7 +9,7 @@ tiny model, the hand-off through shared memory instead of CUDA IPC, by the same 
   the compute device against HF transformers' from the same checkpoint, read at float32 on the same device. The
   bound is the trainer's engine-vs-actor gap bound of that precision (``config/trainer.LOGPROB_GAP_BOUNDS``).
 * ``ipc_handoff``: what the colocated weight push relies on (``trainer/weight_push.py``,
-  ``rollout/sglang_engine.serialize_flattened_bucket``): a bucket of named tensors flattened into one uint8 buffer
+  ``rollout/sglang_weights.serialize_flattened_bucket``): a bucket of named tensors flattened into one uint8 buffer
   (SGLang's ``FlattenedTensorBucket`` layout), pickled with ``torch.multiprocessing``'s reductions (what SGLang's
   ``MultiprocessingSerializer`` does), and opened and read by a second process. SGLang additionally pickles the
   GPU's UUID instead of its index (``monkey_patch_torch_reductions``), for processes with different

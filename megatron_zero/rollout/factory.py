@@ -32,7 +32,8 @@ def build_engine(engine: str, model_path: str, torch_config: TorchEngineConfig, 
         from megatron_zero.rollout.torch_engine import TorchEngine
 
         return TorchEngine.from_pretrained(model_path, torch_config, tokenizer=tokenizer, quantization=quantization)
-    from megatron_zero.rollout.sglang_servers import EngineRouter, launch_sglang_router
+    from megatron_zero.rollout.engine_router import EngineRouter
+    from megatron_zero.rollout.sglang_servers import launch_sglang_router
 
     if not sglang.launch:
         from megatron_zero.rollout.sglang_engine import SGLangEngine

@@ -15,7 +15,7 @@ machine's RAM otherwise). And it must not have ``--enable-memory-saver`` (torch_
 does not start). Release and resume then free nothing: they only flush the cache (the weights stay), which the tests
 say.
 
-The launch path (``rollout/sglang_servers.py``, ``rollout/sglang_engine.launch_server_command``) consults this
+The launch path (``rollout/sglang_servers.py``, ``rollout/sglang_launch.launch_server_command``) consults this
 module only for an engine whose placement has no GPU; ``tests/test_sglang_cpu_mode.py`` checks that a GPU launch's
 command and environment carry none of it.
 

@@ -95,8 +95,9 @@ def _rollout_lines(config: TrainConfig, tokenizer, problems: list) -> list[str]:
         # The torch engine always honours seeds (RolloutEngine's default); building one would load the weights.
         params = rollout_sampling_params(config, tokenizer, honours_seeds=True, step=0)
         return lines + [f"torch engine in the driver, sampling {params}"]
-    from megatron_zero.rollout.sglang_engine import SGLangEngine, generate_payload, single_requests
-    from megatron_zero.rollout.sglang_servers import split_by_prompt_runs
+    from megatron_zero.rollout.sglang_engine import SGLangEngine
+    from megatron_zero.rollout.sglang_requests import generate_payload, single_requests
+    from megatron_zero.rollout.engine_router import split_by_prompt_runs
 
     engine = SGLangEngine(config.rollout.sglang)  # no request is sent: it only answers honours_seeds
     params = rollout_sampling_params(config, tokenizer, honours_seeds=engine.honours_seeds, step=0)

@@ -46,8 +46,9 @@ from megatron_zero.parallel.reshard import SENDER_RANK, HFWeightStream
 from megatron_zero.parallel.weight_broadcast import init_weight_broadcast_group
 from megatron_zero.rollout.engine import WeightUpdateStats
 from megatron_zero.rollout.fp8_weights import encode_bucket
-from megatron_zero.rollout.sglang_engine import (
-    WEIGHT_GROUP_NAME, SGLangEngine, broadcast_bucket, serialize_flattened_bucket, wait_first_failure,
+from megatron_zero.rollout.sglang_engine import SGLangEngine
+from megatron_zero.rollout.sglang_weights import (
+    WEIGHT_GROUP_NAME, broadcast_bucket, serialize_flattened_bucket, wait_first_failure,
 )
 from megatron_zero.trainer.worker import free_port
 
