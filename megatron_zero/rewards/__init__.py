@@ -8,7 +8,8 @@ gives a `GradingSession` that grades responses as they arrive), `math_reward` /
 
 from megatron_zero.rewards.extraction import ExtractedAnswer, cut_at_stop_tokens, extract_answer, last_boxed
 from megatron_zero.rewards.math_reward import grade_math, math_reward
-from megatron_zero.rewards.pool import GraderPool, GradingSession, grade_batch, math_reward_batch
+from megatron_zero.rewards.grading_session import GradingSession
+from megatron_zero.rewards.pool import GraderPool, grade_batch, math_reward_batch
 from megatron_zero.rewards.registry import (
     OUTCOMES,
     REWARD_FUNCTIONS,

@@ -9,8 +9,8 @@ How: `grade_math(response, ground_truth, config)` grades one response in this pr
 is what grader workers run; plain answers take fast paths (fast_parse.py, fast_verify.py) that give
 math-verify's grades without its LaTeX parser or simplify (`grade_math_reference` is math-verify alone).
 Untrusted model output goes through `GraderPool` (megatron_zero/rewards/pool.py), which enforces
-`RewardConfig.timeout_s` by killing the worker. math-verify's own timeouts use SIGALRM, which fails off the main
-thread, so they are disabled here.
+`RewardConfig.timeout_s` by killing the worker (grader_workers.py). math-verify's own timeouts use SIGALRM, which
+fails off the main thread, so they are disabled here.
 """
 
 import functools
