@@ -41,10 +41,7 @@ KNOWN_CIRCLES: set[tuple[str, ...]] = {
 }
 
 # Paths relative to megatron_zero/.
-KNOWN_LONG_MODULES: set[str] = {
-    "rollout/sglang_engine.py",  # issue #23: being split
-    "rollout/sglang_servers.py",  # issue #23: being split
-}
+KNOWN_LONG_MODULES: set[str] = set()
 
 # (config module, module of ours outside config/ that it imports).
 KNOWN_CONFIG_IMPORTS: set[tuple[str, str]] = {
