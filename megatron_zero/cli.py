@@ -189,7 +189,7 @@ def _launch_prepare(args: argparse.Namespace) -> int:
 def _launch_wait(args: argparse.Namespace) -> int:
     from megatron_zero.config.trainer import load_config
     from megatron_zero.trainer.launch import wait_for_hosts
-    from megatron_zero.trainer.placement import ClusterNotReadyError
+    from megatron_zero.cluster.placement import ClusterNotReadyError
 
     config = load_config(args.config, args.overrides)
     try:
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_cpu_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from megatron_zero.trainer.placement import ClusterNotReadyError
+    from megatron_zero.cluster.placement import ClusterNotReadyError
 
     try:
         return args.run(args)

@@ -39,7 +39,7 @@ def test_eval_launches_the_real_server_on_cpu_and_scores_like_the_torch_engine(t
 
 
 def test_eval_on_a_server_started_by_hand(tmp_path, greedy_torch_eval):
-    from megatron_zero.trainer.worker import free_port
+    from megatron_zero.cluster.node_files import free_port
 
     data_dir, reference_out = greedy_torch_eval
     port = free_port()

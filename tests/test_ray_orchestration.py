@@ -22,10 +22,10 @@ from megatron_zero.config.cluster import ClusterConfig
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.trainer.actor_group import RayActorGroup, RayWorkerError, RayWorkerTimeout
 from megatron_zero.trainer.dispatch import Dispatch, register
-from megatron_zero.trainer.placement import (
+from megatron_zero.cluster.placement import (
     Bundle, create_placement, find_missing_nodes, order_bundles, remove_placement,
 )
-from megatron_zero.trainer.worker import read_log_tail_remote
+from megatron_zero.cluster.node_files import read_log_tail_remote
 
 TESTS_DIR = Path(__file__).resolve().parent
 CPU_CLUSTER = ClusterConfig(gpus_per_node=0, cpu_workers_per_node=2, cpus_per_worker=1,
@@ -301,7 +301,7 @@ def test_a_local_cluster_has_the_cpus_the_runs_bundles_need():
     """Ray's CPUs are a scheduling count: a 2-core machine still places two CPU ranks and a CPU rollout engine's
     bundle (otherwise the placement would wait cluster.startup_timeout_s and fail)."""
     from megatron_zero.config.cluster import ClusterConfig
-    from megatron_zero.trainer.placement import local_cluster_cpus
+    from megatron_zero.cluster.placement import local_cluster_cpus
 
     cores = os.cpu_count()
     separate = ClusterConfig(gpus_per_node=0, cpu_workers_per_node=2, rollout_num_gpus=1, cpus_per_worker=2)

@@ -15,7 +15,7 @@ import sys
 from megatron_zero.config.sglang import DEFAULT_MAX_TOTAL_TOKENS, SGLangConfig
 from megatron_zero.rollout import sglang_cpu
 from megatron_zero.rollout.sglang_servers import plan_engines, slot_server_launch
-from megatron_zero.trainer.placement import Bundle
+from megatron_zero.cluster.placement import Bundle
 
 CONFIG = SGLangConfig(model_path="/m", colocated=True)
 CPU_MARKERS = {*sglang_cpu.CPU_SERVER_ARGS, sglang_cpu.CPU_ENGINE_VARIABLE, str(sglang_cpu.FILES_DIR)}

@@ -38,7 +38,7 @@ from megatron_zero.rollout.engine import SamplingParams
 from megatron_zero.rollout.sglang_engine import SGLangEngine
 from megatron_zero.rollout.engine_router import EngineRouter
 from megatron_zero.rollout.sglang_servers import start_sglang_servers
-from megatron_zero.trainer.placement import create_placement, local_cluster_cpus, remove_placement
+from megatron_zero.cluster.placement import create_placement, local_cluster_cpus, remove_placement
 from real_sglang import (
     float64_greedy, float64_logprobs, load_weights_from_disk, require_real_sglang, weights_checksum,
 )
@@ -73,7 +73,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def placement(models):
-    """The CPU workers' bundles of a local Ray cluster, sized as the trainer sizes one (trainer/placement.py)."""
+    """The CPU workers' bundles of a local Ray cluster, sized as the trainer sizes one (cluster/placement.py)."""
     ray.init(num_cpus=local_cluster_cpus(CLUSTER), include_dashboard=False)
     placement = create_placement(CLUSTER)
     yield placement

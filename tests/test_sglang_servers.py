@@ -33,7 +33,7 @@ from megatron_zero.rollout.engine_router import EngineRouter, split_by_prompt_ru
 from megatron_zero.rollout.sglang_servers import (
     SGLangServerError, plan_engines, server_env, slot_server_launch, start_sglang_servers,
 )
-from megatron_zero.trainer.placement import Bundle, ClusterPlacement, create_placement, remove_placement
+from megatron_zero.cluster.placement import Bundle, ClusterPlacement, create_placement, remove_placement
 from real_sglang import real_sglang_missing
 from test_sglang_engine import reference_logprob
 

@@ -20,7 +20,7 @@ import ray
 from megatron_zero.config.cluster import ClusterConfig
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.trainer.actor_group import RayActorGroup
-from megatron_zero.trainer.placement import create_placement, remove_placement
+from megatron_zero.cluster.placement import create_placement, remove_placement
 from test_weight_push import BUCKET_BYTES, _check_engine, _cpu_serialize, _hf_tensors
 
 TESTS_DIR = Path(__file__).resolve().parent

@@ -1,6 +1,6 @@
 """Config of the Ray cluster the trainer runs on: nodes, GPUs (or CPU workers), Ray address, deadlines.
 
-Why: the placement group (``trainer/placement.py``) and the per-rank actor group (``trainer/actor_group.py``)
+Why: the placement group (``cluster/placement.py``) and the per-rank actor group (``trainer/actor_group.py``)
 are sized from these values, and the parallel layout must fit them; checking both here makes a typo or a
 layout that cannot fit fail before any Ray resource is requested.
 

@@ -2,7 +2,7 @@
 
 Why: evaluation and pass-rate estimation sample with the engine the user has: the torch engine in this process on
 CPU, SGLang on GPUs. Launched SGLang servers get GPUs of their own on the Ray cluster, placed and started as the
-trainer places and starts its disaggregated engines (trainer/placement.py, rollout/factory.py); nothing trains, so
+trainer places and starts its disaggregated engines (cluster/placement.py, rollout/factory.py); nothing trains, so
 no weights are pushed.
 
 How::
@@ -32,7 +32,7 @@ def standalone_engine(config: EngineConfig, model_path: str, tokenizer: Any, log
     with contextlib.ExitStack() as stack:
         placement = None
         if config.engine == "sglang" and config.sglang.launch:
-            from megatron_zero.trainer.placement import connect_ray, create_rollout_placement, remove_placement
+            from megatron_zero.cluster.placement import connect_ray, create_rollout_placement, remove_placement
 
             connect_ray(config.cluster)
             placement = create_rollout_placement(config.cluster)

@@ -8,7 +8,7 @@ never hang the trainer when it fails to start, and die with the run.
 
 How::
 
-    placement = create_placement(cluster)                    # trainer/placement.py, cluster.colocate=True
+    placement = create_placement(cluster)                    # cluster/placement.py, cluster.colocate=True
     router = launch_sglang_router(cluster, placement, sglang_config, log_dir="runs/exp/logs")
     generations = router.generate(prompts, SamplingParams())  # split over the engines, results in prompt order
     router.shutdown()                                         # closes clients, stops every server process
@@ -63,9 +63,8 @@ from megatron_zero.rollout.engine_router import EngineRouter
 from megatron_zero.rollout.sglang_cpu import build_driver_stub
 from megatron_zero.rollout.sglang_engine import SGLangEngine
 from megatron_zero.rollout.sglang_launch import launch_server_command, launch_server_env
-from megatron_zero.trainer.actor_group import COLOCATED_GPU_SHARE, LOG_TAIL_LINES
-from megatron_zero.trainer.placement import Bundle, ClusterPlacement
-from megatron_zero.trainer.worker import free_port, read_log_tail, read_log_tail_on_node
+from megatron_zero.cluster.node_files import LOG_TAIL_LINES, free_port, read_log_tail, read_log_tail_on_node
+from megatron_zero.cluster.placement import COLOCATED_GPU_SHARE, Bundle, ClusterPlacement
 
 logger = logging.getLogger(__name__)
 

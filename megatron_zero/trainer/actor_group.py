@@ -45,14 +45,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from megatron_zero.config.cluster import ClusterConfig
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.trainer.dispatch import Dispatch, RankLayout
-from megatron_zero.trainer.placement import ClusterPlacement
-from megatron_zero.trainer.worker import RankWorker, WorkerInfo, parse_factory_path, read_log_tail_on_node
+from megatron_zero.cluster.node_files import LOG_TAIL_LINES, read_log_tail_on_node
+from megatron_zero.cluster.placement import COLOCATED_GPU_SHARE, ClusterPlacement
+from megatron_zero.trainer.worker import RankWorker, WorkerInfo, parse_factory_path
 
 logger = logging.getLogger(__name__)
 
-# Fraction of its bundle a colocated worker reserves; the engine on the same bundle takes at most the rest.
-COLOCATED_GPU_SHARE = 0.4
-LOG_TAIL_LINES = 20
 # In a timeout report, log tails of this many stuck ranks (all stuck ranks are named).
 _MAX_TAILS_IN_REPORT = 4
 # Deadline of reading a log tail on another node when reporting a failure.

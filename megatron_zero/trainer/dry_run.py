@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_zero.config.trainer import TrainConfig
-from megatron_zero.trainer.placement import Bundle, order_bundles
+from megatron_zero.cluster.placement import Bundle, order_bundles
 
 # A payload's token ids beyond this many are elided in the printout (the count stays).
 _SHOWN_TOKENS = 32

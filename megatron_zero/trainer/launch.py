@@ -88,7 +88,7 @@ def wait_for_hosts(cluster: ClusterConfig, address: str, hosts: Sequence[str],
     hold what ``cluster`` needs (``find_missing_nodes``); at the deadline raise naming what is missing."""
     import ray
 
-    from megatron_zero.trainer.placement import ClusterNotReadyError, find_missing_nodes
+    from megatron_zero.cluster.placement import ClusterNotReadyError, find_missing_nodes
 
     timeout_s = cluster.startup_timeout_s if timeout_s is None else timeout_s
     ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)

@@ -303,7 +303,7 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        from megatron_zero.trainer.placement import remove_placement
+        from megatron_zero.cluster.placement import remove_placement
 
         # The engine first: launched SGLang servers live in actors on the placement group, and removing it
         # would kill them without a clean shutdown.

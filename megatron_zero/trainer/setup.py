@@ -93,7 +93,7 @@ def convert_base_model(model_path: str, out_dir: Path) -> str:
 
 def create_placements(config: TrainConfig):
     """The ranks' placement, and the disaggregated engines' (None without cluster.rollout_num_gpus)."""
-    from megatron_zero.trainer.placement import connect_ray, create_placement, create_rollout_placement, wait_for_nodes
+    from megatron_zero.cluster.placement import connect_ray, create_placement, create_rollout_placement, wait_for_nodes
 
     connect_ray(config.cluster)
     wait_for_nodes(config.cluster)

@@ -50,7 +50,7 @@ from megatron_zero.rollout.sglang_engine import SGLangEngine
 from megatron_zero.rollout.sglang_weights import (
     WEIGHT_GROUP_NAME, broadcast_bucket, serialize_flattened_bucket, wait_first_failure,
 )
-from megatron_zero.trainer.worker import free_port
+from megatron_zero.cluster.node_files import free_port
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Why: the trainer needs one process per Megatron rank that joins torch.distribute
 training object (``MegatronActor``, a reference model, a test probe). Keeping the worker generic, built from a
 ``"module:function"`` factory path, lets ``actor_group.py`` drive any per-rank object without importing it.
 Each worker writes its log records to ``<log_dir>/rank_<r>.log`` so that when a rank dies, the driver can
-show its last lines (``read_log_tail``).
+show its last lines (``cluster/node_files.read_log_tail``).
 
 How: not used directly; ``RayActorGroup`` wraps ``RankWorker`` with ``ray.remote`` and calls, in order,
 ``info``, ``free_port`` (rank 0), ``init_distributed`` (returns the rank's ``RankLayout``), ``setup(factory_path,
@@ -16,16 +16,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import socket
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from megatron_zero.cluster.node_files import free_port
 from megatron_zero.config.parallel import ParallelConfig
 from megatron_zero.trainer.dispatch import Dispatch, RankLayout, dispatch_modes
 
@@ -63,42 +61,6 @@ def load_factory(factory_path: str) -> Callable[..., Any]:
     if not callable(factory):
         raise ValueError(f"factory path {factory_path!r}: module {module_name} has no callable named {attr!r}")
     return factory
-
-
-def read_log_tail(log_path: str, num_lines: int) -> str:
-    """The last ``num_lines`` lines of a worker's log file, or a note saying why there are none."""
-    path = Path(log_path)
-    if not path.exists():
-        return f"(no log file {log_path} on this node)"
-    with path.open(errors="replace") as handle:
-        return "".join(deque(handle, maxlen=num_lines)).rstrip("\n") or f"({log_path} is empty)"
-
-
-@ray.remote(num_cpus=0)
-def read_log_tail_remote(log_path: str, num_lines: int) -> str:
-    """``read_log_tail`` as a Ray task, to run on the node that holds the log (a dead worker cannot answer)."""
-    return read_log_tail(log_path, num_lines)
-
-
-def read_log_tail_on_node(log_path: str, node_id: str, node_ip: str, num_lines: int = 20,
-                          timeout_s: float = 10.0) -> str:
-    """The last lines of a log on node ``node_id``: read here if it is this node, else by a task pinned there
-    (the process that wrote it may be dead), with a deadline so a failure report never hangs."""
-    if node_id == ray.get_runtime_context().get_node_id():
-        return read_log_tail(log_path, num_lines)
-    ref = read_log_tail_remote.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(log_path, num_lines)
-    try:
-        return ray.get(ref, timeout=timeout_s)
-    except (ray.exceptions.RayError, TimeoutError) as err:
-        return f"(log unreadable: node {node_ip} did not answer: {err.__class__.__name__})"
-
-
-def free_port() -> int:
-    # Bound on all interfaces, not loopback: ranks on other nodes connect to this port.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 class RankWorker:

@@ -36,6 +36,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from megatron_zero.config.cluster import RAY_ADDRESS_AUTO, RAY_ADDRESS_LOCAL, ClusterConfig
 
+# Fraction of its bundle a colocated Megatron rank reserves; an SGLang engine on the same bundle takes at most the
+# rest (a scheduling reservation only).
+COLOCATED_GPU_SHARE = 0.4
+
 logger = logging.getLogger(__name__)
 
 # How often to re-read ray.nodes() while nodes are still joining.
