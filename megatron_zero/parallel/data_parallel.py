@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from megatron_zero.actor.batching import ActorBatch
 from megatron_zero.models.common.architecture import DecoderArchitecture
+
+if TYPE_CHECKING:
+    from megatron_zero.actor.batching import ActorBatch  # the batches it splits; the actor imports this package
 
 
 def row_costs(lengths: Sequence[int] | torch.Tensor, arch: DecoderArchitecture) -> list[float]:
