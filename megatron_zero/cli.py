@@ -28,9 +28,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from megatron_zero.trainer.dry_run import dry_run
 
-        report = dry_run(config)
+        report = dry_run(config, model_config=args.model_config)
         print(report.text)
-        return 0 if report.fits else 1
+        return 2 if report.missing else 0 if report.fits else 1
     trainer = Trainer(config)
     try:
         trainer.fit()
@@ -154,11 +154,15 @@ def _plan(args: argparse.Namespace) -> int:
     import json
 
     from megatron_zero.config.trainer import load_config
-    from megatron_zero.models.registry import read_architecture
     from megatron_zero.planning.memory import GIB, format_plan, plan_inputs, plan_memory, recommend_layouts
+    from megatron_zero.preflight.architecture import resolve_architecture
 
     config = load_config(args.config, args.overrides)
-    inputs = plan_inputs(config, read_architecture(config.model_path), device_bytes=int(args.gpu_memory_gib * GIB),
+    resolved = resolve_architecture(config.model_path, args.model_config)
+    if not resolved.from_checkpoint:
+        logging.getLogger(__name__).info("architecture from %s (model_path %s is not on this machine or "
+                                         "--model-config was given)", resolved.source, config.model_path)
+    inputs = plan_inputs(config, resolved.arch, device_bytes=int(args.gpu_memory_gib * GIB),
                          overhead_bytes=int(args.overhead_gib * GIB),
                          cuda_graph_reserve_bytes=int(args.cuda_graph_reserve_gib * GIB), kernels=args.kernels)
     plan = plan_memory(inputs)
@@ -210,6 +214,12 @@ def _config_help() -> str:
             + OmegaConf.to_yaml(OmegaConf.structured(SGLangConfig)))
 
 
+def _add_model_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-config", default=None,
+                        help="the model's HF config.json (or its folder) to plan with; default: model_path's own, "
+                             "else the shipped examples/model_configs/<basename of model_path> (docs/planning.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-zero", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true",
                        help="validate config and files, print the layout, memory plan, server command lines and "
                             "first requests a run would use, and exit (no Ray, no GPU)")
+    _add_model_config_argument(train)
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     train.set_defaults(run=_train)
 
@@ -295,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="layer implementation whose saved activations are counted (GPU: transformer_engine)")
     plan.add_argument("--recommend", type=int, default=5, help="list this many layouts that fit")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_model_config_argument(plan)
     plan.set_defaults(run=_plan)
 
     launch = commands.add_parser("launch", help="checks the launch scripts run (examples/launch/, docs/launching.md)")

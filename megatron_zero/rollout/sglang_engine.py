@@ -121,7 +121,7 @@ def sglang_sampling_params(params: SamplingParams, *, deterministic: bool) -> di
     if params.seed is not None and not deterministic:
         raise ValueError(
             f"sampling.seed={params.seed} is set but SGLang ignores per-request seeds unless the server runs "
-            "with --enable-deterministic-inference; set sglang.enable_deterministic_inference=True or seed=None"
+            "with --enable-deterministic-inference; set rollout.sglang.enable_deterministic_inference=true (eval, difficulty: --deterministic) or seed=None"
         )
     sampling = {
         "temperature": params.temperature,
@@ -467,7 +467,7 @@ class SGLangEngine(RolloutEngine):
     def update_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
         if not self.config.colocated:
             if self.weight_group is None:
-                raise RuntimeError(f"sglang.colocated=False needs a weight_group: call init_weights_update_group on "
+                raise RuntimeError(f"rollout.sglang.colocated=False needs a weight_group: call init_weights_update_group on "
                                    f"{self.url}, create this side's group (parallel/weight_broadcast.py), and pass it "
                                    "as SGLangEngine(weight_group=...)")
             broadcast_bucket(bucket, self.weight_group, [(self.url, self.post_weights_from_distributed(bucket))],
@@ -614,7 +614,7 @@ class SGLangEngine(RolloutEngine):
     def release_memory(self) -> None:
         if not self.config.colocated:
             raise RuntimeError(f"release_memory on {self.url}: only colocated servers (--enable-memory-saver) "
-                               "release memory; set sglang.colocated=True")
+                               "release memory; set rollout.sglang.colocated=true")
         for tag in RELEASE_ORDER:
             if tag not in self._released:
                 self._post_memory("/release_memory_occupation", [tag])
