@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 
@@ -72,15 +73,37 @@ def _engine_config(args: argparse.Namespace):
                         sglang_device=args.device or "cuda")
 
 
+def as_flags(error: ValueError, prefixes: tuple[str, ...], renamed: dict[str, str]) -> ValueError:
+    """A command config's error with its keys ("eval.n_samples", "data.train.max_prompt_tokens") written as the
+    command's flags ("--n", "--max-prompt-tokens"): what the user typed."""
+    def flag(match: re.Match) -> str:
+        return renamed.get(match.group(2), "--" + match.group(2).replace("_", "-"))
+
+    pattern = rf"(?<![\w.-])({'|'.join(re.escape(prefix) for prefix in prefixes)})\.([a-z_]+)"
+    return ValueError(re.sub(pattern, flag, str(error)))
+
+
+# The `difficulty` command's flags for its DatasetConfig and PassRateEstimateConfig fields (the rest: --field-name).
+DIFFICULTY_FLAGS = {"num_samples": "--n", "path": "--data"}
+
+
+def difficulty_flag(field: str) -> str:
+    """How `difficulty` names a DatasetConfig field (``data.problems.DatasetKeys``)."""
+    return DIFFICULTY_FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 def _eval(args: argparse.Namespace) -> int:
     from megatron_zero.config.evaluation import EvalConfig
     from megatron_zero.evaluation.model_eval import evaluate_model
     from megatron_zero.evaluation.runner import results_table
 
-    config = EvalConfig(benchmarks=args.benchmarks, data_dir=args.data_dir, template=args.template,
-                        n_samples=args.n, temperature=args.temperature, top_p=args.top_p,
-                        max_new_tokens=args.max_new_tokens, max_problems=args.max_problems,
-                        pass_k=args.pass_k or [], seed=args.seed)
+    try:
+        config = EvalConfig(benchmarks=args.benchmarks, data_dir=args.data_dir, template=args.template,
+                            n_samples=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, max_problems=args.max_problems,
+                            pass_k=args.pass_k or [], seed=args.seed)
+    except ValueError as error:
+        raise as_flags(error, ("eval",), {"n_samples": "--n"}) from None
     report = evaluate_model(args.model, config, _engine_config(args), args.out)
     print(results_table(report))
     print(f"wrote {args.out}")
@@ -91,18 +114,44 @@ def _difficulty(args: argparse.Namespace) -> int:
     from megatron_zero.config.data import DatasetConfig, PassRateEstimateConfig
     from megatron_zero.evaluation.difficulty import estimate_model_pass_rates
 
-    dataset = DatasetConfig(path=args.data, question_field=args.question_field, answer_field=args.answer_field,
-                            uid_field=args.uid_field, template=args.template, max_prompt_tokens=args.max_prompt_tokens)
-    sampling = PassRateEstimateConfig(num_samples=args.n, temperature=args.temperature, top_p=args.top_p,
-                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-    rates = estimate_model_pass_rates(args.model, dataset, sampling, _engine_config(args), args.out)
-    print(f"wrote {args.out}: pass rates of {len(rates)} problems; train on a band with "
+    try:
+        dataset = DatasetConfig(path=args.data, question_field=args.question_field, answer_field=args.answer_field,
+                                uid_field=args.uid_field, template=args.template,
+                                max_prompt_tokens=args.max_prompt_tokens, filter_overlong=args.filter_overlong)
+        sampling = PassRateEstimateConfig(num_samples=args.n, temperature=args.temperature, top_p=args.top_p,
+                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                          seed=args.seed)
+    except ValueError as error:
+        raise as_flags(error, ("difficulty", "data.train"), DIFFICULTY_FLAGS) from None
+    rates = estimate_model_pass_rates(args.model, dataset, sampling, _engine_config(args), args.out,
+                                      keys=difficulty_flag)
+    # The table is keyed by the problems' ids: training must read the data with the same settings to find them.
+    same = {"path": args.data, "uid_field": args.uid_field, "question_field": args.question_field,
+            "answer_field": args.answer_field, "template": args.template}
+    defaults = DatasetConfig()
+    dataset_keys = " ".join(override(f"data.train.{key}", value) for key, value in same.items()
+                            if key == "path" or value != getattr(defaults, key))
+    print(f"wrote {args.out}: pass rates of {len(rates)} problems; train on a band with {dataset_keys} "
           f"data.pass_rate_filter.pass_rate_file={args.out} data.pass_rate_filter.min_pass_rate=0.1 "
-          "data.pass_rate_filter.max_pass_rate=0.9 (same data.train.path and uid field)")
+          "data.pass_rate_filter.max_pass_rate=0.9")
     return 0
 
 
+def override(key: str, value: object) -> str:
+    """``key=value`` as a user pastes it into a shell: values OmegaConf would parse as YAML (a template such as
+    "{input}" is a mapping there) are double-quoted, and the whole is shell-quoted where needed."""
+    import json
+    import shlex
+
+    text = str(value)
+    if re.search(r"[{}\[\]:,'\"#&*!|>%@` ]", text):
+        text = json.dumps(text)
+    return shlex.quote(f"{key}={text}")
+
+
 def _data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from megatron_zero.data.splits import SPLIT_DATASET_FIELDS, build_difficulty_split, read_rows, write_jsonl
     from megatron_zero.utils.files import prepare_output
 
@@ -112,7 +161,11 @@ def _data(args: argparse.Namespace) -> int:
                                   max_problems=args.max_problems, seed=args.seed)
     write_jsonl(rows, args.out)
     fields = " ".join(f"data.train.{key}={value}" for key, value in SPLIT_DATASET_FIELDS.items())
-    print(f"wrote {len(rows)} {args.split} problems to {args.out}; train with data.train.path={args.out} {fields}")
+    # The pass-rate table is keyed by problem id: difficulty must use the split's ids, as training will.
+    rates = str(Path(args.out).with_name(Path(args.out).stem + "_rates.jsonl"))
+    print(f"wrote {len(rows)} {args.split} problems to {args.out}; pass rates (optional): `megatron-zero difficulty "
+          f"--model MODEL --data {args.out} --uid-field {SPLIT_DATASET_FIELDS['uid_field']} --out {rates}`, then "
+          f"add data.pass_rate_filter.pass_rate_file={rates}; train with data.train.path={args.out} {fields}")
     return 0
 
 
@@ -267,8 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     difficulty.add_argument("--template", default="qwen-boxed")
     difficulty.add_argument("--question-field", default="question")
     difficulty.add_argument("--answer-field", default="answer")
-    difficulty.add_argument("--uid-field", default=None, help="stable problem ids (default: <file stem>-<row>)")
+    difficulty.add_argument("--uid-field", default=None,
+                            help="stable problem ids (default: <file stem>-<row>); training must use the same "
+                                 "(data.train.uid_field); `megatron-zero data` files: --uid-field uid")
     difficulty.add_argument("--max-prompt-tokens", type=int, default=1024)
+    difficulty.add_argument("--filter-overlong", action="store_true",
+                            help="drop prompts longer than --max-prompt-tokens (default: refuse them)")
     difficulty.add_argument("--temperature", type=float, default=1.0)
     difficulty.add_argument("--top-p", type=float, default=1.0)
     difficulty.add_argument("--max-new-tokens", type=int, default=3072)

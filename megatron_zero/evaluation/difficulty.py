@@ -23,10 +23,13 @@ from megatron_zero.config.data import DatasetConfig, PassRateEstimateConfig
 from megatron_zero.config.evaluation import EngineConfig
 from megatron_zero.config.reward import RewardConfig
 from megatron_zero.data.difficulty import PassRate, estimate_pass_rates, save_pass_rates
-from megatron_zero.data.problems import Problem
+from megatron_zero.data.problems import DatasetKeys, Problem, train_keys
 from megatron_zero.evaluation.generation import Generator, Grader
 
 logger = logging.getLogger(__name__)
+
+# How `megatron-zero difficulty` (the one caller that sets the response budget) names it.
+_MAX_NEW_TOKENS_FLAG = "--max-new-tokens"
 
 
 def measure_pass_rates(problems: list[Problem], generate: Generator, grade: Grader,
@@ -53,21 +56,32 @@ def measure_pass_rates(problems: list[Problem], generate: Generator, grade: Grad
 
 def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling: PassRateEstimateConfig,
                               engine: EngineConfig, out_path: str | Path, *, reward: RewardConfig | None = None,
-                              server_command: Sequence[str] | None = None) -> dict[str, PassRate]:
+                              server_command: Sequence[str] | None = None,
+                              keys: DatasetKeys = train_keys) -> dict[str, PassRate]:
     """``megatron-zero difficulty``: the pass-rate table of ``dataset``'s problems under ``model_path``, written to
     ``out_path`` (the file ``data.pass_rate_filter.pass_rate_file`` names). The problems are read, and their
-    prompts built and length-checked, exactly as the trainer reads them with the same DatasetConfig."""
+    prompts built and length-checked, exactly as the trainer reads them with the same DatasetConfig; the longest
+    prompt + ``sampling.max_new_tokens`` must fit the model and the engine before the engine starts. ``keys``:
+    how errors name the dataset's fields (the CLI passes its flags)."""
     from megatron_zero.data.problems import load_problems
     from megatron_zero.evaluation.engines import standalone_engine
     from megatron_zero.evaluation.generation import EngineGenerator
-    from megatron_zero.evaluation.model_eval import check_model_dir, load_tokenizer, pool_grader
+    from megatron_zero.evaluation.model_eval import check_engine_fits, load_tokenizer, pool_grader
+    from megatron_zero.preflight.generation import check_model_for_generation
     from megatron_zero.rewards import GraderPool
     from megatron_zero.utils.files import prepare_output
 
-    check_model_dir(model_path)
+    arch = check_model_for_generation(model_path)
     prepare_output(out_path, "--out")
     tokenizer = load_tokenizer(model_path)
-    problems = load_problems(dataset, tokenizer)
+    problems = load_problems(dataset, tokenizer, keys=keys)
+    if dataset.max_prompt_tokens is not None:
+        prompt = (f"{keys('max_prompt_tokens')}={dataset.max_prompt_tokens}", dataset.max_prompt_tokens)
+    else:
+        lengths = tokenizer([problem.prompt_text for problem in problems])["input_ids"]
+        longest = max(len(ids) for ids in lengths)
+        prompt = (f"the longest prompt ({longest} tokens)", longest)
+    check_engine_fits(arch, model_path, engine, prompt, [(_MAX_NEW_TOKENS_FLAG, sampling.max_new_tokens)])
     log_dir = Path(out_path).parent / "logs"
     with standalone_engine(engine, model_path, tokenizer, log_dir, server_command=server_command) as rollout_engine, \
             GraderPool(reward) as pool:

@@ -20,9 +20,17 @@ from megatron_zero.config.reward import RewardConfig
 from megatron_zero.evaluation.generation import Grader
 
 
-def check_model_dir(model_path: str, flag: str = "--model") -> None:
-    if not Path(model_path, "config.json").is_file():
-        raise FileNotFoundError(f"{flag} {model_path}: no config.json there; pass a Hugging Face model directory")
+def check_engine_fits(arch: Any, model_path: str, engine: EngineConfig, prompt: tuple[str, int],
+                      generations: list[tuple[str, int]]) -> None:
+    """The longest prompt + response fits the model's context and the SGLang server's limits
+    (``preflight.generation``, the check `train` runs too); raises before any engine starts."""
+    from megatron_zero.preflight.generation import (CLI_SGLANG_KEYS, check_generation, engine_limits,
+                                                    model_limits)
+
+    launched = engine.sglang if engine.engine == "sglang" and engine.sglang.launch else None
+    limits = model_limits(arch, Path(model_path, "config.json")) + engine_limits(
+        launched, engine.sglang_device == "cuda", CLI_SGLANG_KEYS)
+    check_generation(prompt, generations, limits)
 
 
 def pool_grader(pool: Any) -> Grader:
@@ -44,17 +52,29 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
     from megatron_zero.evaluation.engines import standalone_engine
     from megatron_zero.evaluation.generation import EngineGenerator
     from megatron_zero.evaluation.runner import evaluate, load_benchmarks, write_eval_outputs
+    from megatron_zero.preflight.generation import check_model_for_generation
     from megatron_zero.rewards import GraderPool
     from megatron_zero.utils.files import prepare_output
 
-    check_model_dir(model_path)
+    arch = check_model_for_generation(model_path)
     prepare_output(out_dir, "--out", folder=True)
     problems = load_benchmarks(config)
     tokenizer = load_tokenizer(model_path)
     format_prompt = make_prompt_formatter(config.template, tokenizer)
+    check_engine_fits(arch, model_path, engine, _longest_prompt(problems, format_prompt, tokenizer),
+                      [("--max-new-tokens", config.max_new_tokens)])
     with standalone_engine(engine, model_path, tokenizer, Path(out_dir) / "logs",
                            server_command=server_command) as rollout_engine, GraderPool(reward) as pool:
         report = evaluate(config, EngineGenerator(rollout_engine, tokenizer), pool_grader(pool), format_prompt,
                           problems=problems)
     write_eval_outputs(report, out_dir)
     return report
+
+
+def _longest_prompt(problems: dict[str, list], format_prompt: Any, tokenizer: Any) -> tuple[str, int]:
+    """How the longest benchmark prompt is named in an error (benchmark and row), and its tokens."""
+    items = [problem for problems_of_set in problems.values() for problem in problems_of_set]
+    lengths = [len(ids) for ids in tokenizer([format_prompt(problem.question) for problem in items])["input_ids"]]
+    longest = max(range(len(items)), key=lengths.__getitem__)
+    label = f"the longest prompt ({items[longest].benchmark} row {items[longest].index}, {lengths[longest]} tokens)"
+    return label, lengths[longest]

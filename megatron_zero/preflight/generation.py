@@ -9,7 +9,7 @@ starts, and get one error listing every limit the longest sequence exceeds.
 How::
 
     limits = model_limits(arch, source) + engine_limits(sglang, on_gpus, keys=TRAIN_SGLANG_KEYS)
-    check_generation(("data.train.max_prompt_tokens", 1024), [("rollout.max_new_tokens", 8192)], limits)
+    check_generation(("data.train.max_prompt_tokens=1024", 1024), [("rollout.max_new_tokens", 8192)], limits)
 """
 
 from __future__ import annotations
@@ -58,15 +58,16 @@ def engine_limits(sglang: Optional[SGLangConfig], on_gpus: bool, keys: dict[str,
 
 
 def check_generation(prompt: tuple[str, int], generations: list[tuple[str, int]], limits: list[ContextLimit]) -> None:
-    """Raise one ValueError listing every (generation, limit) pair the longest sequence exceeds. ``prompt``: how the
-    prompt bound is named and its tokens; ``generations``: each max_new_tokens key and value the command uses."""
+    """Raise one ValueError listing every (generation, limit) pair the longest sequence exceeds. ``prompt``: the
+    prompt bound as the user would read it ("data.train.max_prompt_tokens=1024", "the longest prompt (math500 row 3,
+    612 tokens)") and its tokens; ``generations``: each max_new_tokens key and value the command uses."""
     prompt_name, prompt_tokens = prompt
     problems = []
     for name, max_new_tokens in generations:
         longest = prompt_tokens + max_new_tokens
         for limit in limits:
             if longest > limit.tokens:
-                problems.append(f"{prompt_name}={prompt_tokens} + {name}={max_new_tokens} = {longest} tokens exceed "
+                problems.append(f"{prompt_name} + {name}={max_new_tokens} = {longest} tokens exceed "
                                 f"{limit.what}")
     if len(problems) == 1:
         raise ValueError(f"{problems[0]}; lower one of them")

@@ -86,7 +86,8 @@ def _check_lengths(config: TrainConfig, resolved: ResolvedArchitecture) -> None:
     limits = model_limits(resolved.arch, source)
     if config.rollout.engine == "sglang":
         limits += engine_limits(config.rollout.sglang, config.cluster.use_gpus, TRAIN_SGLANG_KEYS)
-    check_generation(("data.train.max_prompt_tokens", config.data.train.max_prompt_tokens), generations, limits)
+    max_prompt_tokens = config.data.train.max_prompt_tokens
+    check_generation((f"data.train.max_prompt_tokens={max_prompt_tokens}", max_prompt_tokens), generations, limits)
 
 
 def _check_fp8_rollout(config: TrainConfig, resolved: ResolvedArchitecture, missing: MissingFiles) -> None:
