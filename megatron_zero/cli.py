@@ -6,7 +6,7 @@
     megatron-zero demo --output-dir outputs/demo
     megatron-zero eval --model DIR --benchmarks gsm8k math500 --data-dir data/eval
     megatron-zero eval --model DIR --benchmarks math500 --engine sglang --num-gpus 8 --tp-size 2
-    megatron-zero difficulty --model DIR --data data/hard.jsonl --n 8 --out rates.jsonl
+    megatron-zero difficulty --model DIR --data data/hard.jsonl --uid-field uid --n 8 --out rates.jsonl
     megatron-zero data --split hard --math MATH/train --out data/hard.jsonl
     megatron-zero export --checkpoint outputs/run/checkpoints/step_000100 --out hf_model
     megatron-zero plan --config examples/configs/qwen2.5-7b-zero-2node.yaml --gpu-memory-gib 80

@@ -191,10 +191,10 @@ def test_common_mistakes_get_one_line_before_any_worker(tmp_path):
             check_train_inputs(load_config(None, [*base, f"model_path={broken}"]))
     # Data files are read before Ray too (the trainer's first step after check_train_inputs): one line each.
     for name, text, message in (("empty.jsonl", "", "is an empty file"),
-                                ("broken.jsonl", '{"question": 1\n', "cannot be read as json: ")):
+                                ("broken.jsonl", '{"question": 1\n', "is not valid JSON at line 1: ")):
         (tmp_path / name).write_text(text)
         config = load_config(None, [*base, f"data.train.path={tmp_path / name}"])
-        with pytest.raises(ValueError, match=rf"data.path='.*{name}' {message}"):
+        with pytest.raises(ValueError, match=rf"data.train.path='.*{name}' {message}"):
             load_problems(config.data.train)
 
 
