@@ -66,22 +66,27 @@ def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling:
     from megatron_zero.data.problems import load_problems
     from megatron_zero.evaluation.engines import standalone_engine
     from megatron_zero.evaluation.generation import EngineGenerator
-    from megatron_zero.evaluation.model_eval import check_engine_fits, load_tokenizer, pool_grader
-    from megatron_zero.preflight.generation import check_model_for_generation
+    from megatron_zero.evaluation.model_eval import load_tokenizer, pool_grader
+    from megatron_zero.preflight.generation import GenerationInputs, check_generation_inputs
     from megatron_zero.rewards import GraderPool
     from megatron_zero.utils.files import prepare_output
 
-    arch = check_model_for_generation(model_path)
+    loaded = {}
+
+    def prompt_bound() -> tuple[str, int]:
+        # The problems are read (and their prompts length-checked) with the model's tokenizer, so after its files.
+        loaded["tokenizer"] = tokenizer = load_tokenizer(model_path)
+        loaded["problems"] = problems = load_problems(dataset, tokenizer, keys=keys)
+        if dataset.max_prompt_tokens is not None:
+            return f"{keys('max_prompt_tokens')}={dataset.max_prompt_tokens}", dataset.max_prompt_tokens
+        longest = max(len(ids) for ids in tokenizer([problem.prompt_text for problem in problems])["input_ids"])
+        return f"the longest prompt ({longest} tokens)", longest
+
+    check_generation_inputs(GenerationInputs.for_engine(model_path, engine, ((_MAX_NEW_TOKENS_FLAG,
+                                                                              sampling.max_new_tokens),)),
+                            prompt_bound)
     prepare_output(out_path, "--out")
-    tokenizer = load_tokenizer(model_path)
-    problems = load_problems(dataset, tokenizer, keys=keys)
-    if dataset.max_prompt_tokens is not None:
-        prompt = (f"{keys('max_prompt_tokens')}={dataset.max_prompt_tokens}", dataset.max_prompt_tokens)
-    else:
-        lengths = tokenizer([problem.prompt_text for problem in problems])["input_ids"]
-        longest = max(len(ids) for ids in lengths)
-        prompt = (f"the longest prompt ({longest} tokens)", longest)
-    check_engine_fits(arch, model_path, engine, prompt, [(_MAX_NEW_TOKENS_FLAG, sampling.max_new_tokens)])
+    tokenizer, problems = loaded["tokenizer"], loaded["problems"]
     log_dir = Path(out_path).parent / "logs"
     with standalone_engine(engine, model_path, tokenizer, log_dir, server_command=server_command) as rollout_engine, \
             GraderPool(reward) as pool:

@@ -20,19 +20,6 @@ from megatron_zero.config.reward import RewardConfig
 from megatron_zero.evaluation.generation import Grader
 
 
-def check_engine_fits(arch: Any, model_path: str, engine: EngineConfig, prompt: tuple[str, int],
-                      generations: list[tuple[str, int]]) -> None:
-    """The longest prompt + response fits the model's context and the SGLang server's limits
-    (``preflight.generation``, the check `train` runs too); raises before any engine starts."""
-    from megatron_zero.preflight.generation import (CLI_SGLANG_KEYS, check_generation, engine_limits,
-                                                    model_limits)
-
-    launched = engine.sglang if engine.engine == "sglang" and engine.sglang.launch else None
-    limits = model_limits(arch, Path(model_path, "config.json")) + engine_limits(
-        launched, engine.sglang_device == "cuda", CLI_SGLANG_KEYS)
-    check_generation(prompt, generations, limits)
-
-
 def pool_grader(pool: Any) -> Grader:
     """A `Grader` over a ``GraderPool``: the score of each response (errors and timeouts score as wrong)."""
     return lambda responses, ground_truths: pool.grade_batch(responses, ground_truths).scores
@@ -52,17 +39,23 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
     from megatron_zero.evaluation.engines import standalone_engine
     from megatron_zero.evaluation.generation import EngineGenerator
     from megatron_zero.evaluation.runner import evaluate, load_benchmarks, write_eval_outputs
-    from megatron_zero.preflight.generation import check_model_for_generation
+    from megatron_zero.preflight.generation import GenerationInputs, check_generation_inputs
     from megatron_zero.rewards import GraderPool
     from megatron_zero.utils.files import prepare_output
 
-    arch = check_model_for_generation(model_path)
-    prepare_output(out_dir, "--out", folder=True)
     problems = load_benchmarks(config)
-    tokenizer = load_tokenizer(model_path)
-    format_prompt = make_prompt_formatter(config.template, tokenizer)
-    check_engine_fits(arch, model_path, engine, _longest_prompt(problems, format_prompt, tokenizer),
-                      [("--max-new-tokens", config.max_new_tokens)])
+    loaded = {}
+
+    def longest_prompt() -> tuple[str, int]:
+        loaded["tokenizer"] = load_tokenizer(model_path)  # the model's files are there by now
+        loaded["format_prompt"] = make_prompt_formatter(config.template, loaded["tokenizer"])
+        return _longest_prompt(problems, loaded["format_prompt"], loaded["tokenizer"])
+
+    check_generation_inputs(GenerationInputs.for_engine(model_path, engine, (("--max-new-tokens",
+                                                                              config.max_new_tokens),)),
+                            longest_prompt)
+    prepare_output(out_dir, "--out", folder=True)
+    tokenizer, format_prompt = loaded["tokenizer"], loaded["format_prompt"]
     with standalone_engine(engine, model_path, tokenizer, Path(out_dir) / "logs",
                            server_command=server_command) as rollout_engine, GraderPool(reward) as pool:
         report = evaluate(config, EngineGenerator(rollout_engine, tokenizer), pool_grader(pool), format_prompt,

@@ -8,19 +8,22 @@ starts, and get one error listing every limit the longest sequence exceeds.
 
 How::
 
-    limits = model_limits(arch, source) + engine_limits(sglang, on_gpus, keys=TRAIN_SGLANG_KEYS)
-    check_generation(("data.train.max_prompt_tokens=1024", 1024), [("rollout.max_new_tokens", 8192)], limits)
+    inputs = GenerationInputs.for_engine(model_path, engine_config, (("--max-new-tokens", 3072),))
+    resolved = check_generation_inputs(inputs, lambda: ("--max-prompt-tokens=1024", 1024))
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_zero.config.evaluation import EngineConfig
 from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.models.common.architecture import DecoderArchitecture
 from megatron_zero.models.hf_io import INDEX_NAME, SINGLE_NAME
+from megatron_zero.preflight.architecture import ResolvedArchitecture, resolve_architecture
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # How the SGLang limits are typed in a training config (eval and difficulty pass their flags instead).
@@ -95,13 +98,62 @@ def check_model_files(model_path: str, key: str) -> list[str]:
     return missing
 
 
-def check_model_for_generation(model_path: str, key: str = "--model") -> DecoderArchitecture:
-    """``eval`` / ``difficulty``: the model directory is whole; its architecture. Raises FileNotFoundError listing
-    every missing part."""
-    from megatron_zero.preflight.architecture import resolve_architecture
+class MissingFiles:
+    """Where a missing input goes: raised at once (a command about to run) or listed for the end of a dry run."""
 
-    missing = check_model_files(model_path, key)
-    if missing:
-        raise FileNotFoundError("; ".join(missing) + ("; pass a Hugging Face model directory" if len(missing) == 1
-                                                      else ""))
-    return resolve_architecture(model_path).arch
+    def __init__(self, collect: bool = False) -> None:
+        self.collect = collect
+        self.lines: list[str] = []
+
+    def add(self, message: str) -> None:
+        if not self.collect:
+            raise FileNotFoundError(message)
+        self.lines.append(message)
+
+
+@dataclass(frozen=True)
+class GenerationInputs:
+    """What a generating command will send an engine, as its user named it."""
+
+    model_path: str
+    # How the model directory was given: "model_path" (train), "--model" (eval, difficulty).
+    model_key: str
+    # Each response budget the command uses, e.g. (("rollout.max_new_tokens", 8192), ("eval.max_new_tokens", 256)).
+    generations: tuple[tuple[str, int], ...]
+    # Launched SGLang servers (None: the torch engine, or a server started by hand whose limits are its own).
+    sglang: Optional[SGLangConfig] = None
+    sglang_on_gpus: bool = True
+    sglang_keys: tuple[tuple[str, str], ...] = tuple(TRAIN_SGLANG_KEYS.items())
+
+    @classmethod
+    def for_engine(cls, model_path: str, engine: EngineConfig, generations: tuple[tuple[str, int], ...]
+                   ) -> "GenerationInputs":
+        """``eval`` / ``difficulty``: the model at --model, on the engine their --engine flags built."""
+        launched = engine.sglang if engine.engine == "sglang" and engine.sglang.launch else None
+        return cls(model_path=model_path, model_key="--model", generations=generations, sglang=launched,
+                   sglang_on_gpus=engine.sglang_device == "cuda", sglang_keys=tuple(CLI_SGLANG_KEYS.items()))
+
+
+# The prompt bound as the user reads it and its tokens, or None (no bound configured: nothing to check).
+PromptBound = Optional[tuple[str, int]]
+
+
+def check_generation_inputs(inputs: GenerationInputs, prompt_bound: Callable[[], PromptBound],
+                            missing: Optional[MissingFiles] = None, model_config: Optional[str] = None
+                            ) -> ResolvedArchitecture:
+    """The one check `train`, `eval` and `difficulty` run before any engine or Ray starts: the model directory is
+    whole (``missing`` collects what is not, for a dry run; by default the first missing part raises), then the
+    longest prompt + every response budget fits the model's context and the SGLang servers' limits. Returns the
+    architecture checked against. ``prompt_bound`` is called once the model's files are known to be there (eval
+    measures its prompts with the model's tokenizer)."""
+    missing = missing if missing is not None else MissingFiles()
+    for line in check_model_files(inputs.model_path, inputs.model_key):
+        missing.add(line)
+    resolved = resolve_architecture(inputs.model_path, model_config)
+    bound = prompt_bound()
+    if bound is not None:
+        source = (f"{inputs.model_path}/config.json" if resolved.from_checkpoint else str(resolved.source))
+        limits = model_limits(resolved.arch, source) + engine_limits(inputs.sglang, inputs.sglang_on_gpus,
+                                                                     dict(inputs.sglang_keys))
+        check_generation(bound, list(inputs.generations), limits)
+    return resolved

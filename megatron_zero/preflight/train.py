@@ -14,31 +14,16 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_zero.config.trainer import TrainConfig
-from megatron_zero.preflight.architecture import ResolvedArchitecture, resolve_architecture
-from megatron_zero.preflight.generation import (TRAIN_SGLANG_KEYS, check_generation, check_model_files,
-                                                engine_limits, model_limits)
-
-
-class MissingFiles:
-    """Where a missing input goes: raised at once (a run) or listed for the end of a dry run."""
-
-    def __init__(self, collect: bool = False) -> None:
-        self.collect = collect
-        self.lines: list[str] = []
-
-    def add(self, message: str) -> None:
-        if not self.collect:
-            raise FileNotFoundError(message)
-        self.lines.append(message)
+from megatron_zero.preflight.architecture import ResolvedArchitecture
+from megatron_zero.preflight.generation import (GenerationInputs, MissingFiles, PromptBound,
+                                                check_generation_inputs)
 
 
 def check_train_inputs(config: TrainConfig, missing: Optional[MissingFiles] = None,
                        model_config: Optional[str] = None) -> ResolvedArchitecture:
     """File checks of ``config``; raise naming the field and the path. Returns the architecture checked against."""
     missing = missing if missing is not None else MissingFiles()
-    for line in check_model_files(config.model_path, "model_path"):
-        missing.add(line)
-    resolved = resolve_architecture(config.model_path, model_config)
+    resolved = check_generation_inputs(generation_inputs(config), lambda: prompt_bound(config), missing, model_config)
     arch = resolved.arch
     if config.parallel.expert_parallel_size > 1:
         # Every supported family is dense (models/registry.py): there are no experts to place.
@@ -47,7 +32,6 @@ def check_train_inputs(config: TrainConfig, missing: Optional[MissingFiles] = No
                          "to 1")
     arch.check_parallel_sizes(config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size,
                               config.model.vocab_pad_multiple)
-    _check_lengths(config, resolved)
     if Path(config.run.output_dir).exists() and not Path(config.run.output_dir).is_dir():
         raise ValueError(f"run.output_dir={config.run.output_dir!r} is a file; choose a directory")
     if config.rollout.quantization == "fp8" and config.rollout.engine == "sglang":
@@ -74,20 +58,21 @@ def check_train_inputs(config: TrainConfig, missing: Optional[MissingFiles] = No
     return resolved
 
 
-def _check_lengths(config: TrainConfig, resolved: ResolvedArchitecture) -> None:
-    """The longest prompt + response fits the model and the SGLang servers (held-out prompts are read with
-    data.train's settings, the same length limit, then decoded greedily)."""
-    if config.data.train.max_prompt_tokens is None:
-        return
+def generation_inputs(config: TrainConfig) -> GenerationInputs:
+    """What a run sends its engines: rollouts, and the held-out set's greedy decoding (its prompts are read with
+    data.train's settings, the same length limit)."""
     generations = [("rollout.max_new_tokens", config.rollout.max_new_tokens)]
     if config.eval.path is not None:
         generations.append(("eval.max_new_tokens", config.eval.max_new_tokens))
-    source = f"{config.model_path}/config.json" if resolved.from_checkpoint else str(resolved.source)
-    limits = model_limits(resolved.arch, source)
-    if config.rollout.engine == "sglang":
-        limits += engine_limits(config.rollout.sglang, config.cluster.use_gpus, TRAIN_SGLANG_KEYS)
+    sglang = config.rollout.sglang if config.rollout.engine == "sglang" else None
+    return GenerationInputs(model_path=config.model_path, model_key="model_path", generations=tuple(generations),
+                            sglang=sglang, sglang_on_gpus=config.cluster.use_gpus)
+
+
+def prompt_bound(config: TrainConfig) -> PromptBound:
     max_prompt_tokens = config.data.train.max_prompt_tokens
-    check_generation((f"data.train.max_prompt_tokens={max_prompt_tokens}", max_prompt_tokens), generations, limits)
+    return None if max_prompt_tokens is None else (f"data.train.max_prompt_tokens={max_prompt_tokens}",
+                                                   max_prompt_tokens)
 
 
 def _check_fp8_rollout(config: TrainConfig, resolved: ResolvedArchitecture, missing: MissingFiles) -> None:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_zero.config.trainer import TrainConfig
-from megatron_zero.preflight.train import MissingFiles, check_train_inputs
+from megatron_zero.preflight.generation import MissingFiles
+from megatron_zero.preflight.train import check_train_inputs
 from megatron_zero.trainer.placement import Bundle, order_bundles
 
 # A payload's token ids beyond this many are elided in the printout (the count stays).
