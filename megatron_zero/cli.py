@@ -208,10 +208,13 @@ def _plan(args: argparse.Namespace) -> int:
 
     from megatron_zero.config.trainer import load_config
     from megatron_zero.planning.memory import GIB, format_plan, plan_inputs, plan_memory, recommend_layouts
-    from megatron_zero.preflight.architecture import resolve_architecture
+    from megatron_zero.preflight.generation import MissingFiles, check_generation_inputs
+    from megatron_zero.preflight.train import generation_inputs, prompt_bound
 
     config = load_config(args.config, args.overrides)
-    resolved = resolve_architecture(config.model_path, args.model_config)
+    # The architecture and the length check of the preflight, without its file checks: a plan is arithmetic.
+    resolved = check_generation_inputs(generation_inputs(config), lambda: prompt_bound(config),
+                                       MissingFiles(collect=True), args.model_config)
     if not resolved.from_checkpoint:
         logging.getLogger(__name__).info("architecture from %s (model_path %s is not on this machine or "
                                          "--model-config was given)", resolved.source, config.model_path)

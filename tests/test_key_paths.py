@@ -1,6 +1,6 @@
 """Every config key an error or hint names is one the user can type (issue #21 item 4).
 
-Collects every ``word.word=`` in the string constants of raise / log calls across megatron_zero/ (by AST, f-strings
+Collects every ``word.word=`` (and every dotted name that starts like a config key) in the string constants of raise / log calls across megatron_zero/ (by AST, f-strings
 included) and resolves it against the config the message is for: TrainConfig (what `train` reads); inside config/,
 a sub-config's own prefix as ``load_config`` renames it (``policy_loss.`` -> ``loss.``); the `eval` and
 `difficulty` commands' own configs, whose keys the CLI turns into its flags (checked by triggering them below).
@@ -23,7 +23,13 @@ from megatron_zero.config.evaluation import EvalConfig
 from megatron_zero.config.trainer import TrainConfig
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_zero"
-KEY = re.compile(r"(?<![\w./-])([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+)(?==)")
+# Any dotted name followed by "=" ("run.num_steps=0"), and any dotted name that starts like a config key
+# ("set data.train.filter_overlong", "data.pass_rate_filter band") whether a value follows or not.
+CONFIG_HEADS = ("data", "rollout", "actor", "loss", "policy_loss", "sglang", "sampler", "run", "eval", "cluster",
+                "parallel", "model", "reward", "advantage", "health", "difficulty", "dynamic_sampling",
+                "pass_rate_filter")
+KEY = re.compile(r"(?<![\w./-])([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+(?==)|(?:" + "|".join(CONFIG_HEADS)
+                 + r")(?:\.[a-z_][a-z0-9_]*)+)")
 RAISING = {"ValueError", "FileNotFoundError", "RuntimeError", "KeyError", "TypeError", "warning", "info", "error"}
 # Sub-configs name their fields by their own prefix; load_config (_build) renames it to where they sit.
 SUB_CONFIG_PREFIXES = {"policy_loss": "loss", "sglang": "rollout.sglang", "sampler": "data.sampler",

@@ -20,7 +20,9 @@ from megatron_zero.cli import main
 from megatron_zero.demo import BASE_MODEL_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTED = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").rglob("*.yaml"))]
+DOCUMENTED = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").rglob("*.yaml")),
+              ROOT / "megatron_zero" / "cli.py"]
+EXAMPLE_CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
 # `megatron-zero plan|train --config examples/configs/X.yaml ...` up to the end of the command (a comment, a
 # backtick, the line's end).
 COMMAND = re.compile(r"megatron-zero ((?:plan|train) --config examples/configs/[^\s`]+[^`#\n]*)")
@@ -55,6 +57,23 @@ def test_documented_plan_and_dry_run_work_without_the_downloads(command, monkeyp
     assert "model_path=" in block and "data.train.path=" in block
     if "rollout.engine" not in command:
         assert "sglang.launch_server" in out or "torch engine" in out or "SGLang server started by hand" in out
+
+
+@pytest.mark.parametrize("config", EXAMPLE_CONFIGS, ids=lambda path: path.stem)
+def test_every_example_dry_runs_without_the_downloads(config, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["train", "--config", str(config.relative_to(ROOT)), "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert "error:" not in err and "cluster:" in out and "input(s) missing" in out
+    assert out.rstrip().splitlines()[-1].startswith("  - ")  # the block of missing files ends the output
+
+
+def test_plan_refuses_a_sequence_beyond_the_engine_context(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["plan", "--config", "examples/configs/qwen2.5-7b-zero-2node.yaml",
+                 "rollout.sglang.context_length=4096"]) == 2
+    assert ("data.train.max_prompt_tokens=1024 + rollout.max_new_tokens=8192 = 9216 tokens exceed the SGLang "
+            "server's context, rollout.sglang.context_length=4096") in _error(capsys)
 
 
 def test_model_config_flag_and_an_unknown_model(tmp_path, monkeypatch, capsys):
@@ -133,6 +152,25 @@ def test_malformed_jsonl_names_its_line(tmp_path):
     # The held-out set is read with data.train's settings but named as the user set it.
     with pytest.raises(ValueError, match=r"^eval.path='.*train.jsonl' is not valid JSON at line 3"):
         load_problems(DatasetConfig(path=str(path), cache_dir=str(tmp_path / "cache")), keys=eval_set_keys)
+
+
+def test_every_json_lines_reader_names_the_line(tmp_path):
+    """Pass-rate tables, benchmark files (eval sets) and sample records, each broken on line 2."""
+    from megatron_zero.analysis.records import read_sample_file
+    from megatron_zero.data.difficulty import load_pass_rates
+    from megatron_zero.evaluation.benchmarks import load_benchmark
+
+    broken = '\n{"a": 1 "b": 2}\n'  # line 1 blank (skipped), line 2 broken
+    table = tmp_path / "rates.jsonl"
+    table.write_text(broken)
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(broken)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(broken)
+    for read, path in ((load_pass_rates, table), (lambda _: load_benchmark("gsm8k", tmp_path), None),
+                       (lambda path: list(read_sample_file(path)), samples)):
+        with pytest.raises(ValueError, match=r":2: |line 2"):
+            read(path)
 
 
 MATH_ROWS = [{"problem": f"Q: {a}+{a}=? A:", "solution": f"It is $\\boxed{{{2 * a}}}$.", "level": f"Level {3 + a % 3}",
