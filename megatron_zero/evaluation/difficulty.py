@@ -71,6 +71,7 @@ def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling:
     from megatron_zero.rewards import GraderPool
     from megatron_zero.utils.files import prepare_output
 
+    prepare_output(out_path, "--out")  # first: nothing is read before the output is known writable
     loaded = {}
 
     def prompt_bound() -> tuple[str, int]:
@@ -85,7 +86,6 @@ def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling:
     check_generation_inputs(GenerationInputs.for_engine(model_path, engine, ((_MAX_NEW_TOKENS_FLAG,
                                                                               sampling.max_new_tokens),)),
                             prompt_bound)
-    prepare_output(out_path, "--out")
     tokenizer, problems = loaded["tokenizer"], loaded["problems"]
     log_dir = Path(out_path).parent / "logs"
     with standalone_engine(engine, model_path, tokenizer, log_dir, server_command=server_command) as rollout_engine, \

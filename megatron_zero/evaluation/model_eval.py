@@ -43,6 +43,7 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
     from megatron_zero.rewards import GraderPool
     from megatron_zero.utils.files import prepare_output
 
+    prepare_output(out_dir, "--out", folder=True)  # first: nothing is read before the output is known writable
     problems = load_benchmarks(config)
     loaded = {}
 
@@ -54,7 +55,6 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
     check_generation_inputs(GenerationInputs.for_engine(model_path, engine, (("--max-new-tokens",
                                                                               config.max_new_tokens),)),
                             longest_prompt)
-    prepare_output(out_dir, "--out", folder=True)
     tokenizer, format_prompt = loaded["tokenizer"], loaded["format_prompt"]
     with standalone_engine(engine, model_path, tokenizer, Path(out_dir) / "logs",
                            server_command=server_command) as rollout_engine, GraderPool(reward) as pool:
