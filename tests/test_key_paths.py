@@ -117,3 +117,15 @@ def test_config_errors_name_the_typed_key_and_come_all_at_once():
     # One problem reads as before: one line.
     with pytest.raises(ValueError, match=r"^run.num_steps=0 must be >= 1$"):
         load_config(None, ["model_path=/m", "run.num_steps=0"])
+
+
+def test_every_mistyped_override_is_listed_at_once():
+    from megatron_zero.config.trainer import load_config
+
+    with pytest.raises(ValueError) as error:
+        load_config(None, ["model_path=/m", "run.nsteps=3", "actor.lrr=1", "actor.lr=abc"])
+    lines = str(error.value).splitlines()
+    assert lines[0] == "3 config problems:"
+    assert lines[1] == "  run.nsteps: Key 'nsteps' not in 'RunConfig'. Did you mean: 'num_steps'?"
+    assert lines[2].startswith("  actor.lrr: Key 'lrr' not in 'ActorConfig'")
+    assert lines[3].startswith("  actor.lr: Value 'abc'")

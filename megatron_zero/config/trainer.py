@@ -228,15 +228,31 @@ def load_config(path: Optional[str], overrides: list[str], base: Optional[dict[s
 
     # The schema gives types and defaults; validation runs once, on the final values (_build).
     schema = OmegaConf.structured(TrainConfig)
+    problems = []
     try:
         merged = OmegaConf.merge(schema, base or {})
         if path is not None:
             merged = OmegaConf.merge(merged, _read_yaml_mapping(path))
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        # One override at a time, so that every mistyped key or wrong type is listed, not only the first.
+        for override in overrides:
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+            except OmegaConfBaseException as error:
+                problems.append(_omegaconf_problem(error))
+        if problems:
+            raise _KeyedConfigError(problems)
         plain = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as error:
-        raise ValueError(f"config error: {error}") from None
+        raise ValueError(f"config error: {_omegaconf_problem(error)}") from None
     return _build(TrainConfig, plain)
+
+
+def _omegaconf_problem(error: Exception) -> str:
+    """OmegaConf's message in one line, led by the key ("run.nsteps: Key 'nsteps' not in 'RunConfig'. Did you mean:
+    'num_steps'?"); its own message adds full_key / reference_type / object_type lines."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    key = getattr(error, "full_key", None)
+    return f"{key}: {first}" if key else first
 
 
 def _read_yaml_mapping(path: str):
