@@ -85,7 +85,7 @@ def test_model_config_flag_and_an_unknown_model(tmp_path, monkeypatch, capsys):
                  "--model-config", "examples/model_configs/Qwen2.5-7B/config.json"]) in (0, 1)
     assert main(["train", "--config", config, "--dry-run", "model_path=/models/Unknown-7B",
                  "--model-config", "examples/model_configs/Qwen2.5-7B"]) == 2
-    assert "examples/model_configs/Qwen2.5-7B/config.json (model_path is not on this machine)" in \
+    assert "examples/model_configs/Qwen2.5-7B/config.json (model_path is not whole on this machine)" in \
         capsys.readouterr().out
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_zero.config.trainer import TrainConfig
-from megatron_zero.preflight.generation import MissingFiles
+from megatron_zero.preflight.architecture import ResolvedArchitecture
+from megatron_zero.preflight.generation import MissingFiles, check_model_files
 from megatron_zero.preflight.train import check_train_inputs
 from megatron_zero.trainer.placement import Bundle, order_bundles
 
@@ -177,16 +178,16 @@ def _memory_lines(config: TrainConfig, arch) -> tuple[list[str], bool]:
     return [format_plan(plan)], plan.fits
 
 
-def _file_lines(config: TrainConfig, resolved, missing: MissingFiles) -> tuple[list[str], Any, Optional[list]]:
+def _file_lines(config: TrainConfig, resolved: ResolvedArchitecture) -> tuple[list[str], Any, Optional[list]]:
     """What needs the downloads: the checkpoint's tensor names, the tokenizer, the data (through the pass-rate
     filter) and the held-out set. Skipped, saying so, while the files are missing; returns the lines, the tokenizer
     and the first batch (None when skipped)."""
     from megatron_zero.evaluation.model_eval import load_tokenizer
     from megatron_zero.trainer.loop import _load_eval, _load_sampler
 
-    if missing.lines and any(line.startswith("model_path=") for line in missing.lines):
-        return [f"architecture: {resolved.source} (model_path is not on this machine); checkpoint, tokenizer, data "
-                "and first requests not checked"], None, None
+    if check_model_files(config.model_path, "model_path"):  # listed at the end of the dry run
+        return [f"architecture: {resolved.source} (model_path is not whole on this machine); checkpoint, tokenizer, "
+                "data and first requests not checked"], None, None
     lines = [f"files: {check_checkpoint_names(config)}"]
     tokenizer = load_tokenizer(config.model_path)
     if not Path(config.data.train.path).exists():
@@ -211,7 +212,7 @@ def dry_run(config: TrainConfig, model_config: Optional[str] = None) -> DryRunRe
     missing = MissingFiles(collect=True)
     resolved = check_train_inputs(config, missing, model_config)
     lines = ["megatron-zero train --dry-run: nothing started (no Ray, no GPU, no weights read)"]
-    file_lines, tokenizer, first_batch = _file_lines(config, resolved, missing)
+    file_lines, tokenizer, first_batch = _file_lines(config, resolved)
     lines += file_lines
     checkpoint = resume_point(config.run)  # checked whole by check_train_inputs
     if checkpoint is not None:
