@@ -68,6 +68,7 @@ def _engine_config(args: argparse.Namespace):
         where = {"launch": True}
     sglang = SGLangConfig(model_path=args.model, colocated=False, tp_size=args.tp_size,
                           enable_deterministic_inference=args.deterministic, context_length=args.context_length,
+                          max_total_tokens=args.max_total_tokens,
                           extra_server_args=list(args.sglang_arg), **where, **dtype)
     return EngineConfig(engine="sglang", sglang=sglang, num_gpus=args.num_gpus, ray_address=args.ray_address,
                         sglang_device=args.device or "cuda")
@@ -182,7 +183,11 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-gpus", type=int, default=1,
                        help="GPUs for launched SGLang servers (with --device cpu: CPU bundles, one per server rank)")
     group.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs per SGLang server")
-    group.add_argument("--context-length", type=int, default=None)
+    group.add_argument("--context-length", type=int, default=None,
+                       help="launched SGLang servers' context (default: the model's max_position_embeddings)")
+    group.add_argument("--max-total-tokens", type=int, default=None,
+                       help="launched SGLang servers' KV pool in tokens (default: what --mem-fraction-static leaves on "
+                            "GPUs, 65536 on CPU)")
     group.add_argument("--deterministic", action="store_true",
                        help="SGLang deterministic inference: honours --seed (slower sampling)")
     group.add_argument("--sglang-arg", action="append", default=[],

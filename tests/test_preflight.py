@@ -125,6 +125,12 @@ def test_eval_and_difficulty_refuse_sequences_beyond_the_context(tmp_path, no_en
                  "120", "--device", "cpu", "--out", str(tmp_path / "r.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "the SGLang server's context, --context-length=120" in err and "max_position_embeddings=128" in err
+    # And its KV pool: one sequence longer than the whole pool can never be scheduled.
+    assert main(["difficulty", "--model", str(BASE_MODEL_PATH), "--data", str(data), "--template", "{input}",
+                 "--max-prompt-tokens", "40", "--max-new-tokens", "40", "--engine", "sglang", "--max-total-tokens",
+                 "64", "--device", "cpu", "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert ("--max-prompt-tokens=40 + --max-new-tokens=40 = 80 tokens exceed the SGLang server's KV pool, "
+            "--max-total-tokens=64") in _error(capsys)
 
 
 def test_command_errors_name_the_command_flags(tmp_path, capsys):
@@ -149,6 +155,11 @@ def test_malformed_jsonl_names_its_line(tmp_path):
     with pytest.raises(ValueError, match=r"^data.train.path='.*train.jsonl' is not valid JSON at line 3: Expecting "
                                          r"',' delimiter$"):
         load_problems(DatasetConfig(path=str(path), cache_dir=str(tmp_path / "cache")))
+    # A .json data file (one document) too.
+    document = tmp_path / "train.json"
+    document.write_text('[\n  {"question": "1+1?", "answer": "2"},\n  {"question": "2+2?" "answer": "4"}\n]\n')
+    with pytest.raises(ValueError, match=r"^data.train.path='.*train.json' is not valid JSON at line 3"):
+        load_problems(DatasetConfig(path=str(document), cache_dir=str(tmp_path / "cache")))
     # The held-out set is read with data.train's settings but named as the user set it.
     with pytest.raises(ValueError, match=r"^eval.path='.*train.jsonl' is not valid JSON at line 3"):
         load_problems(DatasetConfig(path=str(path), cache_dir=str(tmp_path / "cache")), keys=eval_set_keys)

@@ -29,7 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # How the SGLang limits are typed in a training config (eval and difficulty pass their flags instead).
 TRAIN_SGLANG_KEYS = {"context_length": "rollout.sglang.context_length",
                      "max_total_tokens": "rollout.sglang.max_total_tokens"}
-CLI_SGLANG_KEYS = {"context_length": "--context-length", "max_total_tokens": "--sglang-arg=--max-total-tokens"}
+CLI_SGLANG_KEYS = {"context_length": "--context-length", "max_total_tokens": "--max-total-tokens"}
 
 
 @dataclass(frozen=True)

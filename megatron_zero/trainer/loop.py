@@ -597,9 +597,10 @@ def _load_eval(config: TrainConfig, tokenizer) -> list:
     if config.eval.path is None:
         return []
     from megatron_zero.data import load_problems
+    from megatron_zero.data.problems import eval_set_keys
 
     dataset = dataclasses.replace(config.data.train, path=config.eval.path)
-    problems = load_problems(dataset, tokenizer=tokenizer)
+    problems = load_problems(dataset, tokenizer=tokenizer, keys=eval_set_keys)
     return problems[: config.eval.max_problems] if config.eval.max_problems else problems
 
 
