@@ -15,9 +15,11 @@ How::
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from megatron_zero.config.data import DatasetConfig, PassRateEstimateConfig
 from megatron_zero.config.evaluation import EngineConfig
@@ -72,21 +74,23 @@ def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling:
     from megatron_zero.utils.files import prepare_output
 
     prepare_output(out_path, "--out")  # first: nothing is read before the output is known writable
-    loaded = {}
+
+    @functools.cache
+    def read_problems() -> tuple[Any, list[Problem]]:
+        # Read (and their prompts length-checked) with the model's tokenizer: once the preflight found its files.
+        tokenizer = load_tokenizer(model_path)
+        return tokenizer, load_problems(dataset, tokenizer, keys=keys)
 
     def prompt_bound() -> tuple[str, int]:
-        # The problems are read (and their prompts length-checked) with the model's tokenizer, so after its files.
-        loaded["tokenizer"] = tokenizer = load_tokenizer(model_path)
-        loaded["problems"] = problems = load_problems(dataset, tokenizer, keys=keys)
         if dataset.max_prompt_tokens is not None:
             return f"{keys('max_prompt_tokens')}={dataset.max_prompt_tokens}", dataset.max_prompt_tokens
+        tokenizer, problems = read_problems()
         longest = max(len(ids) for ids in tokenizer([problem.prompt_text for problem in problems])["input_ids"])
         return f"the longest prompt ({longest} tokens)", longest
 
-    check_generation_inputs(GenerationInputs.for_engine(model_path, engine, ((_MAX_NEW_TOKENS_FLAG,
-                                                                              sampling.max_new_tokens),)),
-                            prompt_bound)
-    tokenizer, problems = loaded["tokenizer"], loaded["problems"]
+    inputs = GenerationInputs.for_engine(model_path, engine, ((_MAX_NEW_TOKENS_FLAG, sampling.max_new_tokens),))
+    check_generation_inputs(inputs, prompt_bound)
+    tokenizer, problems = read_problems()
     log_dir = Path(out_path).parent / "logs"
     with standalone_engine(engine, model_path, tokenizer, log_dir, server_command=server_command) as rollout_engine, \
             GraderPool(reward) as pool:

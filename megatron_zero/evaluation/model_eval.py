@@ -11,6 +11,7 @@ How::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,17 +46,12 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
 
     prepare_output(out_dir, "--out", folder=True)  # first: nothing is read before the output is known writable
     problems = load_benchmarks(config)
-    loaded = {}
-
-    def longest_prompt() -> tuple[str, int]:
-        loaded["tokenizer"] = load_tokenizer(model_path)  # the model's files are there by now
-        loaded["format_prompt"] = make_prompt_formatter(config.template, loaded["tokenizer"])
-        return _longest_prompt(problems, loaded["format_prompt"], loaded["tokenizer"])
-
-    check_generation_inputs(GenerationInputs.for_engine(model_path, engine, (("--max-new-tokens",
-                                                                              config.max_new_tokens),)),
-                            longest_prompt)
-    tokenizer, format_prompt = loaded["tokenizer"], loaded["format_prompt"]
+    # Loaded once, when the preflight has found the model's files and asks for the longest prompt.
+    read_tokenizer = functools.cache(lambda: load_tokenizer(model_path))
+    inputs = GenerationInputs.for_engine(model_path, engine, (("--max-new-tokens", config.max_new_tokens),))
+    check_generation_inputs(inputs, lambda: _longest_prompt(problems, config.template, read_tokenizer()))
+    tokenizer = read_tokenizer()
+    format_prompt = make_prompt_formatter(config.template, tokenizer)
     with standalone_engine(engine, model_path, tokenizer, Path(out_dir) / "logs",
                            server_command=server_command) as rollout_engine, GraderPool(reward) as pool:
         report = evaluate(config, EngineGenerator(rollout_engine, tokenizer), pool_grader(pool), format_prompt,
@@ -64,8 +60,11 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
     return report
 
 
-def _longest_prompt(problems: dict[str, list], format_prompt: Any, tokenizer: Any) -> tuple[str, int]:
+def _longest_prompt(problems: dict[str, list], template: str, tokenizer: Any) -> tuple[str, int]:
     """How the longest benchmark prompt is named in an error (benchmark and row), and its tokens."""
+    from megatron_zero.data.templates import make_prompt_formatter
+
+    format_prompt = make_prompt_formatter(template, tokenizer)
     items = [problem for problems_of_set in problems.values() for problem in problems_of_set]
     lengths = [len(ids) for ids in tokenizer([format_prompt(problem.question) for problem in items])["input_ids"]]
     longest = max(range(len(items)), key=lengths.__getitem__)
