@@ -89,6 +89,24 @@ def test_model_config_flag_and_an_unknown_model(tmp_path, monkeypatch, capsys):
         capsys.readouterr().out
 
 
+def test_dry_run_with_the_model_lists_a_missing_table_and_eval_set_after_the_plan(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    code = main(["train", "--dry-run", f"model_path={BASE_MODEL_PATH}", f"run.output_dir={tmp_path / 'run'}",
+                 f"data.train.path={data}", 'data.train.template="{input}"',
+                 f"data.pass_rate_filter.pass_rate_file={tmp_path / 'rates.jsonl'}",
+                 f"eval.path={tmp_path / 'held_out.jsonl'}", "data.train.max_prompt_tokens=64",
+                 "rollout.max_new_tokens=24", "eval.max_new_tokens=24", "data.sampler.batch_size=4",
+                 "rollout.num_samples_per_prompt=2", "parallel.tensor_parallel_size=1",
+                 "cluster.cpu_workers_per_node=1"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "error:" not in err, err
+    assert "8 problems (not in a pass-rate band: the table is missing" in out and "torch engine" in out
+    block = out.split("2 input(s) missing; a run would stop before Ray starts:\n")[1].splitlines()
+    assert len(block) == 2 and block[0].startswith("  - eval.path=")
+    assert block[1].startswith("  - data.pass_rate_filter.pass_rate_file=") and "`megatron-zero difficulty" in block[1]
+
+
 @pytest.fixture()
 def no_engine(monkeypatch):
     """Fails the test if a command gets as far as starting an engine."""

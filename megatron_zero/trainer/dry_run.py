@@ -192,8 +192,15 @@ def _file_lines(config: TrainConfig, resolved: ResolvedArchitecture) -> tuple[li
     tokenizer = load_tokenizer(config.model_path)
     if not Path(config.data.train.path).exists():
         return lines + ["data: not read (missing, see below); first requests not built"], tokenizer, None
+    table = config.data.pass_rate_filter.pass_rate_file
+    unfiltered = ""
+    if table is not None and not Path(table).is_file():
+        # Listed at the end; the problems and first requests are still shown, before the band would apply.
+        config = replace(config, data=replace(config.data, pass_rate_filter=replace(config.data.pass_rate_filter,
+                                                                                    pass_rate_file=None)))
+        unfiltered = " (not in a pass-rate band: the table is missing, see below)"
     sampler, filter_report = _load_sampler(config, tokenizer)
-    kept = "" if filter_report is None else (
+    kept = unfiltered if filter_report is None else (
         f" in the pass-rate band [{filter_report.min_pass_rate}, {filter_report.max_pass_rate}] of "
         f"{filter_report.pass_rate_file} ({filter_report.num_dropped_hard} harder and {filter_report.num_dropped_easy}"
         " easier dropped)")
