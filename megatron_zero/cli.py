@@ -47,6 +47,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def as_flags(error: ValueError, prefixes: tuple[str, ...], renamed: dict[str, str]) -> ValueError:
+    """A command config's error with its keys ("eval.n_samples", "data.train.max_prompt_tokens") written as the
+    command's flags ("--n", "--max-prompt-tokens"): what the user typed."""
+    def flag(match: re.Match) -> str:
+        return renamed.get(match.group(2), "--" + match.group(2).replace("_", "-"))
+
+    pattern = rf"(?<![\w.-])({'|'.join(re.escape(prefix) for prefix in prefixes)})\.([a-z_]+)"
+    return ValueError(re.sub(pattern, flag, str(error)))
+
+
+# The --engine flags for the SGLangConfig / EngineConfig fields they set (the rest: --field-name).
+ENGINE_FLAGS = {"rollout_num_gpus": "--num-gpus", "gpus_per_node": "--num-gpus", "extra_server_args": "--sglang-arg",
+                "enable_deterministic_inference": "--deterministic"}
+# The `difficulty` command's flags for its DatasetConfig and PassRateEstimateConfig fields (the rest: --field-name).
+DIFFICULTY_FLAGS = {"num_samples": "--n", "path": "--data"}
+
+
+def difficulty_flag(field: str) -> str:
+    """How `difficulty` names a DatasetConfig field (``data.problems.DatasetKeys``)."""
+    return DIFFICULTY_FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 def _engine_config(args: argparse.Namespace):
     """The --engine options as an EngineConfig: the torch engine here, SGLang launched on --num-gpus GPUs through
     Ray, or the SGLang server at --sglang-url."""
@@ -66,31 +88,16 @@ def _engine_config(args: argparse.Namespace):
         where = {"launch": False, "host": url.hostname, "port": url.port}
     else:
         where = {"launch": True}
-    sglang = SGLangConfig(model_path=args.model, colocated=False, tp_size=args.tp_size,
-                          enable_deterministic_inference=args.deterministic, context_length=args.context_length,
-                          max_total_tokens=args.max_total_tokens,
-                          extra_server_args=list(args.sglang_arg), **where, **dtype)
-    return EngineConfig(engine="sglang", sglang=sglang, num_gpus=args.num_gpus, ray_address=args.ray_address,
-                        sglang_device=args.device or "cuda")
-
-
-def as_flags(error: ValueError, prefixes: tuple[str, ...], renamed: dict[str, str]) -> ValueError:
-    """A command config's error with its keys ("eval.n_samples", "data.train.max_prompt_tokens") written as the
-    command's flags ("--n", "--max-prompt-tokens"): what the user typed."""
-    def flag(match: re.Match) -> str:
-        return renamed.get(match.group(2), "--" + match.group(2).replace("_", "-"))
-
-    pattern = rf"(?<![\w.-])({'|'.join(re.escape(prefix) for prefix in prefixes)})\.([a-z_]+)"
-    return ValueError(re.sub(pattern, flag, str(error)))
-
-
-# The `difficulty` command's flags for its DatasetConfig and PassRateEstimateConfig fields (the rest: --field-name).
-DIFFICULTY_FLAGS = {"num_samples": "--n", "path": "--data"}
-
-
-def difficulty_flag(field: str) -> str:
-    """How `difficulty` names a DatasetConfig field (``data.problems.DatasetKeys``)."""
-    return DIFFICULTY_FLAGS.get(field, "--" + field.replace("_", "-"))
+    try:
+        sglang = SGLangConfig(model_path=args.model, colocated=False, tp_size=args.tp_size,
+                              enable_deterministic_inference=args.deterministic, context_length=args.context_length,
+                              max_total_tokens=args.max_total_tokens,
+                              extra_server_args=list(args.sglang_arg), **where, **dtype)
+        return EngineConfig(engine="sglang", sglang=sglang, num_gpus=args.num_gpus, ray_address=args.ray_address,
+                            sglang_device=args.device or "cuda")
+    except ValueError as error:
+        # The servers' layout is --num-gpus GPUs (or CPU bundles) of their own, one server per --tp-size.
+        raise as_flags(error, ("sglang", "cluster"), ENGINE_FLAGS) from None
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -162,6 +162,9 @@ def test_command_errors_name_the_command_flags(tmp_path, capsys):
     assert _error(capsys).startswith("error: --max-prompt-tokens=0 must be >= 1")
     assert main(["eval", "--model", str(BASE_MODEL_PATH), "--benchmarks", "gsm8k", "--n", "0"]) == 2
     assert _error(capsys).startswith("error: --n=0 must be")
+    assert main(["eval", "--model", str(BASE_MODEL_PATH), "--benchmarks", "gsm8k", "--engine", "sglang",
+                 "--tp-size", "2", "--num-gpus", "3", "--device", "cpu"]) == 2
+    assert _error(capsys) == "error: --tp-size=2 must divide --num-gpus=3 (one engine per tp_size GPUs)"
 
 
 def test_malformed_jsonl_names_its_line(tmp_path):
