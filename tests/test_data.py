@@ -146,7 +146,8 @@ def test_overlong_prompts_error_or_filtered_with_report(tokenizer, caplog):
     expected_long = [row["id"] for row in rows if reference_num_tokens(simple(row["question"])) > limit]
     assert expected_long == ["q40", "q60"]
     config = DatasetConfig(uid_field="id", template="simple", max_prompt_tokens=limit)
-    with pytest.raises(ValueError, match=r"2 of 4 prompts are longer than data.train.max_prompt_tokens=\d+.*'q40', 'q60'"):
+    with pytest.raises(ValueError,
+                       match=r"2 of 4 prompts are longer than data.train.max_prompt_tokens=\d+.*'q40', 'q60'"):
         problems_from_rows(rows, config, tokenizer)
     filtering = DatasetConfig(uid_field="id", template="simple", max_prompt_tokens=limit, filter_overlong=True)
     with caplog.at_level(logging.WARNING):

@@ -1,9 +1,10 @@
 """Every config key an error or hint names is one the user can type (issue #21 item 4).
 
-Collects every ``word.word=`` (and every dotted name that starts like a config key) in the string constants of raise / log calls across megatron_zero/ (by AST, f-strings
-included) and resolves it against the config the message is for: TrainConfig (what `train` reads); inside config/,
-a sub-config's own prefix as ``load_config`` renames it (``policy_loss.`` -> ``loss.``); the `eval` and
-`difficulty` commands' own configs, whose keys the CLI turns into its flags (checked by triggering them below).
+Collects every ``word.word=`` (and every dotted name that starts like a config key) in the string constants of
+raise / log calls across megatron_zero/ (by AST, f-strings included) and resolves it against the config the message
+is for: TrainConfig (what `train` reads); inside config/ (but not TrainConfig's own checks), a sub-config's own
+prefix as ``load_config`` renames it (``policy_loss.`` -> ``loss.``); the `eval` and `difficulty` commands' own
+configs, whose keys the CLI turns into its flags (tests/test_preflight.py triggers them).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def _problem(key: str, where: str) -> str | None:
     head = key.split(".")[0]
     if head in NOT_CONFIG or resolves(key, TrainConfig):
         return None
-    in_config = where.startswith("megatron_zero/config/")
+    # TrainConfig's own checks (config/trainer.py) run at the top of load_config: nothing renames their keys.
+    in_config = where.startswith("megatron_zero/config/") and not where.startswith("megatron_zero/config/trainer.py")
     if in_config and head in SUB_CONFIG_PREFIXES:
         if resolves(SUB_CONFIG_PREFIXES[head] + key[len(head):], TrainConfig):
             return None

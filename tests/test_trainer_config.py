@@ -87,7 +87,7 @@ def test_sglang_launches_on_cpu_workers_colocated_or_on_bundles_of_their_own():
     ([*DISAGGREGATED, "rollout.engine=torch"], r"cluster.rollout_num_gpus=8 reserves GPUs for SGLang engines, but "
                                                r"rollout.engine='torch'"),
     # A server started by hand: weights by broadcast, no GPUs of the cluster.
-    (["cluster.colocate=false", "rollout.sglang.launch=false"], r"launch=False with sglang.colocated=True: the "
+    (["cluster.colocate=false", "rollout.sglang.launch=false"], r"launch=False with rollout.sglang.colocated=True: the "
                                                                 r"server at http://127.0.0.1:30000 was started by hand"),
     ([*DISAGGREGATED, "rollout.off_policy_steps=1", "loss.tis_cap=2.0", "rollout.temperature=0.7",
       "actor.temperature=0.7"], r"re-scores each batch on the engine, but SGLang 0.5.23 scores given tokens at "

@@ -46,7 +46,8 @@ class DatasetConfig:
             if not getattr(self, name):
                 raise ValueError(f"data.train.{name}='' must not be empty")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"data.train.max_prompt_tokens={self.max_prompt_tokens} must be >= 1, or None to skip the check")
+            raise ValueError(f"data.train.max_prompt_tokens={self.max_prompt_tokens} must be >= 1, or None to skip "
+                             "the check")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

@@ -156,8 +156,8 @@ class TrainConfig:
         if self.rollout.engine == "sglang":
             self._check_sglang(self.rollout.sglang)
         elif self.cluster.rollout_num_gpus:
-            raise ValueError(f"cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} reserves GPUs for SGLang engines, "
-                             f"but rollout.engine={self.rollout.engine!r}; set rollout.engine=sglang or "
+            raise ValueError(f"cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} reserves GPUs for SGLang "
+                             f"engines, but rollout.engine={self.rollout.engine!r}; set rollout.engine=sglang or "
                              "cluster.rollout_num_gpus=0")
         if self.rollout.off_policy_steps:
             if self.cluster.colocate:
@@ -212,9 +212,10 @@ class TrainConfig:
         # A server started by hand (rollout.sglang.host:port) sits on GPUs the trainer does not manage: it takes
         # weights by NCCL broadcast from rank 0, like launched disaggregated engines, and keeps its memory.
         if sglang.colocated:
-            raise ValueError(f"rollout.sglang.launch=False with sglang.colocated=True: the server at {sglang.url} was "
-                             "started by hand, so CUDA IPC updates from the ranks' GPUs cannot reach it; set "
-                             "sglang.colocated=False (weights by NCCL broadcast; start it without --enable-memory-saver)")
+            raise ValueError(f"rollout.sglang.launch=False with rollout.sglang.colocated=True: the server at "
+                             f"{sglang.url} was started by hand, so CUDA IPC updates from the ranks' GPUs cannot reach "
+                             "it; set rollout.sglang.colocated=false (weights by NCCL broadcast; start it without "
+                             "--enable-memory-saver)")
         if self.cluster.colocate or self.cluster.rollout_num_gpus:
             raise ValueError(f"rollout.sglang.launch=False uses the server at {sglang.url}, but cluster.colocate="
                              f"{self.cluster.colocate} / cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} place "

@@ -121,7 +121,8 @@ def sglang_sampling_params(params: SamplingParams, *, deterministic: bool) -> di
     if params.seed is not None and not deterministic:
         raise ValueError(
             f"sampling.seed={params.seed} is set but SGLang ignores per-request seeds unless the server runs "
-            "with --enable-deterministic-inference; set rollout.sglang.enable_deterministic_inference=true (eval, difficulty: --deterministic) or seed=None"
+            "with --enable-deterministic-inference; set rollout.sglang.enable_deterministic_inference=true (eval, "
+            "difficulty: --deterministic) or seed=None"
         )
     sampling = {
         "temperature": params.temperature,
@@ -467,9 +468,9 @@ class SGLangEngine(RolloutEngine):
     def update_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
         if not self.config.colocated:
             if self.weight_group is None:
-                raise RuntimeError(f"rollout.sglang.colocated=False needs a weight_group: call init_weights_update_group on "
-                                   f"{self.url}, create this side's group (parallel/weight_broadcast.py), and pass it "
-                                   "as SGLangEngine(weight_group=...)")
+                raise RuntimeError(f"rollout.sglang.colocated=False needs a weight_group: call "
+                                   f"init_weights_update_group on {self.url}, create this side's group "
+                                   "(parallel/weight_broadcast.py), and pass it as SGLangEngine(weight_group=...)")
             broadcast_bucket(bucket, self.weight_group, [(self.url, self.post_weights_from_distributed(bucket))],
                              self.config.control_timeout_s)
             return
