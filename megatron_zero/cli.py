@@ -2,6 +2,7 @@
 
     megatron-zero train --config examples/configs/qwen2.5-7b-zero-2node.yaml run.num_steps=200 actor.lr=1e-6
     megatron-zero train --config examples/configs/qwen2.5-7b-zero-2node.yaml --dry-run   # what a run would do
+                                               # (plan and --dry-run need no download: docs/planning.md)
     megatron-zero train --help                 # every config field with its default
     megatron-zero demo --output-dir outputs/demo
     megatron-zero eval --model DIR --benchmarks gsm8k math500 --data-dir data/eval
@@ -298,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML experiment file")
     train.add_argument("--dry-run", action="store_true",
                        help="validate config and files, print the layout, memory plan, server command lines and "
-                            "first requests a run would use, and exit (no Ray, no GPU)")
+                            "first requests a run would use, and exit (no Ray, no GPU); without the checkpoint or the "
+                            "data it still prints the plan, then lists every missing file (exit 2)")
     _add_model_config_argument(train)
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     train.set_defaults(run=_train)
