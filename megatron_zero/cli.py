@@ -2,11 +2,12 @@
 
     megatron-zero train --config examples/configs/qwen2.5-7b-zero-2node.yaml run.num_steps=200 actor.lr=1e-6
     megatron-zero train --config examples/configs/qwen2.5-7b-zero-2node.yaml --dry-run   # what a run would do
+                                               # (plan and --dry-run need no download: docs/planning.md)
     megatron-zero train --help                 # every config field with its default
     megatron-zero demo --output-dir outputs/demo
     megatron-zero eval --model DIR --benchmarks gsm8k math500 --data-dir data/eval
     megatron-zero eval --model DIR --benchmarks math500 --engine sglang --num-gpus 8 --tp-size 2
-    megatron-zero difficulty --model DIR --data data/hard.jsonl --n 8 --out rates.jsonl
+    megatron-zero difficulty --model DIR --data data/hard.jsonl --uid-field uid --n 8 --out rates.jsonl
     megatron-zero data --split hard --math MATH/train --out data/hard.jsonl
     megatron-zero export --checkpoint outputs/run/checkpoints/step_000100 --out hf_model
     megatron-zero plan --config examples/configs/qwen2.5-7b-zero-2node.yaml --gpu-memory-gib 80
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 
@@ -28,9 +30,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from megatron_zero.trainer.dry_run import dry_run
 
-        report = dry_run(config)
+        report = dry_run(config, model_config=args.model_config)
         print(report.text)
-        return 0 if report.fits else 1
+        return 2 if report.missing else 0 if report.fits else 1
     trainer = Trainer(config)
     try:
         trainer.fit()
@@ -44,6 +46,28 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.output_dir, num_steps=args.steps, overrides=args.overrides)
     return 0
+
+
+def as_flags(error: ValueError, prefixes: tuple[str, ...], renamed: dict[str, str]) -> ValueError:
+    """A command config's error with its keys ("eval.n_samples", "data.train.max_prompt_tokens") written as the
+    command's flags ("--n", "--max-prompt-tokens"): what the user typed."""
+    def flag(match: re.Match) -> str:
+        return renamed.get(match.group(2), "--" + match.group(2).replace("_", "-"))
+
+    pattern = rf"(?<![\w.-])({'|'.join(re.escape(prefix) for prefix in prefixes)})\.([a-z_]+)"
+    return ValueError(re.sub(pattern, flag, str(error)))
+
+
+# The --engine flags for the SGLangConfig / EngineConfig fields they set (the rest: --field-name).
+ENGINE_FLAGS = {"rollout_num_gpus": "--num-gpus", "gpus_per_node": "--num-gpus", "extra_server_args": "--sglang-arg",
+                "enable_deterministic_inference": "--deterministic"}
+# The `difficulty` command's flags for its DatasetConfig and PassRateEstimateConfig fields (the rest: --field-name).
+DIFFICULTY_FLAGS = {"num_samples": "--n", "path": "--data"}
+
+
+def difficulty_flag(field: str) -> str:
+    """How `difficulty` names a DatasetConfig field (``data.problems.DatasetKeys``)."""
+    return DIFFICULTY_FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def _engine_config(args: argparse.Namespace):
@@ -65,11 +89,16 @@ def _engine_config(args: argparse.Namespace):
         where = {"launch": False, "host": url.hostname, "port": url.port}
     else:
         where = {"launch": True}
-    sglang = SGLangConfig(model_path=args.model, colocated=False, tp_size=args.tp_size,
-                          enable_deterministic_inference=args.deterministic, context_length=args.context_length,
-                          extra_server_args=list(args.sglang_arg), **where, **dtype)
-    return EngineConfig(engine="sglang", sglang=sglang, num_gpus=args.num_gpus, ray_address=args.ray_address,
-                        sglang_device=args.device or "cuda")
+    try:
+        sglang = SGLangConfig(model_path=args.model, colocated=False, tp_size=args.tp_size,
+                              enable_deterministic_inference=args.deterministic, context_length=args.context_length,
+                              max_total_tokens=args.max_total_tokens,
+                              extra_server_args=list(args.sglang_arg), **where, **dtype)
+        return EngineConfig(engine="sglang", sglang=sglang, num_gpus=args.num_gpus, ray_address=args.ray_address,
+                            sglang_device=args.device or "cuda")
+    except ValueError as error:
+        # The servers' layout is --num-gpus GPUs (or CPU bundles) of their own, one server per --tp-size.
+        raise as_flags(error, ("sglang", "cluster"), ENGINE_FLAGS) from None
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -77,10 +106,13 @@ def _eval(args: argparse.Namespace) -> int:
     from megatron_zero.evaluation.model_eval import evaluate_model
     from megatron_zero.evaluation.runner import results_table
 
-    config = EvalConfig(benchmarks=args.benchmarks, data_dir=args.data_dir, template=args.template,
-                        n_samples=args.n, temperature=args.temperature, top_p=args.top_p,
-                        max_new_tokens=args.max_new_tokens, max_problems=args.max_problems,
-                        pass_k=args.pass_k or [], seed=args.seed)
+    try:
+        config = EvalConfig(benchmarks=args.benchmarks, data_dir=args.data_dir, template=args.template,
+                            n_samples=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, max_problems=args.max_problems,
+                            pass_k=args.pass_k or [], seed=args.seed)
+    except ValueError as error:
+        raise as_flags(error, ("eval",), {"n_samples": "--n"}) from None
     report = evaluate_model(args.model, config, _engine_config(args), args.out)
     print(results_table(report))
     print(f"wrote {args.out}")
@@ -91,18 +123,44 @@ def _difficulty(args: argparse.Namespace) -> int:
     from megatron_zero.config.data import DatasetConfig, PassRateEstimateConfig
     from megatron_zero.evaluation.difficulty import estimate_model_pass_rates
 
-    dataset = DatasetConfig(path=args.data, question_field=args.question_field, answer_field=args.answer_field,
-                            uid_field=args.uid_field, template=args.template, max_prompt_tokens=args.max_prompt_tokens)
-    sampling = PassRateEstimateConfig(num_samples=args.n, temperature=args.temperature, top_p=args.top_p,
-                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-    rates = estimate_model_pass_rates(args.model, dataset, sampling, _engine_config(args), args.out)
-    print(f"wrote {args.out}: pass rates of {len(rates)} problems; train on a band with "
+    try:
+        dataset = DatasetConfig(path=args.data, question_field=args.question_field, answer_field=args.answer_field,
+                                uid_field=args.uid_field, template=args.template,
+                                max_prompt_tokens=args.max_prompt_tokens, filter_overlong=args.filter_overlong)
+        sampling = PassRateEstimateConfig(num_samples=args.n, temperature=args.temperature, top_p=args.top_p,
+                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                          seed=args.seed)
+    except ValueError as error:
+        raise as_flags(error, ("difficulty", "data.train"), DIFFICULTY_FLAGS) from None
+    rates = estimate_model_pass_rates(args.model, dataset, sampling, _engine_config(args), args.out,
+                                      keys=difficulty_flag)
+    # The table is keyed by the problems' ids: training must read the data with the same settings to find them.
+    same = {"path": args.data, "uid_field": args.uid_field, "question_field": args.question_field,
+            "answer_field": args.answer_field, "template": args.template}
+    defaults = DatasetConfig()
+    dataset_keys = " ".join(override(f"data.train.{key}", value) for key, value in same.items()
+                            if key == "path" or value != getattr(defaults, key))
+    print(f"wrote {args.out}: pass rates of {len(rates)} problems; train on a band with {dataset_keys} "
           f"data.pass_rate_filter.pass_rate_file={args.out} data.pass_rate_filter.min_pass_rate=0.1 "
-          "data.pass_rate_filter.max_pass_rate=0.9 (same data.train.path and uid field)")
+          "data.pass_rate_filter.max_pass_rate=0.9")
     return 0
 
 
+def override(key: str, value: object) -> str:
+    """``key=value`` as a user pastes it into a shell: values OmegaConf would parse as YAML (a template such as
+    "{input}" is a mapping there) are double-quoted, and the whole is shell-quoted where needed."""
+    import json
+    import shlex
+
+    text = str(value)
+    if re.search(r"[{}\[\]:,'\"#&*!|>%@` ]", text):
+        text = json.dumps(text)
+    return shlex.quote(f"{key}={text}")
+
+
 def _data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from megatron_zero.data.splits import SPLIT_DATASET_FIELDS, build_difficulty_split, read_rows, write_jsonl
     from megatron_zero.utils.files import prepare_output
 
@@ -112,7 +170,11 @@ def _data(args: argparse.Namespace) -> int:
                                   max_problems=args.max_problems, seed=args.seed)
     write_jsonl(rows, args.out)
     fields = " ".join(f"data.train.{key}={value}" for key, value in SPLIT_DATASET_FIELDS.items())
-    print(f"wrote {len(rows)} {args.split} problems to {args.out}; train with data.train.path={args.out} {fields}")
+    # The pass-rate table is keyed by problem id: difficulty must use the split's ids, as training will.
+    rates = str(Path(args.out).with_name(Path(args.out).stem + "_rates.jsonl"))
+    print(f"wrote {len(rows)} {args.split} problems to {args.out}; pass rates (optional): `megatron-zero difficulty "
+          f"--model MODEL --data {args.out} --uid-field {SPLIT_DATASET_FIELDS['uid_field']} --out {rates}`, then "
+          f"add data.pass_rate_filter.pass_rate_file={rates}; train with data.train.path={args.out} {fields}")
     return 0
 
 
@@ -129,7 +191,11 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-gpus", type=int, default=1,
                        help="GPUs for launched SGLang servers (with --device cpu: CPU bundles, one per server rank)")
     group.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs per SGLang server")
-    group.add_argument("--context-length", type=int, default=None)
+    group.add_argument("--context-length", type=int, default=None,
+                       help="launched SGLang servers' context (default: the model's max_position_embeddings)")
+    group.add_argument("--max-total-tokens", type=int, default=None,
+                       help="launched SGLang servers' KV pool in tokens (default: what --mem-fraction-static leaves on "
+                            "GPUs, 65536 on CPU)")
     group.add_argument("--deterministic", action="store_true",
                        help="SGLang deterministic inference: honours --seed (slower sampling)")
     group.add_argument("--sglang-arg", action="append", default=[],
@@ -154,14 +220,21 @@ def _plan(args: argparse.Namespace) -> int:
     import json
 
     from megatron_zero.config.trainer import load_config
-    from megatron_zero.models.registry import read_architecture
     from megatron_zero.planning.actor_memory import GIB
     from megatron_zero.planning.layouts import recommend_layouts
     from megatron_zero.planning.memory import plan_inputs, plan_memory
     from megatron_zero.planning.report import format_plan
+    from megatron_zero.preflight.generation import MissingFiles, check_generation_inputs
+    from megatron_zero.preflight.train import generation_inputs, prompt_bound
 
     config = load_config(args.config, args.overrides)
-    inputs = plan_inputs(config, read_architecture(config.model_path), device_bytes=int(args.gpu_memory_gib * GIB),
+    # The architecture and the length check of the preflight, without its file checks: a plan is arithmetic.
+    resolved = check_generation_inputs(generation_inputs(config), lambda: prompt_bound(config),
+                                       MissingFiles(collect=True), args.model_config)
+    if not resolved.from_checkpoint:
+        logging.getLogger(__name__).info("architecture from %s (model_path %s is not on this machine or "
+                                         "--model-config was given)", resolved.source, config.model_path)
+    inputs = plan_inputs(config, resolved.arch, device_bytes=int(args.gpu_memory_gib * GIB),
                          overhead_bytes=int(args.overhead_gib * GIB),
                          cuda_graph_reserve_bytes=int(args.cuda_graph_reserve_gib * GIB), kernels=args.kernels)
     plan = plan_memory(inputs)
@@ -213,6 +286,12 @@ def _config_help() -> str:
             + OmegaConf.to_yaml(OmegaConf.structured(SGLangConfig)))
 
 
+def _add_model_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-config", default=None,
+                        help="the model's HF config.json (or its folder) to plan with; default: model_path's own, "
+                             "else the shipped examples/model_configs/<basename of model_path> (docs/planning.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-zero", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML experiment file")
     train.add_argument("--dry-run", action="store_true",
                        help="validate config and files, print the layout, memory plan, server command lines and "
-                            "first requests a run would use, and exit (no Ray, no GPU)")
+                            "first requests a run would use, and exit (no Ray, no GPU); without the checkpoint or the "
+                            "data it still prints the plan, then lists every missing file (exit 2)")
+    _add_model_config_argument(train)
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     train.set_defaults(run=_train)
 
@@ -259,8 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     difficulty.add_argument("--template", default="qwen-boxed")
     difficulty.add_argument("--question-field", default="question")
     difficulty.add_argument("--answer-field", default="answer")
-    difficulty.add_argument("--uid-field", default=None, help="stable problem ids (default: <file stem>-<row>)")
+    difficulty.add_argument("--uid-field", default=None,
+                            help="stable problem ids (default: <file stem>-<row>); training must use the same "
+                                 "(data.train.uid_field); `megatron-zero data` files: --uid-field uid")
     difficulty.add_argument("--max-prompt-tokens", type=int, default=1024)
+    difficulty.add_argument("--filter-overlong", action="store_true",
+                            help="drop prompts longer than --max-prompt-tokens (default: refuse them)")
     difficulty.add_argument("--temperature", type=float, default=1.0)
     difficulty.add_argument("--top-p", type=float, default=1.0)
     difficulty.add_argument("--max-new-tokens", type=int, default=3072)
@@ -298,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="layer implementation whose saved activations are counted (GPU: transformer_engine)")
     plan.add_argument("--recommend", type=int, default=5, help="list this many layouts that fit")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_model_config_argument(plan)
     plan.set_defaults(run=_plan)
 
     launch = commands.add_parser("launch", help="checks the launch scripts run (examples/launch/, docs/launching.md)")

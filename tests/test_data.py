@@ -89,7 +89,7 @@ def test_chat_template_and_template_errors(tokenizer):
         make_prompt_formatter("chat")
     with pytest.raises(ValueError, match=r"'qwen' is unknown; use one of \['abel', 'chat', 'qwen-boxed', 'simple'\]"):
         make_prompt_formatter("qwen")
-    with pytest.raises(ValueError, match="data.template"):
+    with pytest.raises(ValueError, match="data.train.template"):
         DatasetConfig(path="x.jsonl", template="qwen")
 
 
@@ -134,7 +134,7 @@ def test_missing_field_error_names_field_file_row_and_keys(tmp_path):
         load_problems(DatasetConfig(path=str(tmp_path)))
     with pytest.raises(ValueError, match="missing.jsonl' does not exist"):
         load_problems(DatasetConfig(path="data/missing.jsonl"))
-    with pytest.raises(ValueError, match="data.path='' is not set"):
+    with pytest.raises(ValueError, match="data.train.path='' is not set"):
         load_problems(DatasetConfig())
 
 
@@ -146,7 +146,8 @@ def test_overlong_prompts_error_or_filtered_with_report(tokenizer, caplog):
     expected_long = [row["id"] for row in rows if reference_num_tokens(simple(row["question"])) > limit]
     assert expected_long == ["q40", "q60"]
     config = DatasetConfig(uid_field="id", template="simple", max_prompt_tokens=limit)
-    with pytest.raises(ValueError, match=r"2 of 4 prompts are longer than data.max_prompt_tokens=\d+.*'q40', 'q60'"):
+    with pytest.raises(ValueError,
+                       match=r"2 of 4 prompts are longer than data.train.max_prompt_tokens=\d+.*'q40', 'q60'"):
         problems_from_rows(rows, config, tokenizer)
     filtering = DatasetConfig(uid_field="id", template="simple", max_prompt_tokens=limit, filter_overlong=True)
     with caplog.at_level(logging.WARNING):

@@ -99,8 +99,8 @@ def test_plan_engines_errors_name_the_problem():
     two_nodes = [_bundle(0, "10.0.0.1", 0), _bundle(1, "10.0.0.1", 1), _bundle(2, "10.0.0.2", 0)]
     with pytest.raises(ValueError, match=r"sglang.tp_size=2 must divide the 3 GPUs"):
         plan_engines(two_nodes, 2)
-    with pytest.raises(ValueError, match=r"engine 0 with sglang.tp_size=3 would span nodes \(bundle 0 on 10.0.0.1 "
-                                         r"GPU 0, bundle 1 on 10.0.0.1 GPU 1, bundle 2 on 10.0.0.2 GPU 0\)"):
+    with pytest.raises(ValueError, match=r"engine 0 with rollout.sglang.tp_size=3 would span nodes \(bundle 0 on "
+                                         r"10.0.0.1 GPU 0, bundle 1 on 10.0.0.1 GPU 1, bundle 2 on 10.0.0.2 GPU 0\)"):
         plan_engines(two_nodes, 3)
     straddle = [_bundle(0, "a", 0), _bundle(1, "a", 1), _bundle(2, "a", 2), _bundle(3, "b", 0)]
     with pytest.raises(ValueError, match=r"engine 1 .* would span nodes \(bundle 2 on a GPU 2, bundle 3 on b"):

@@ -6,6 +6,7 @@ import pytest
 
 from megatron_zero.config.trainer import load_config
 from megatron_zero.models.tiny import save_tiny_model
+from megatron_zero.preflight.train import check_train_inputs
 
 # The tiny test models have 256 positions: prompts up to 128 tokens + 64 new tokens fit.
 BASE = ["cluster.cpu_workers_per_node=2", "actor.max_tokens_per_microbatch=4096", "rollout.max_new_tokens=64",
@@ -86,7 +87,7 @@ def test_sglang_launches_on_cpu_workers_colocated_or_on_bundles_of_their_own():
     ([*DISAGGREGATED, "rollout.engine=torch"], r"cluster.rollout_num_gpus=8 reserves GPUs for SGLang engines, but "
                                                r"rollout.engine='torch'"),
     # A server started by hand: weights by broadcast, no GPUs of the cluster.
-    (["cluster.colocate=false", "rollout.sglang.launch=false"], r"launch=False with sglang.colocated=True: the "
+    (["cluster.colocate=false", "rollout.sglang.launch=false"], r"launch=False with rollout.sglang.colocated=True: the "
                                                                 r"server at http://127.0.0.1:30000 was started by hand"),
     ([*DISAGGREGATED, "rollout.off_policy_steps=1", "loss.tis_cap=2.0", "rollout.temperature=0.7",
       "actor.temperature=0.7"], r"re-scores each batch on the engine, but SGLang 0.5.23 scores given tokens at "
@@ -132,22 +133,22 @@ def _model_with_tokenizer(tmp_path):
 def test_file_checks_run_before_workers(tmp_path):
     config = load_config(None, [f"model_path={tmp_path}/missing", *BASE])
     with pytest.raises(FileNotFoundError, match=re.escape(f"model_path='{tmp_path}/missing': no config.json")):
-        config.check_inputs()
+        check_train_inputs(config)
     model = _model_with_tokenizer(tmp_path)
     config = load_config(None, [f"model_path={model}", *BASE, "parallel.tensor_parallel_size=2",
                                 "data.train.path=/nonexistent.jsonl"])
     with pytest.raises(FileNotFoundError, match="data.train.path='/nonexistent.jsonl' does not exist"):
-        config.check_inputs()
+        check_train_inputs(config)
     # TP must divide the model's heads (4) and query groups (2): TP=2 does, and the data error comes first.
     config = load_config(None, [f"model_path={model}", *BASE, "cluster.cpu_workers_per_node=4",
                                 "parallel.tensor_parallel_size=4"])
     with pytest.raises(ValueError, match="tensor_parallel_size=4 must divide num_key_value_heads=2"):
-        config.check_inputs()
+        check_train_inputs(config)
     # Prompt + response beyond the model's context (the tiny qwen2 has 256 positions).
     config = load_config(None, [f"model_path={model}", *BASE, "data.train.max_prompt_tokens=200"])
     with pytest.raises(ValueError, match=r"data.train.max_prompt_tokens=200 \+ rollout.max_new_tokens=64 = 264 "
                                          r"tokens exceed the model's context, max_position_embeddings=256"):
-        config.check_inputs()
+        check_train_inputs(config)
     # The held-out set's greedy decoding is bounded by the same context.
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text('{"question": "1+1?", "answer": "2"}\n')
@@ -155,17 +156,17 @@ def test_file_checks_run_before_workers(tmp_path):
                                 f"data.train.path={eval_file}"])
     with pytest.raises(ValueError, match=r"data.train.max_prompt_tokens=128 \+ eval.max_new_tokens=200 = 328 tokens "
                                          r"exceed the model's context"):
-        config.check_inputs()
+        check_train_inputs(config)
     # Expert parallelism needs experts; every supported family is dense.
     config = load_config(None, [f"model_path={model}", *BASE, "parallel.expert_parallel_size=2"])
     with pytest.raises(ValueError, match=r"parallel.expert_parallel_size=2 needs a mixture-of-experts model, but "
                                          r"model_type='qwen2' .* is dense; set it to 1"):
-        config.check_inputs()
+        check_train_inputs(config)
 
 
 def test_common_mistakes_get_one_line_before_any_worker(tmp_path):
     """Each mistake is a ValueError or FileNotFoundError (the CLI prints those as one line) naming the file or key,
-    raised by load_config or check_inputs, which run before Ray starts."""
+    raised by load_config or check_train_inputs, which run before Ray starts."""
     import shutil
 
     from megatron_zero.data import load_problems
@@ -181,19 +182,19 @@ def test_common_mistakes_get_one_line_before_any_worker(tmp_path):
         load_config(str(tmp_path / "list.yaml"), base)
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match=r"run.output_dir='.*a_file' is a file; choose a directory"):
-        load_config(None, [*base, f"run.output_dir={tmp_path / 'a_file'}"]).check_inputs()
+        check_train_inputs(load_config(None, [*base, f"run.output_dir={tmp_path / 'a_file'}"]))
     for missing, message in (("tokenizer.json", "has no tokenizer"), ("model.safetensors", "has no weights")):
         broken = tmp_path / f"without_{missing}"
         shutil.copytree(model, broken)
         (broken / missing).unlink()
         with pytest.raises(FileNotFoundError, match=rf"model_path='{broken}' {message}"):
-            load_config(None, [*base, f"model_path={broken}"]).check_inputs()
-    # Data files are read before Ray too (the trainer's first step after check_inputs): one line each.
+            check_train_inputs(load_config(None, [*base, f"model_path={broken}"]))
+    # Data files are read before Ray too (the trainer's first step after check_train_inputs): one line each.
     for name, text, message in (("empty.jsonl", "", "is an empty file"),
-                                ("broken.jsonl", '{"question": 1\n', "cannot be read as json: ")):
+                                ("broken.jsonl", '{"question": 1\n', "is not valid JSON at line 1: ")):
         (tmp_path / name).write_text(text)
         config = load_config(None, [*base, f"data.train.path={tmp_path / name}"])
-        with pytest.raises(ValueError, match=rf"data.path='.*{name}' {message}"):
+        with pytest.raises(ValueError, match=rf"data.train.path='.*{name}' {message}"):
             load_problems(config.data.train)
 
 
@@ -245,7 +246,7 @@ def test_fp8_rollout_with_sglang_is_checked_before_workers(tmp_path):
                                 "rollout.quantization=fp8"])
     with pytest.raises(ValueError, match=r"rollout.quantization='fp8' \(.*\): rollout.sglang.tp_size=1: an SGLang "
                                          r"server of tp_size=1 cannot load 128x128 block-FP8 weights of this model"):
-        config.check_inputs()
+        check_train_inputs(config)
     aligned = save_tiny_model("qwen2", tmp_path / "aligned", hidden_size=128, intermediate_size=256,
                               num_attention_heads=2, num_key_value_heads=2)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -255,9 +256,9 @@ def test_fp8_rollout_with_sglang_is_checked_before_workers(tmp_path):
     config = load_config(None, [*by_hand, f"rollout.sglang.model_path={aligned}"])
     with pytest.raises(ValueError, match=r"rollout.sglang.model_path='.*aligned' \(the server started by hand\) is "
                                          r"not an FP8 checkpoint; start the server from `python tools/convert_"):
-        config.check_inputs()
+        check_train_inputs(config)
     fp8 = write_fp8_checkpoint(aligned, tmp_path / "fp8", tp_size=1)
-    load_config(None, [*by_hand, f"rollout.sglang.model_path={fp8}"]).check_inputs()
+    check_train_inputs(load_config(None, [*by_hand, f"rollout.sglang.model_path={fp8}"]))
 
 
 def test_train_help_lists_every_field_with_its_default():

@@ -100,7 +100,7 @@ def test_every_rank_feeds_its_server_rank(tiny_qwen2, fakes, parallel, num_engin
 
 def test_push_refuses_a_layout_without_one_server_rank_per_rank(tiny_qwen2, fakes):
     hf_dir, mcore_dir = tiny_qwen2
-    with pytest.raises(Exception, match=r"1 engines x sglang.tp_size=1 GPUs != 2 Megatron ranks"):
+    with pytest.raises(Exception, match=r"1 engines x rollout.sglang.tp_size=1 GPUs != 2 Megatron ranks"):
         run_local_workers(_push_job, ParallelConfig(tensor_parallel_size=2),
                           args=(mcore_dir, hf_dir, [f"http://127.0.0.1:{fakes[0].port}"], 1))
 

@@ -239,13 +239,13 @@ def compute_policy_loss(
         if tensor is not None and tensor.shape != mask_NT.shape:
             raise ValueError(f"{name}.shape={tuple(tensor.shape)} must equal mask_NT.shape={tuple(mask_NT.shape)}")
     if config.kl_coef > 0 and ref_logp_NT is None:
-        raise ValueError(f"policy_loss.kl_coef={config.kl_coef} > 0 needs ref_logp_NT; pass it or set kl_coef=0")
+        raise ValueError(f"loss.kl_coef={config.kl_coef} > 0 needs ref_logp_NT; pass it or set kl_coef=0")
     if config.entropy_coef > 0 and entropy_NT is None:
         raise ValueError(
-            f"policy_loss.entropy_coef={config.entropy_coef} > 0 needs entropy_NT; pass it or set entropy_coef=0"
+            f"loss.entropy_coef={config.entropy_coef} > 0 needs entropy_NT; pass it or set entropy_coef=0"
         )
     if config.tis_cap is not None and rollout_logp_NT is None:
-        raise ValueError(f"policy_loss.tis_cap={config.tis_cap} needs rollout_logp_NT; pass it or set tis_cap=None")
+        raise ValueError(f"loss.tis_cap={config.tis_cap} needs rollout_logp_NT; pass it or set tis_cap=None")
     if normaliser is None:
         normaliser = aggregation_normaliser(mask_NT, config.aggregation, max_response_length)
     elif not isinstance(normaliser, torch.Tensor) and normaliser < 0:

@@ -41,12 +41,13 @@ class DatasetConfig:
         try:
             check_template(self.template)
         except ValueError as error:
-            raise ValueError(f"data.template: {error}") from None
+            raise ValueError(f"data.train.template: {error}") from None
         for name in ("question_field", "answer_field", "split"):
             if not getattr(self, name):
-                raise ValueError(f"data.{name}='' must not be empty")
+                raise ValueError(f"data.train.{name}='' must not be empty")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"data.max_prompt_tokens={self.max_prompt_tokens} must be >= 1, or None to skip the check")
+            raise ValueError(f"data.train.max_prompt_tokens={self.max_prompt_tokens} must be >= 1, or None to skip "
+                             "the check")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

@@ -1,8 +1,8 @@
 """The experiment config: one YAML file maps onto ``TrainConfig``; ``key.sub=value`` overrides on the CLI.
 
 Each component gets its own sub-config (defined beside the component's other configs in this
-package); ``TrainConfig.__post_init__`` adds the checks that need several of them together, and
-``check_inputs`` the checks that need files (run before any worker starts).
+package); ``TrainConfig.__post_init__`` adds the checks that need several of them together. The checks that need
+files live above config, in ``megatron_zero/preflight/`` (run before any worker starts).
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ class TrainConfig:
         if self.rollout.engine == "sglang":
             self._check_sglang(self.rollout.sglang)
         elif self.cluster.rollout_num_gpus:
-            raise ValueError(f"cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} reserves GPUs for SGLang engines, "
-                             f"but rollout.engine={self.rollout.engine!r}; set rollout.engine=sglang or "
+            raise ValueError(f"cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} reserves GPUs for SGLang "
+                             f"engines, but rollout.engine={self.rollout.engine!r}; set rollout.engine=sglang or "
                              "cluster.rollout_num_gpus=0")
         if self.rollout.off_policy_steps:
             if self.cluster.colocate:
@@ -204,93 +204,22 @@ class TrainConfig:
         if sglang.launch:
             # With cluster.gpus_per_node=0 the servers run on CPU (rollout/sglang_cpu.py), on the CPU workers'
             # bundles (colocated) or on cluster.rollout_num_gpus CPU bundles of their own.
-            sglang.check_launch(self.cluster)
+            try:
+                sglang.check_launch(self.cluster)
+            except ValueError as error:  # SGLangConfig names its fields "sglang.X"; here they are rollout.sglang.X
+                raise ValueError(re.sub(r"(?<![\w.])sglang\.(?=[a-z_])", "rollout.sglang.", str(error))) from None
             return
         # A server started by hand (rollout.sglang.host:port) sits on GPUs the trainer does not manage: it takes
         # weights by NCCL broadcast from rank 0, like launched disaggregated engines, and keeps its memory.
         if sglang.colocated:
-            raise ValueError(f"rollout.sglang.launch=False with sglang.colocated=True: the server at {sglang.url} was "
-                             "started by hand, so CUDA IPC updates from the ranks' GPUs cannot reach it; set "
-                             "sglang.colocated=False (weights by NCCL broadcast; start it without --enable-memory-saver)")
+            raise ValueError(f"rollout.sglang.launch=False with rollout.sglang.colocated=True: the server at "
+                             f"{sglang.url} was started by hand, so CUDA IPC updates from the ranks' GPUs cannot reach "
+                             "it; set rollout.sglang.colocated=false (weights by NCCL broadcast; start it without "
+                             "--enable-memory-saver)")
         if self.cluster.colocate or self.cluster.rollout_num_gpus:
             raise ValueError(f"rollout.sglang.launch=False uses the server at {sglang.url}, but cluster.colocate="
                              f"{self.cluster.colocate} / cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} place "
                              "launched engines; set cluster.colocate=False and cluster.rollout_num_gpus=0")
-
-    def _check_fp8_rollout(self, arch) -> None:
-        """SGLang must be able to load FP8 weights of this model, and a server started by hand must serve them."""
-        from megatron_zero.rollout.fp8_weights import check_sglang_block_alignment, is_fp8_checkpoint
-
-        sglang = self.rollout.sglang
-        if not sglang.launch and not is_fp8_checkpoint(sglang.model_path):
-            raise ValueError(f"rollout.quantization='fp8' sends FP8 weights, but rollout.sglang.model_path="
-                             f"{sglang.model_path!r} (the server started by hand) is not an FP8 checkpoint; start the "
-                             "server from `python tools/convert_checkpoint.py hf-to-fp8 --hf MODEL --out DIR`")
-        try:
-            check_sglang_block_alignment(arch, sglang.tp_size, "rollout.sglang.tp_size")
-        except ValueError as error:
-            raise ValueError(f"rollout.quantization='fp8' ({self.model_path}): {error}; or sync unquantized weights "
-                             "(rollout.quantization=null)") from None
-
-    def check_inputs(self) -> None:
-        """File checks, run before any worker starts; raise naming the field and the path."""
-        from megatron_zero.models.hf_io import INDEX_NAME, SINGLE_NAME
-        from megatron_zero.models.registry import read_architecture
-
-        if not Path(self.model_path, "config.json").is_file():
-            raise FileNotFoundError(f"model_path={self.model_path!r}: no config.json there")
-        arch = read_architecture(self.model_path)
-        if self.parallel.expert_parallel_size > 1:
-            # Every supported family is dense (models/registry.py): there are no experts to place.
-            raise ValueError(f"parallel.expert_parallel_size={self.parallel.expert_parallel_size} needs a mixture-of-"
-                             f"experts model, but model_type={arch.model_type!r} ({self.model_path}) is dense; set it "
-                             "to 1")
-        arch.check_parallel_sizes(self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size,
-                                  self.model.vocab_pad_multiple)
-        # Held-out prompts are read with data.train's settings (the same length limit), then decoded greedily.
-        generation_limits = [("rollout.max_new_tokens", self.rollout.max_new_tokens)]
-        if self.eval.path is not None:
-            generation_limits.append(("eval.max_new_tokens", self.eval.max_new_tokens))
-        for name, max_new_tokens in generation_limits:
-            if self.data.train.max_prompt_tokens is None:
-                break
-            longest = self.data.train.max_prompt_tokens + max_new_tokens
-            if longest > arch.max_position_embeddings:
-                raise ValueError(f"data.train.max_prompt_tokens={self.data.train.max_prompt_tokens} + "
-                                 f"{name}={max_new_tokens} = {longest} tokens exceed the model's context, "
-                                 f"max_position_embeddings={arch.max_position_embeddings} ({self.model_path}/"
-                                 "config.json); lower one of them")
-        # The HF directory also feeds the tokenizer and the rollout engine's weights, whatever mcore_path says.
-        model_files = {path.name for path in Path(self.model_path).iterdir()}
-        if not model_files & {SINGLE_NAME, INDEX_NAME}:
-            raise FileNotFoundError(f"model_path={self.model_path!r} has no weights ({SINGLE_NAME} or {INDEX_NAME}); "
-                                    "only safetensors checkpoints are supported")
-        if not model_files & {"tokenizer.json", "tokenizer.model", "vocab.json"}:
-            raise FileNotFoundError(f"model_path={self.model_path!r} has no tokenizer (tokenizer.json, tokenizer.model "
-                                    "or vocab.json); copy the base model's tokenizer files there")
-        if Path(self.run.output_dir).exists() and not Path(self.run.output_dir).is_dir():
-            raise ValueError(f"run.output_dir={self.run.output_dir!r} is a file; choose a directory")
-        if self.rollout.quantization == "fp8" and self.rollout.engine == "sglang":
-            self._check_fp8_rollout(arch)
-        if self.mcore_path is not None and not Path(self.mcore_path, "megatron_zero.json").is_file():
-            raise FileNotFoundError(f"mcore_path={self.mcore_path!r} is not a converted checkpoint "
-                                    "(no megatron_zero.json); omit it to convert model_path automatically")
-        if not self.data.train.path:
-            raise ValueError("data.train.path is empty; set it to a JSONL/Parquet file or dataset directory")
-        if not Path(self.data.train.path).exists():
-            raise FileNotFoundError(f"data.train.path={self.data.train.path!r} does not exist")
-        if self.eval.path is not None and not Path(self.eval.path).exists():
-            raise FileNotFoundError(f"eval.path={self.eval.path!r} does not exist")
-        table = self.data.pass_rate_filter.pass_rate_file
-        if table is not None and not Path(table).is_file():
-            # Whether it matches the data is checked when the problems are read, also before Ray starts.
-            raise FileNotFoundError(f"data.pass_rate_filter.pass_rate_file={table!r} does not exist; write it with "
-                                    f"`megatron-zero difficulty --model {self.model_path} --data "
-                                    f"{self.data.train.path} --out {table}`")
-        from megatron_zero.trainer.checkpoint import check_resume_point
-
-        # Last: it reads every byte of the checkpoint a run would resume from (once, before Ray starts).
-        check_resume_point(self.run)
 
 
 def load_config(path: Optional[str], overrides: list[str], base: Optional[dict[str, Any]] = None) -> TrainConfig:
@@ -300,15 +229,31 @@ def load_config(path: Optional[str], overrides: list[str], base: Optional[dict[s
 
     # The schema gives types and defaults; validation runs once, on the final values (_build).
     schema = OmegaConf.structured(TrainConfig)
+    problems = []
     try:
         merged = OmegaConf.merge(schema, base or {})
         if path is not None:
             merged = OmegaConf.merge(merged, _read_yaml_mapping(path))
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        # One override at a time, so that every mistyped key or wrong type is listed, not only the first.
+        for override in overrides:
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+            except OmegaConfBaseException as error:
+                problems.append(_omegaconf_problem(error))
+        if problems:
+            raise _KeyedConfigError(problems)
         plain = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as error:
-        raise ValueError(f"config error: {error}") from None
+        raise ValueError(f"config error: {_omegaconf_problem(error)}") from None
     return _build(TrainConfig, plain)
+
+
+def _omegaconf_problem(error: Exception) -> str:
+    """OmegaConf's message in one line, led by the key ("run.nsteps: Key 'nsteps' not in 'RunConfig'. Did you mean:
+    'num_steps'?"); its own message adds full_key / reference_type / object_type lines."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    key = getattr(error, "full_key", None)
+    return f"{key}: {first}" if key else first
 
 
 def _read_yaml_mapping(path: str):
@@ -332,7 +277,12 @@ def _read_yaml_mapping(path: str):
 
 
 class _KeyedConfigError(ValueError):
-    """A sub-config's error, already renamed to the key the user typed (see ``_build``)."""
+    """Every problem found in a config, each already renamed to the key the user typed (see ``_build``)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} config problems:\n  " + "\n  ".join(problems))
 
 
 # A message that starts by naming a field: "policy_loss.clip_low=1.5 ...", "data.template: ...".
@@ -342,27 +292,38 @@ _LEADING_FIELD = re.compile(r"^([A-Za-z_]+)\.(?=[A-Za-z_])")
 def _build(cls: type, values: dict[str, Any], path: str = "") -> Any:
     """``cls`` from plain ``values``, sub-configs first. A sub-config names its fields by its own prefix
     (``PolicyLossConfig``: "policy_loss.clip_low"), which need not be where it sits in the experiment ("loss");
-    its errors are renamed to the key path the user typed ("loss.clip_low", "data.train.template")."""
+    its errors are renamed to the key path the user typed ("loss.clip_low", "data.train.template").
+    Every sub-config is built before any error is raised, so one error lists the problems of all of them (a
+    config's checks that need several sub-configs run only once those are valid)."""
     import typing
 
     hints = typing.get_type_hints(cls)
     kwargs = {}
+    problems: list[str] = []
     for f in dataclasses.fields(cls):
         if f.name not in values:
             continue
         value = values[f.name]
         sub = _dataclass_type(hints[f.name])
         key = f"{path}.{f.name}" if path else f.name
-        kwargs[f.name] = _build(sub, value, key) if sub is not None and isinstance(value, dict) else value
+        if sub is None or not isinstance(value, dict):
+            kwargs[f.name] = value
+            continue
+        try:
+            kwargs[f.name] = _build(sub, value, key)
+        except _KeyedConfigError as error:
+            problems += error.problems
+    if problems:
+        raise _KeyedConfigError(problems)
     try:
         return cls(**kwargs)
-    except _KeyedConfigError:
-        raise
     except ValueError as error:
         message = str(error)
-        if path and not message.startswith(path + "."):
-            message = _LEADING_FIELD.sub(path + ".", message, count=1)
-        raise _KeyedConfigError(message) from None
+        leading = _LEADING_FIELD.match(message)
+        if path and leading and not message.startswith(path + "."):
+            # Every mention of the sub-config's own prefix ("policy_loss.clip_high ... policy_loss.clip_low").
+            message = re.sub(rf"(?<![\w.]){leading.group(1)}\.(?=[A-Za-z_])", path + ".", message)
+        raise _KeyedConfigError([message]) from None
 
 
 def _dataclass_type(annotation: Any) -> Optional[type]:

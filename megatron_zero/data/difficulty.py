@@ -122,13 +122,19 @@ def load_pass_rates(path: str | Path) -> dict[str, PassRate]:
 
 def check_pass_rate_table(problems: Sequence[Problem], rates: dict[str, PassRate], origin: str = "the table") -> None:
     """Raise, in one line, unless every problem has a rate estimated on that same problem (uid and fingerprint)."""
-    missing = [problem.uid for problem in problems if problem.uid not in rates]
+    missing = [problem for problem in problems if problem.uid not in rates]
     if missing:
-        raise ValueError(
-            f"{origin}: {len(missing)} of {len(problems)} problems have no pass rate (first: "
-            f"{missing[:_NUM_EXAMPLES]}); estimate them for this data with `megatron-zero difficulty` (same file "
-            "and uid field) or use the table made for this dataset"
-        )
+        # The same problems under other ids: the table was written with another uid field (the usual slip).
+        by_content = {rate.fingerprint: rate.uid for rate in rates.values()}
+        found = [by_content[problem_fingerprint(problem)] for problem in missing
+                 if problem_fingerprint(problem) in by_content]
+        hint = (f"; the table holds {len(found)} of them under other ids (e.g. {found[0]!r} for {missing[0].uid!r}): "
+                "it was written with another uid field, so read the data with the one `megatron-zero difficulty "
+                "--uid-field` used (data.train.uid_field; unset: <file stem>-<row>)") if found else (
+                "; estimate them for this data with `megatron-zero difficulty` (same file and --uid-field as "
+                "data.train.uid_field) or use the table made for this dataset")
+        raise ValueError(f"{origin}: {len(missing)} of {len(problems)} problems have no pass rate (first: "
+                         f"{[problem.uid for problem in missing[:_NUM_EXAMPLES]]}){hint}")
     changed = [problem.uid for problem in problems if rates[problem.uid].fingerprint != problem_fingerprint(problem)]
     if changed:
         raise ValueError(

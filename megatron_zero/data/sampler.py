@@ -26,7 +26,7 @@ class PromptSampler:
     def __init__(self, problems: Sequence[Problem], config: SamplerConfig) -> None:
         if config.batch_size > len(problems):
             raise ValueError(
-                f"sampler.batch_size={config.batch_size} is larger than the {len(problems)} problems; "
+                f"data.sampler.batch_size={config.batch_size} is larger than the {len(problems)} problems; "
                 "lower it or use more data"
             )
         self.problems = problems

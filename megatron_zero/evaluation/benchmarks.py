@@ -101,7 +101,7 @@ def benchmark_file(name: str, data_dir: str | Path) -> Path:
             return path
     raise FileNotFoundError(
         f"benchmark {name!r}: no data file; looked for {', '.join(str(p) for p in candidates)}. "
-        f"Put the public {name} test split there or fix eval.data_dir={str(data_dir)!r}"
+        f"Put the public {name} test split there or fix --data-dir {str(data_dir)!r}"
     )
 
 

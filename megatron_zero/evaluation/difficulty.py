@@ -15,18 +15,23 @@ How::
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from megatron_zero.config.data import DatasetConfig, PassRateEstimateConfig
 from megatron_zero.config.evaluation import EngineConfig
 from megatron_zero.config.reward import RewardConfig
 from megatron_zero.data.difficulty import PassRate, estimate_pass_rates, save_pass_rates
-from megatron_zero.data.problems import Problem
+from megatron_zero.data.problems import DatasetKeys, Problem, train_keys
 from megatron_zero.evaluation.generation import Generator, Grader
 
 logger = logging.getLogger(__name__)
+
+# How `megatron-zero difficulty` (the one caller that sets the response budget) names it.
+_MAX_NEW_TOKENS_FLAG = "--max-new-tokens"
 
 
 def measure_pass_rates(problems: list[Problem], generate: Generator, grade: Grader,
@@ -53,21 +58,39 @@ def measure_pass_rates(problems: list[Problem], generate: Generator, grade: Grad
 
 def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling: PassRateEstimateConfig,
                               engine: EngineConfig, out_path: str | Path, *, reward: RewardConfig | None = None,
-                              server_command: Sequence[str] | None = None) -> dict[str, PassRate]:
+                              server_command: Sequence[str] | None = None,
+                              keys: DatasetKeys = train_keys) -> dict[str, PassRate]:
     """``megatron-zero difficulty``: the pass-rate table of ``dataset``'s problems under ``model_path``, written to
     ``out_path`` (the file ``data.pass_rate_filter.pass_rate_file`` names). The problems are read, and their
-    prompts built and length-checked, exactly as the trainer reads them with the same DatasetConfig."""
+    prompts built and length-checked, exactly as the trainer reads them with the same DatasetConfig; the longest
+    prompt + ``sampling.max_new_tokens`` must fit the model and the engine before the engine starts. ``keys``:
+    how errors name the dataset's fields (the CLI passes its flags)."""
     from megatron_zero.data.problems import load_problems
     from megatron_zero.evaluation.engines import standalone_engine
     from megatron_zero.evaluation.generation import EngineGenerator
-    from megatron_zero.evaluation.model_eval import check_model_dir, load_tokenizer, pool_grader
+    from megatron_zero.evaluation.model_eval import load_tokenizer, pool_grader
+    from megatron_zero.preflight.generation import GenerationInputs, check_generation_inputs
     from megatron_zero.rewards import GraderPool
     from megatron_zero.utils.files import prepare_output
 
-    check_model_dir(model_path)
-    prepare_output(out_path, "--out")
-    tokenizer = load_tokenizer(model_path)
-    problems = load_problems(dataset, tokenizer)
+    prepare_output(out_path, "--out")  # first: nothing is read before the output is known writable
+
+    @functools.cache
+    def read_problems() -> tuple[Any, list[Problem]]:
+        # Read (and their prompts length-checked) with the model's tokenizer: once the preflight found its files.
+        tokenizer = load_tokenizer(model_path)
+        return tokenizer, load_problems(dataset, tokenizer, keys=keys)
+
+    def prompt_bound() -> tuple[str, int]:
+        if dataset.max_prompt_tokens is not None:
+            return f"{keys('max_prompt_tokens')}={dataset.max_prompt_tokens}", dataset.max_prompt_tokens
+        tokenizer, problems = read_problems()
+        longest = max(len(ids) for ids in tokenizer([problem.prompt_text for problem in problems])["input_ids"])
+        return f"the longest prompt ({longest} tokens)", longest
+
+    inputs = GenerationInputs.for_engine(model_path, engine, ((_MAX_NEW_TOKENS_FLAG, sampling.max_new_tokens),))
+    check_generation_inputs(inputs, prompt_bound)
+    tokenizer, problems = read_problems()
     log_dir = Path(out_path).parent / "logs"
     with standalone_engine(engine, model_path, tokenizer, log_dir, server_command=server_command) as rollout_engine, \
             GraderPool(reward) as pool:

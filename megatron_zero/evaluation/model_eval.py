@@ -11,6 +11,7 @@ How::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,6 @@ from typing import Any
 from megatron_zero.config.evaluation import EngineConfig, EvalConfig
 from megatron_zero.config.reward import RewardConfig
 from megatron_zero.evaluation.generation import Grader
-
-
-def check_model_dir(model_path: str, flag: str = "--model") -> None:
-    if not Path(model_path, "config.json").is_file():
-        raise FileNotFoundError(f"{flag} {model_path}: no config.json there; pass a Hugging Face model directory")
 
 
 def pool_grader(pool: Any) -> Grader:
@@ -44,13 +40,17 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
     from megatron_zero.evaluation.engines import standalone_engine
     from megatron_zero.evaluation.generation import EngineGenerator
     from megatron_zero.evaluation.runner import evaluate, load_benchmarks, write_eval_outputs
+    from megatron_zero.preflight.generation import GenerationInputs, check_generation_inputs
     from megatron_zero.rewards import GraderPool
     from megatron_zero.utils.files import prepare_output
 
-    check_model_dir(model_path)
-    prepare_output(out_dir, "--out", folder=True)
+    prepare_output(out_dir, "--out", folder=True)  # first: nothing is read before the output is known writable
     problems = load_benchmarks(config)
-    tokenizer = load_tokenizer(model_path)
+    # Loaded once, when the preflight has found the model's files and asks for the longest prompt.
+    read_tokenizer = functools.cache(lambda: load_tokenizer(model_path))
+    inputs = GenerationInputs.for_engine(model_path, engine, (("--max-new-tokens", config.max_new_tokens),))
+    check_generation_inputs(inputs, lambda: _longest_prompt(problems, config.template, read_tokenizer()))
+    tokenizer = read_tokenizer()
     format_prompt = make_prompt_formatter(config.template, tokenizer)
     with standalone_engine(engine, model_path, tokenizer, Path(out_dir) / "logs",
                            server_command=server_command) as rollout_engine, GraderPool(reward) as pool:
@@ -58,3 +58,15 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
                           problems=problems)
     write_eval_outputs(report, out_dir)
     return report
+
+
+def _longest_prompt(problems: dict[str, list], template: str, tokenizer: Any) -> tuple[str, int]:
+    """How the longest benchmark prompt is named in an error (benchmark and row), and its tokens."""
+    from megatron_zero.data.templates import make_prompt_formatter
+
+    format_prompt = make_prompt_formatter(template, tokenizer)
+    items = [problem for problems_of_set in problems.values() for problem in problems_of_set]
+    lengths = [len(ids) for ids in tokenizer([format_prompt(problem.question) for problem in items])["input_ids"]]
+    longest = max(range(len(items)), key=lengths.__getitem__)
+    label = f"the longest prompt ({items[longest].benchmark} row {items[longest].index}, {lengths[longest]} tokens)"
+    return label, lengths[longest]

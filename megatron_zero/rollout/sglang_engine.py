@@ -238,7 +238,7 @@ class SGLangEngine(SGLangWeightUpdates, RolloutEngine):
     def release_memory(self) -> None:
         if not self.config.colocated:
             raise RuntimeError(f"release_memory on {self.url}: only colocated servers (--enable-memory-saver) "
-                               "release memory; set sglang.colocated=True")
+                               "release memory; set rollout.sglang.colocated=true")
         for tag in RELEASE_ORDER:
             if tag not in self._released:
                 self._post_memory("/release_memory_occupation", [tag])

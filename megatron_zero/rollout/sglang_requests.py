@@ -17,7 +17,8 @@ def sglang_sampling_params(params: SamplingParams, *, deterministic: bool) -> di
     if params.seed is not None and not deterministic:
         raise ValueError(
             f"sampling.seed={params.seed} is set but SGLang ignores per-request seeds unless the server runs "
-            "with --enable-deterministic-inference; set sglang.enable_deterministic_inference=True or seed=None"
+            "with --enable-deterministic-inference; set rollout.sglang.enable_deterministic_inference=true (eval, "
+            "difficulty: --deterministic) or seed=None"
         )
     sampling = {
         "temperature": params.temperature,

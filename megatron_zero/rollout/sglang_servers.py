@@ -120,9 +120,9 @@ def plan_engines(bundles: Sequence[Bundle], tp_size: int) -> list[EngineSlot]:
     """Engine i gets bundles [i*tp_size, (i+1)*tp_size); each engine's bundles must share a node and have
     distinct GPU ids. ``bundles`` is ``ClusterPlacement.bundles`` (rank order)."""
     if tp_size < 1:
-        raise ValueError(f"sglang.tp_size={tp_size} must be >= 1")
+        raise ValueError(f"rollout.sglang.tp_size={tp_size} must be >= 1")
     if not bundles or len(bundles) % tp_size:
-        raise ValueError(f"sglang.tp_size={tp_size} must divide the {len(bundles)} GPUs of the placement (one "
+        raise ValueError(f"rollout.sglang.tp_size={tp_size} must divide the {len(bundles)} GPUs of the placement (one "
                          "engine per tp_size GPUs); choose a tp_size that divides the GPUs per node")
     if len({bundle.gpu_id is None for bundle in bundles}) > 1:
         raise ValueError(f"placement mixes bundles with and without a GPU: {list(bundles)}")
@@ -131,8 +131,9 @@ def plan_engines(bundles: Sequence[Bundle], tp_size: int) -> list[EngineSlot]:
         slot = EngineSlot(index=index, bundles=tuple(bundles[index * tp_size:(index + 1) * tp_size]))
         where = ", ".join(f"bundle {b.index} on {b.node_ip} GPU {b.gpu_id}" for b in slot.bundles)
         if len({bundle.node_id for bundle in slot.bundles}) > 1:
-            raise ValueError(f"engine {index} with sglang.tp_size={tp_size} would span nodes ({where}); one server's "
-                             "tensor parallelism stays on one node: use a tp_size that divides the GPUs per node")
+            raise ValueError(f"engine {index} with rollout.sglang.tp_size={tp_size} would span nodes ({where}); one "
+                             "server's tensor parallelism stays on one node: use a tp_size that divides the GPUs per "
+                             "node")
         if len(set(slot.gpu_ids)) < len(slot.gpu_ids):
             raise ValueError(f"engine {index} would use one GPU twice ({where}); the placement's GPU probe "
                              "returned duplicate ids on one node")

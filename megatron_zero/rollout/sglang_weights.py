@@ -142,9 +142,9 @@ class SGLangWeightUpdates:
     def update_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
         if not self.config.colocated:
             if self.weight_group is None:
-                raise RuntimeError(f"sglang.colocated=False needs a weight_group: call init_weights_update_group on "
-                                   f"{self.url}, create this side's group (parallel/weight_broadcast.py), and pass it "
-                                   "as SGLangEngine(weight_group=...)")
+                raise RuntimeError(f"rollout.sglang.colocated=False needs a weight_group: call "
+                                   f"init_weights_update_group on {self.url}, create this side's group "
+                                   "(parallel/weight_broadcast.py), and pass it as SGLangEngine(weight_group=...)")
             broadcast_bucket(bucket, self.weight_group, [(self.url, self.post_weights_from_distributed(bucket))],
                              self.config.control_timeout_s)
             return

@@ -8,9 +8,9 @@
 ``COMPLETE`` is written last (atomically), so a checkpoint cut short by a crash or preemption is never taken as the
 latest. It lists every other file of the checkpoint with its size and xxh3-128 checksum (utils/files.py says why
 that hash), so a file lost, truncated or overwritten since is found before anything is loaded:
-``check_resume_point`` runs in the preflight (``TrainConfig.check_inputs``, before Ray and the workers start) and
-``export_hf`` before its workers start; either names the damaged file in one line. A damaged latest checkpoint is
-never loaded: the run stops and names the newest intact one for ``run.resume_from``.
+``check_resume_point`` runs in the preflight (``preflight.train.check_train_inputs``, before Ray and the workers
+start) and ``export_hf`` before its workers start; either names the damaged file in one line. A damaged latest
+checkpoint is never loaded: the run stops and names the newest intact one for ``run.resume_from``.
 
 Checkpoints saved before markers listed their files (``COMPLETE`` is ``{"complete": true}``) are accepted with a
 warning that they cannot be verified: they were written marker-last like today's, refusing them would strand every

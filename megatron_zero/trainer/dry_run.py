@@ -7,8 +7,13 @@ loads the tokenizer and the data (with the pass-rate filter), lays the ranks and
 cluster the config describes, prints the memory plan, and builds the server command lines and the first
 /generate requests with the functions a run calls, so what it prints is what a run would do.
 
-How: ``megatron-zero train --config CFG --dry-run [key=value ...]``; exit 0 when a run could start, 1 when the
-memory plan does not fit (``error:`` lines, exit 2, for a config or file error). No Ray, no GPU, no weights read.
+Without the downloads (a login node) it still prints the layout, the memory plan and the server commands, taking
+the architecture from ``--model-config PATH`` or the shipped ``examples/model_configs/<basename of model_path>``,
+then lists every missing file in one block.
+
+How: ``megatron-zero train --config CFG --dry-run [--model-config PATH] [key=value ...]``; exit 0 when a run could
+start, 1 when the memory plan does not fit, 2 when files are missing (listed last) or on a config error (an
+``error:`` line). No Ray, no GPU, no weights read.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from megatron_zero.config.trainer import TrainConfig
+from megatron_zero.preflight.architecture import ResolvedArchitecture
+from megatron_zero.preflight.generation import MissingFiles, check_model_files
+from megatron_zero.preflight.train import check_train_inputs
 from megatron_zero.cluster.placement import Bundle, order_bundles
 
 # A payload's token ids beyond this many are elided in the printout (the count stays).
@@ -29,6 +37,8 @@ _SHOWN_TOKENS = 32
 class DryRunReport:
     text: str
     fits: bool
+    # One line per missing input file (model, data, tables); a run would stop on the first.
+    missing: tuple[str, ...] = ()
 
 
 def hypothetical_bundles(num_nodes: int, per_node: int, use_gpus: bool, *, first_node: int = 0,
@@ -160,42 +170,74 @@ def _engine_lines(config: TrainConfig) -> list[str]:
     return lines
 
 
-def _memory_lines(config: TrainConfig) -> tuple[list[str], bool]:
+def _memory_lines(config: TrainConfig, arch) -> tuple[list[str], bool]:
     if not config.cluster.use_gpus:
         return ["memory plan: CPU mode (cluster.gpus_per_node=0), no device memory to plan"], True
-    from megatron_zero.models.registry import read_architecture
     from megatron_zero.planning.memory import plan_inputs, plan_memory
     from megatron_zero.planning.report import format_plan
 
-    plan = plan_memory(plan_inputs(config, read_architecture(config.model_path)))
+    plan = plan_memory(plan_inputs(config, arch))
     return [format_plan(plan)], plan.fits
 
 
-def dry_run(config: TrainConfig) -> DryRunReport:
-    """What a run of ``config`` would do before its first GPU kernel; raises (one line) on a config or file error."""
+def _file_lines(config: TrainConfig, resolved: ResolvedArchitecture) -> tuple[list[str], Any, Optional[list]]:
+    """What needs the downloads: the checkpoint's tensor names, the tokenizer, the data (through the pass-rate
+    filter) and the held-out set. Skipped, saying so, while the files are missing; returns the lines, the tokenizer
+    and the first batch (None when skipped)."""
     from megatron_zero.evaluation.model_eval import load_tokenizer
-    from megatron_zero.trainer.checkpoint import resume_point
     from megatron_zero.trainer.setup import load_eval_problems, load_sampler
 
-    config.check_inputs()
-    lines = ["megatron-zero train --dry-run: nothing started (no Ray, no GPU, no weights read)",
-             f"files: {check_checkpoint_names(config)}"]
+    if check_model_files(config.model_path, "model_path"):  # listed at the end of the dry run
+        return [f"architecture: {resolved.source} (model_path is not whole on this machine); checkpoint, tokenizer, "
+                "data and first requests not checked"], None, None
+    lines = [f"files: {check_checkpoint_names(config)}"]
     tokenizer = load_tokenizer(config.model_path)
+    if not Path(config.data.train.path).exists():
+        return lines + ["data: not read (missing, see below); first requests not built"], tokenizer, None
+    table = config.data.pass_rate_filter.pass_rate_file
+    unfiltered = ""
+    if table is not None and not Path(table).is_file():
+        # Listed at the end; the problems and first requests are still shown, before the band would apply.
+        config = replace(config, data=replace(config.data, pass_rate_filter=replace(config.data.pass_rate_filter,
+                                                                                    pass_rate_file=None)))
+        unfiltered = " (not in a pass-rate band: the table is missing, see below)"
     sampler, filter_report = load_sampler(config, tokenizer)
-    kept = "" if filter_report is None else (
+    kept = unfiltered if filter_report is None else (
         f" in the pass-rate band [{filter_report.min_pass_rate}, {filter_report.max_pass_rate}] of "
         f"{filter_report.pass_rate_file} ({filter_report.num_dropped_hard} harder and {filter_report.num_dropped_easy}"
         " easier dropped)")
     lines.append(f"data: {config.data.train.path}: {len(sampler.problems)} problems{kept}")
-    if config.eval.path is not None:
+    if config.eval.path is not None and Path(config.eval.path).exists():
         lines.append(f"eval: {config.eval.path}: {len(load_eval_problems(config, tokenizer))} problems")
-    checkpoint = resume_point(config.run)  # checked whole by check_inputs
+    return lines, tokenizer, sampler.next_batch()
+
+
+def dry_run(config: TrainConfig, model_config: Optional[str] = None) -> DryRunReport:
+    """What a run of ``config`` would do before its first GPU kernel; raises (one line) on a config error. Missing
+    files do not stop it: the plan is printed whole (the architecture from ``model_config`` or the shipped
+    examples/model_configs when model_path is absent), then every missing file in one block."""
+    from megatron_zero.trainer.checkpoint import resume_point
+
+    missing = MissingFiles(collect=True)
+    resolved = check_train_inputs(config, missing, model_config)
+    lines = ["megatron-zero train --dry-run: nothing started (no Ray, no GPU, no weights read)"]
+    file_lines, tokenizer, first_batch = _file_lines(config, resolved)
+    lines += file_lines
+    checkpoint = resume_point(config.run)  # checked whole by check_train_inputs
     if checkpoint is not None:
         lines.append(f"note: a run would resume from {checkpoint} (its files match its marker), not from step 0")
     lines += _layout_lines(config)
     lines.append(f"precision: engine vs actor log-prob gap bounds (mean, max) {config.logprob_gap_bounds} "
                  f"({config.logprob_precision})")
-    memory, fits = _memory_lines(config)
-    lines += memory + _engine_lines(config) + _rollout_lines(config, tokenizer, sampler.next_batch())
-    lines.append("dry run: a run could start" if fits else "dry run: the memory plan does not fit (see above)")
-    return DryRunReport(text="\n".join(lines), fits=fits)
+    memory, fits = _memory_lines(config, resolved.arch)
+    lines += memory + _engine_lines(config)
+    if first_batch is not None:
+        lines += _rollout_lines(config, tokenizer, first_batch)
+    if missing.lines:
+        lines.append(f"dry run: {len(missing.lines)} input(s) missing; a run would stop before Ray starts:")
+        lines += [f"  - {line}" for line in missing.lines]
+    elif fits:
+        lines.append("dry run: a run could start")
+    if not fits:
+        lines.append("dry run: the memory plan does not fit (see above)")
+    return DryRunReport(text="\n".join(lines), fits=fits, missing=tuple(missing.lines))

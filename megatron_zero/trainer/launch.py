@@ -65,9 +65,10 @@ def check_allocation(cluster: ClusterConfig, num_nodes: int, gpus_per_node: int,
 def prepare(config: TrainConfig) -> str:
     """Check the config's files, then the Megatron checkpoint: ``mcore_path``, or ``model_path`` converted into
     ``run.output_dir/base_mcore`` (skipped when a complete conversion is there). Returns its directory."""
+    from megatron_zero.preflight.train import check_train_inputs
     from megatron_zero.trainer.setup import base_checkpoint
 
-    config.check_inputs()
+    check_train_inputs(config)
     return base_checkpoint(config)
 
 

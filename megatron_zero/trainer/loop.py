@@ -47,13 +47,14 @@ class Trainer:
         """``sglang_server_command``: an argv template started instead of ``python -m sglang.launch_server``
         (``{host}`` and ``{port}`` filled in; see rollout/sglang_servers.py), e.g. a CPU stand-in in tests."""
         from megatron_zero.evaluation.model_eval import load_tokenizer
+        from megatron_zero.preflight.train import check_train_inputs
         from megatron_zero.rewards import GraderPool
         from megatron_zero.trainer import checkpoint
         from megatron_zero.trainer.metrics import MetricsLogger
         from megatron_zero.trainer.run_records import keep_history_through
 
         # Preflight: a damaged checkpoint to resume from stops the run here, in one line, before Ray starts.
-        config.check_inputs()
+        check_train_inputs(config)
         self.config = config
         self.output_dir = Path(config.run.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -40,9 +40,10 @@ def load_eval_problems(config: TrainConfig, tokenizer) -> list:
     if config.eval.path is None:
         return []
     from megatron_zero.data import load_problems
+    from megatron_zero.data.problems import eval_set_keys
 
     dataset = dataclasses.replace(config.data.train, path=config.eval.path)
-    problems = load_problems(dataset, tokenizer=tokenizer)
+    problems = load_problems(dataset, tokenizer=tokenizer, keys=eval_set_keys)
     return problems[: config.eval.max_problems] if config.eval.max_problems else problems
 
 
@@ -62,7 +63,8 @@ def base_checkpoint(config: TrainConfig) -> str:
 def rollout_sglang_config(config: TrainConfig, *, write: bool = False) -> Optional[SGLangConfig]:
     """The SGLang config servers launch with: rollout.sglang, but under rollout.quantization=fp8 pointed at the FP8
     copy of model_path in ``run.output_dir/rollout_fp8`` (written when ``write`` and not complete there yet; a
-    server started by hand must already serve an FP8 checkpoint, which ``check_inputs`` checked)."""
+    server started by hand must already serve an FP8 checkpoint, which the preflight checked:
+    ``preflight.train.check_train_inputs``)."""
     sglang = config.rollout.sglang
     if sglang is None or config.rollout.quantization != "fp8" or not sglang.launch:
         return sglang

@@ -65,8 +65,8 @@ class ColocatedWeightPush:
                  serialize: Serializer = serialize_flattened_bucket, *, quantization: Optional[str] = None) -> None:
         tp, world = config.tp_size, dist.get_world_size()
         if len(engine_urls) * tp != world:
-            raise ValueError(f"{len(engine_urls)} engines x sglang.tp_size={tp} GPUs != {world} Megatron ranks: "
-                             "every rank must share its GPU with exactly one server rank")
+            raise ValueError(f"{len(engine_urls)} engines x rollout.sglang.tp_size={tp} GPUs != {world} Megatron "
+                             "ranks: every rank must share its GPU with exactly one server rank")
         self.rank = dist.get_rank()
         self.engine_index, self.server_rank = divmod(self.rank, tp)
         self.leader = self.engine_index * tp
