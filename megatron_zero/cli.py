@@ -23,7 +23,7 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
-    from megatron_zero.config.trainer import load_config
+    from megatron_zero.preflight.config import load_config
     from megatron_zero.trainer.loop import Trainer
 
     config = load_config(args.config, args.overrides)
@@ -219,7 +219,7 @@ def _export(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from megatron_zero.config.trainer import load_config
+    from megatron_zero.preflight.config import load_config
     from megatron_zero.planning.actor_memory import GIB
     from megatron_zero.planning.layouts import recommend_layouts
     from megatron_zero.planning.memory import plan_inputs, plan_memory
@@ -249,7 +249,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _launch_prepare(args: argparse.Namespace) -> int:
-    from megatron_zero.config.trainer import load_config
+    from megatron_zero.preflight.config import load_config
     from megatron_zero.trainer.launch import check_allocation, prepare
 
     config = load_config(args.config, args.overrides)
@@ -260,7 +260,7 @@ def _launch_prepare(args: argparse.Namespace) -> int:
 
 
 def _launch_wait(args: argparse.Namespace) -> int:
-    from megatron_zero.config.trainer import load_config
+    from megatron_zero.preflight.config import load_config
     from megatron_zero.trainer.launch import wait_for_hosts
     from megatron_zero.cluster.placement import ClusterNotReadyError
 

@@ -15,6 +15,7 @@ from megatron_zero.actor.advantages import (
     register_advantage_estimator,
 )
 from megatron_zero.config.algorithm import AdvantageConfig
+from megatron_zero.preflight.names import advantage_problems, raise_problems
 
 # Non-contiguous groups 3, 7, 1 with sizes 3, 3, 2 plus a singleton group 9.
 GROUP_IDS = [3, 7, 3, 7, 3, 1, 7, 1, 9]
@@ -194,7 +195,7 @@ def test_bad_inputs_raise(rewards, group_ids, mask, message):
 
 def test_unknown_estimator_lists_valid_names():
     with pytest.raises(ValueError, match="advantage.estimator='gae' is unknown.*'dr_grpo'.*'grpo'.*'rloo'"):
-        AdvantageConfig(estimator="gae")
+        raise_problems(advantage_problems(AdvantageConfig(estimator="gae")))
     with pytest.raises(ValueError, match="unknown advantage estimator 'gae'; valid: .*reinforce_plus_plus"):
         get_advantage_estimator("gae")
 

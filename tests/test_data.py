@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from megatron_zero.config.data import DataConfig, DatasetConfig, PassRateFilterConfig, SamplerConfig
+from megatron_zero.preflight.names import raise_problems, template_problems
 from megatron_zero.data import (
     PassRate,
     Problem,
@@ -90,7 +91,7 @@ def test_chat_template_and_template_errors(tokenizer):
     with pytest.raises(ValueError, match=r"'qwen' is unknown; use one of \['abel', 'chat', 'qwen-boxed', 'simple'\]"):
         make_prompt_formatter("qwen")
     with pytest.raises(ValueError, match="data.train.template"):
-        DatasetConfig(path="x.jsonl", template="qwen")
+        raise_problems(template_problems(DatasetConfig(path="x.jsonl", template="qwen")))
 
 
 # ---------------------------------------------------------------- loading

@@ -72,7 +72,7 @@ def _dry_run(capsys, config_path: Path, model_dir: Path, train_file: Path, tmp_p
 
 @pytest.mark.parametrize("config_path", [path for path, _ in example_configs()], ids=lambda path: path.stem)
 def test_every_example_config_passes_the_dry_run(config_path, model_dirs, train_file, tmp_path, capsys):
-    from megatron_zero.config.trainer import load_config
+    from megatron_zero.preflight.config import load_config
 
     model_dir = model_dirs[dict(example_configs())[config_path].name]
     code, out, err = _dry_run(capsys, config_path, model_dir, train_file, tmp_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_zero.config.trainer import load_config
+from megatron_zero.preflight.config import load_config
 from megatron_zero.models.registry import read_architecture
 from megatron_zero.planning.actor_memory import num_parameters
 from megatron_zero.planning.memory import plan_inputs, plan_memory

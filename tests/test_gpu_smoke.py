@@ -88,7 +88,7 @@ NOT_RUN_IMPORTS = {
     "transformer_engine": "models/common/spec.py probes for it; the smoke's image has none, so the local layers run",
     "datasets": "data/problems.py reads dataset directories; the smoke reads no data files",
     "pyarrow": "data/splits.py reads Parquet files; the smoke reads no data files",
-    "omegaconf": "config/trainer.py load_config reads YAML configs; the smoke builds its configs in code",
+    "omegaconf": "config/trainer.py parse_config reads YAML configs; the smoke builds its configs in code",
 }
 
 

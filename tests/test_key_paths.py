@@ -105,7 +105,7 @@ def test_every_key_in_errors_and_hints_is_a_real_field():
 
 def test_config_errors_name_the_typed_key_and_come_all_at_once():
     """Item 7: every sub-config's problem in one error, each under the key the user typed."""
-    from megatron_zero.config.trainer import load_config
+    from megatron_zero.preflight.config import load_config
 
     with pytest.raises(ValueError) as error:
         load_config(None, ["model_path=/m", "loss.clip_low=1.5", "data.train.max_prompt_tokens=0",
@@ -122,7 +122,7 @@ def test_config_errors_name_the_typed_key_and_come_all_at_once():
 
 
 def test_every_mistyped_override_is_listed_at_once():
-    from megatron_zero.config.trainer import load_config
+    from megatron_zero.preflight.config import load_config
 
     with pytest.raises(ValueError) as error:
         load_config(None, ["model_path=/m", "run.nsteps=3", "actor.lrr=1", "actor.lr=abc"])

@@ -27,36 +27,13 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 MAX_MODULE_LINES = 450
 
 # Each circle is written as the chain from its alphabetically first module; the last module imports the first.
-KNOWN_CIRCLES: set[tuple[str, ...]] = {
-    # The estimator and loss name registries move below config/:
-    ("megatron_zero.actor.advantages", "megatron_zero.config.algorithm"),  # issue #23: being split
-    ("megatron_zero.actor.losses", "megatron_zero.config.algorithm"),  # issue #23: being split
-    # The reward name registries move below config/:
-    ("megatron_zero.config.reward", "megatron_zero.rewards.registry"),  # issue #23: being split
-    (  # issue #23: being split
-        "megatron_zero.config.reward", "megatron_zero.rewards.registry", "megatron_zero.rewards.math_reward"
-    ),
-    # TrainConfig's file checks move to a preflight layer above config/:
-    ("megatron_zero.config.trainer", "megatron_zero.trainer.checkpoint"),  # issue #23: being split
-}
+KNOWN_CIRCLES: set[tuple[str, ...]] = set()
 
 # Paths relative to megatron_zero/.
 KNOWN_LONG_MODULES: set[str] = set()
 
 # (config module, module of ours outside config/ that it imports).
-KNOWN_CONFIG_IMPORTS: set[tuple[str, str]] = {
-    # Name registries move to small modules both sides import:
-    ("megatron_zero.config.algorithm", "megatron_zero.actor.advantages"),  # issue #23: being split
-    ("megatron_zero.config.algorithm", "megatron_zero.actor.losses"),  # issue #23: being split
-    ("megatron_zero.config.data", "megatron_zero.data.templates"),  # issue #23: being split
-    ("megatron_zero.config.reward", "megatron_zero.rewards.registry"),  # issue #23: being split
-    ("megatron_zero.config.trainer", "megatron_zero.actor.advantages"),  # issue #23: being split
-    # TrainConfig's file checks move to a preflight layer above config/:
-    ("megatron_zero.config.trainer", "megatron_zero.models.hf_io"),  # issue #23: being split
-    ("megatron_zero.config.trainer", "megatron_zero.models.registry"),  # issue #23: being split
-    ("megatron_zero.config.trainer", "megatron_zero.rollout.fp8_weights"),  # issue #23: being split
-    ("megatron_zero.config.trainer", "megatron_zero.trainer.checkpoint"),  # issue #23: being split
-}
+KNOWN_CONFIG_IMPORTS: set[tuple[str, str]] = set()
 
 
 # --- the module graph ---------------------------------------------------------------------------------------

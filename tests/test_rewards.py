@@ -18,6 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from megatron_zero.config.reward import RewardConfig
+from megatron_zero.preflight.names import raise_problems, reward_problems
 from megatron_zero.rewards import (
     REWARD_FUNCTIONS,
     GraderPool,
@@ -183,7 +184,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="score_scheme='custom' to use"):
         RewardConfig(score_values={"correct": 1.0, "wrong": 0.0, "no_answer": 0.0})
     with pytest.raises(ValueError, match=r"reward_fn='mth'.*\['math'"):
-        RewardConfig(reward_fn="mth")
+        raise_problems(reward_problems(RewardConfig(reward_fn="mth")))
     with pytest.raises(ValueError, match="timeout_s=0"):
         RewardConfig(timeout_s=0)
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), {"strict_boxed": True}))

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from megatron_zero.config.trainer import load_config
+from megatron_zero.preflight.config import load_config
 from megatron_zero.models.tiny import save_tiny_model
 from megatron_zero.preflight.train import check_train_inputs
 

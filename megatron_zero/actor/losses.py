@@ -30,9 +30,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from megatron_zero.config.algorithm import PolicyLossConfig
-
-AGGREGATION_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+from megatron_zero.config.algorithm import AGGREGATION_MODES, PolicyLossConfig
 
 # verl clamps the log-ratio before exp so a stale token cannot overflow the ratio.
 _LOG_RATIO_CLAMP = 20.0

@@ -36,12 +36,10 @@ class DatasetConfig:
     cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        from megatron_zero.data.templates import check_template
-
-        try:
-            check_template(self.template)
-        except ValueError as error:
-            raise ValueError(f"data.train.template: {error}") from None
+        # The template's name is checked against data/templates.py by the preflight (preflight/names.py).
+        if not self.template:
+            raise ValueError("data.train.template='' must name a prompt template (e.g. 'qwen-boxed') or hold "
+                             "{input}")
         for name in ("question_field", "answer_field", "split"):
             if not getattr(self, name):
                 raise ValueError(f"data.train.{name}='' must not be empty")

@@ -6,13 +6,23 @@ workers need, validated at construction so a typo fails before any rollout. Defa
 fallbacks, math-verify equivalence, 1.0 correct else 0.0, 10 s per item.
 
 How: ``RewardConfig(score_scheme="format", strict_boxed=True)`` or ``OmegaConf.structured(RewardConfig)``.
-Names are checked against the registries in ``megatron_zero/rewards/registry.py`` at construction, so a user's
-reward registered by name must be registered (its module imported) before its config is built; an import path
-"package.module:function" needs no registration.
+``reward_fn`` is a plain string here (config/ imports no other package of ours); the preflight checks it against
+the registry in ``megatron_zero/rewards/registry.py`` (preflight/names.py, run by ``load_config``), so a user's
+reward registered by name must be registered (its module imported) before the config is loaded; an import path
+"package.module:function" needs no registration. The score schemes are fixed tables, defined here.
 """
 
 import dataclasses
 from typing import Optional
+
+# The outcomes a score scheme gives a value to. Timeouts and grader errors score as "wrong".
+OUTCOMES = ("correct", "wrong", "no_answer")
+SCORE_SCHEMES: dict[str, dict[str, float]] = {
+    # The recipe's default: no format reward.
+    "binary": {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0},
+    # The old format-aware variant: a wrong boxed answer beats no answer at all.
+    "format": {"correct": 1.0, "wrong": -0.5, "no_answer": -1.0},
+}
 
 # End-of-text / end-of-turn markers of the recipe's base models (Qwen2.5, Llama-3.1, Mistral, DeepSeek-Math).
 DEFAULT_STOP_TOKENS = (
@@ -32,7 +42,7 @@ class RewardConfig:
     reward_fn: str = "math"
     # Only a \boxed{...} / \fbox{...} answer counts; no "the answer is" or last-number fallback.
     strict_boxed: bool = False
-    # A name in megatron_zero.rewards.registry.SCORE_SCHEMES: "binary" (1 / 0 / 0, the recipe's default) or
+    # A name in SCORE_SCHEMES: "binary" (1 / 0 / 0, the recipe's default) or
     # "format" (1 / -0.5 / -1, the old format-aware variant), or "custom" to use `score_values`.
     score_scheme: str = "binary"
     # With score_scheme="custom": the score of each outcome, keys exactly correct, wrong, no_answer.
@@ -51,15 +61,9 @@ class RewardConfig:
     max_failure_rate: float = 0.05
 
     def __post_init__(self) -> None:
-        # Imported here: the registries live with the rewards, and the config package must not import the
-        # rewards package at import time.
-        from megatron_zero.rewards.registry import OUTCOMES, REWARD_FUNCTIONS, SCORE_SCHEMES
-
-        if ":" not in self.reward_fn and self.reward_fn not in REWARD_FUNCTIONS:
-            raise ValueError(
-                f"reward.reward_fn={self.reward_fn!r} is unknown; use one of {sorted(REWARD_FUNCTIONS)}, an import "
-                "path 'package.module:function', or register yours with register_reward"
-            )
+        if not self.reward_fn:
+            raise ValueError("reward.reward_fn='' must name a reward (e.g. 'math') or an import path "
+                             "'package.module:function'")
         valid_schemes = sorted([*SCORE_SCHEMES, "custom"])
         if self.score_scheme not in valid_schemes:
             raise ValueError(f"reward.score_scheme={self.score_scheme!r} is unknown; use one of {valid_schemes}")
@@ -91,6 +95,4 @@ class RewardConfig:
 
     def score_table(self) -> dict[str, float]:
         """The score of each outcome (correct, wrong, no_answer) under this config's scheme."""
-        from megatron_zero.rewards.registry import SCORE_SCHEMES
-
         return dict(self.score_values) if self.score_scheme == "custom" else dict(SCORE_SCHEMES[self.score_scheme])

@@ -145,14 +145,6 @@ class TrainConfig:
                 f"rollout.num_samples_per_prompt = {self.data.sampler.batch_size} x "
                 f"{self.rollout.num_samples_per_prompt} = {num_samples}; use one of "
                 f"{[d for d in range(1, num_samples + 1) if num_samples % d == 0][:12]}")
-        from megatron_zero.actor.advantages import GROUP_BASELINE_ESTIMATORS
-
-        if self.advantage.estimator in GROUP_BASELINE_ESTIMATORS and self.rollout.num_samples_per_prompt < 2:
-            raise ValueError(
-                f"advantage.estimator={self.advantage.estimator!r} compares each response with the other samples of "
-                "its prompt, but rollout.num_samples_per_prompt=1: every advantage would be 0 (a group of one has "
-                "no spread) and nothing would train; sample n >= 2 per prompt (recipe: 8) or use "
-                "advantage.estimator='reinforce_plus_plus'")
         if self.rollout.engine == "sglang":
             self._check_sglang(self.rollout.sglang)
         elif self.cluster.rollout_num_gpus:
@@ -222,8 +214,10 @@ class TrainConfig:
                              "launched engines; set cluster.colocate=False and cluster.rollout_num_gpus=0")
 
 
-def load_config(path: Optional[str], overrides: list[str], base: Optional[dict[str, Any]] = None) -> TrainConfig:
-    """YAML file (optional) + ``a.b=value`` overrides -> validated ``TrainConfig``; errors name the key."""
+def parse_config(path: Optional[str], overrides: list[str], base: Optional[dict[str, Any]] = None) -> TrainConfig:
+    """YAML file (optional) + ``a.b=value`` overrides -> a ``TrainConfig`` whose values are valid; errors name the
+    key. Commands load configs with ``megatron_zero.preflight.config.load_config``, which also checks the names
+    fields take against the registries (config/ imports no other package of ours)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 

@@ -17,11 +17,14 @@ from megatron_zero.config.trainer import TrainConfig
 from megatron_zero.preflight.architecture import ResolvedArchitecture
 from megatron_zero.preflight.generation import (GenerationInputs, MissingFiles, PromptBound,
                                                 check_generation_inputs)
+from megatron_zero.preflight.names import name_problems, raise_problems
 
 
 def check_train_inputs(config: TrainConfig, missing: Optional[MissingFiles] = None,
                        model_config: Optional[str] = None) -> ResolvedArchitecture:
-    """File checks of ``config``; raise naming the field and the path. Returns the architecture checked against."""
+    """File checks of ``config``; raise naming the field and the path. Returns the architecture checked against.
+    Also the names its fields take (a config built in Python has not been through ``load_config``)."""
+    raise_problems(name_problems(config))
     missing = missing if missing is not None else MissingFiles()
     resolved = check_generation_inputs(generation_inputs(config), lambda: prompt_bound(config), missing, model_config)
     arch = resolved.arch

@@ -10,10 +10,9 @@ from megatron_zero.rewards.extraction import ExtractedAnswer, cut_at_stop_tokens
 from megatron_zero.rewards.math_reward import grade_math, math_reward
 from megatron_zero.rewards.grading_session import GradingSession
 from megatron_zero.rewards.pool import GraderPool, grade_batch, math_reward_batch
+from megatron_zero.config.reward import OUTCOMES, SCORE_SCHEMES
 from megatron_zero.rewards.registry import (
-    OUTCOMES,
     REWARD_FUNCTIONS,
-    SCORE_SCHEMES,
     RewardFn,
     call_reward,
     get_reward_fn,

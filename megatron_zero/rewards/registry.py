@@ -24,15 +24,6 @@ from megatron_zero.rewards.types import GradeResult, GradeStatus
 
 RewardFn = Callable[[str, str, RewardConfig], Union[GradeResult, float]]
 
-# The outcomes a score scheme gives a value to. Timeouts and grader errors score as "wrong".
-OUTCOMES = ("correct", "wrong", "no_answer")
-SCORE_SCHEMES: dict[str, dict[str, float]] = {
-    # The recipe's default: no format reward.
-    "binary": {"correct": 1.0, "wrong": 0.0, "no_answer": 0.0},
-    # The old format-aware variant: a wrong boxed answer beats no answer at all.
-    "format": {"correct": 1.0, "wrong": -0.5, "no_answer": -1.0},
-}
-
 REWARD_FUNCTIONS: dict[str, RewardFn] = {"math": grade_math}
 
 

@@ -63,7 +63,7 @@ SGLANG_OVERRIDE = "rollout.engine=sglang"
 def demo_config(output_dir: str, num_steps: Optional[int] = None, overrides: Optional[list[str]] = None):
     from omegaconf import OmegaConf
 
-    from megatron_zero.config.trainer import load_config
+    from megatron_zero.preflight.config import load_config
 
     overrides = list(overrides or [])
     steps = [f"run.num_steps={num_steps}"] if num_steps is not None else []
