@@ -12,8 +12,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
-import subprocess
-import sys
 import typing
 from pathlib import Path
 
