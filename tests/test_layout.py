@@ -258,3 +258,51 @@ def test_config_imports_nothing_of_ours_outside_config():
         "both sides import, STYLE.md rule 18):\n" + "\n".join(f"{module} -> {target}" for module, target in new)
     assert not gone, "allow-listed config imports no longer occur; remove them from KNOWN_CONFIG_IMPORTS:\n" + \
         "\n".join(f"{module} -> {target}" for module, target in gone)
+
+
+# --- the step loop tests no mode ------------------------------------------------------------------------------
+
+# What a mode is decided by: the layout (colocated or separate engines), the engine kind, on- or off-policy rollout.
+MODE_ATTRIBUTES = ("colocate", "rollout.engine", "off_policy_steps", "engine_urls", "server_urls", "pending")
+
+
+def _dotted(node: ast.AST) -> Optional[str]:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return None
+
+
+def mode_tests(source: str) -> list[str]:
+    """Every condition in ``source`` (if, while, conditional expression, comprehension filter, assert) that reads
+    one of MODE_ATTRIBUTES, as "line N: expression"."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        conditions = []
+        if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
+            conditions.append(node.test)
+        elif isinstance(node, ast.comprehension):
+            conditions.extend(node.ifs)
+        for condition in conditions:
+            names = {_dotted(sub) for sub in ast.walk(condition)} - {None}
+            if any(mode in name for name in names for mode in MODE_ATTRIBUTES):
+                found.append(f"line {condition.lineno}: {ast.unparse(condition)}")
+    return found
+
+
+def test_mode_tests_are_found():
+    assert mode_tests("if self.config.cluster.colocate:\n    pass\n") == ["line 1: self.config.cluster.colocate"]
+    assert mode_tests("x = a if self.pending is None else b\n") == ["line 1: self.pending is None"]
+    assert mode_tests("if self.config.loss.kl_coef > 0:\n    pass\n") == []
+
+
+def test_the_step_loop_tests_no_mode():
+    """issue #23: trainer/loop.py reads like the algorithm; colocated vs separate engines, the engine kind and on- vs
+    off-policy rollout are strategies chosen once at setup (trainer/engine_layout.py, trainer/rollout_source.py)."""
+    found = mode_tests((PACKAGE_DIR / "trainer" / "loop.py").read_text())
+    assert not found, "trainer/loop.py tests a mode; move the choice into a strategy chosen at setup:\n" + \
+        "\n".join(found)
