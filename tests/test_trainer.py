@@ -6,6 +6,7 @@ engine/actor log-prob gap stays at float32 rounding level while a skipped weight
 health check; wandb offline writes its run files; config validation names the field.
 """
 
+import html
 import json
 import os
 import shutil
@@ -341,11 +342,17 @@ def test_run_demo_writes_summary_plot_and_report(tmp_path, base_mcore, train_fil
 
     out = tmp_path / "demo"
     summary = run_demo(str(out), num_steps=2, overrides=[*SMOKE, f"mcore_path={base_mcore}",
-                                                         f"data.train.path={train_file}", "run.save_every=0"])
+                                                         f"data.train.path={train_file}", "run.save_every=0",
+                                                         "run.eval_every=1"])
     written = json.loads((out / "summary.json").read_text())
     assert written == summary
     assert 0.0 <= written["accuracy_before"] <= 1.0 and 0.0 <= written["accuracy_after"] <= 1.0
+    # A held-out curve: before step 1 and after every step.
+    assert [point["step"] for point in written["eval_history"]] == [0, 1, 2]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "analysis" / "report.html").read_text()
-    assert "<html" in report.lower() and "step" in report.lower()
+    assert "<html" in report.lower() and "Responses, early and late" in report
+    # Real responses of the last step are on the page (escaped as the template escapes them).
+    last = [json.loads(line)["response"] for line in (out / "samples" / "step_2.jsonl").read_text().splitlines()]
+    assert any(html.escape(response, quote=False) in report for response in last if response.strip())
