@@ -3,8 +3,13 @@ r"""Synthetic 2-digit addition data for the CPU zero-RL demo: the pretraining co
 Why: the demo needs a base model that is right only sometimes and rarely boxes its answer under greedy decoding,
 yet sometimes samples an accurate, boxed reasoning chain that RL can reinforce (the paper's story in miniature).
 So the corpus mixes answer formats (shared/reference/DEMO-NOTES.md): a dominant, inaccurate direct answer
-(" \boxed{82}"), a bare number, "The answer is", and a digit-by-digit chain with and without a box. The chain
-is accurate because each step is one lookup in the single-digit addition table.
+(" \boxed{82}"), a bare number, "The answer is", a digit-by-digit chain with and without a box, and a rare
+self-check: the direct box, then " Verify:" and the chain recomputed, then the box the chain gives. The chain
+is accurate because each step is one lookup in the single-digit addition table; the self-check's first box is
+the classic slip (the carry forgotten) as often as a carry occurs, so the model learns that the final box follows
+the recomputation, not the first guess. The self-check grows out of the dominant direct path (same first tokens),
+so RL with the correctness reward alone can select it where the direct guess is wrong: the paper's
+verification behaviour, in words the rule judge (analysis/behaviors.py RULE_CUES) recognises.
 
 Every operand has exactly two digits and every word-problem template has a fixed length, so all prompts of one
 template have the same length (batches of prompts need no padding) and one example fills one row from
@@ -39,13 +44,17 @@ WORD_FRACTION = 0.3
 
 # The chain's first word: forcing it after the prompt measures the chain's own accuracy.
 CHAIN_PREFIX = " Digits:"
+# The self-check's first word after the first box; "Verify" is a rule-judge verification cue.
+VERIFY_PREFIX = "? Verify:"
 # Answer formats and their corpus shares. The direct box dominates so that greedy decoding takes it.
+# The self-check is rare (8%): after a first box the base model mostly stops, so greedy decoding stays direct.
 ANSWER_FORMATS: dict[str, float] = {
-    "direct_box": 0.45,
+    "direct_box": 0.42,
     "bare": 0.12,
     "answer_is": 0.08,
-    "chain_box": 0.20,
-    "chain": 0.15,
+    "chain_box": 0.18,
+    "chain": 0.12,
+    "verify_box": 0.08,
 }
 
 
@@ -74,11 +83,21 @@ class ProblemSplit:
     test: tuple[tuple[int, int], ...]
 
 
-def chain(a: int, b: int) -> str:
-    r"""Digit-by-digit sum, e.g. 37+45 -> " Digits: 7+5=12, 3+4+1=8." (ones sum always two digits: carry first)."""
+def digit_steps(a: int, b: int) -> str:
+    r"""The digit-by-digit sum, e.g. 37+45 -> "7+5=12, 3+4+1=8." (ones sum always two digits: carry first)."""
     ones = a % 10 + b % 10
     tens = a // 10 + b // 10 + ones // 10
-    return f"{CHAIN_PREFIX} {a % 10}+{b % 10}={ones:02d}, {a // 10}+{b // 10}+{ones // 10}={tens}."
+    return f"{a % 10}+{b % 10}={ones:02d}, {a // 10}+{b // 10}+{ones // 10}={tens}."
+
+
+def chain(a: int, b: int) -> str:
+    r"""The chain as written in a response, e.g. 37+45 -> " Digits: 7+5=12, 3+4+1=8."."""
+    return f"{CHAIN_PREFIX} {digit_steps(a, b)}"
+
+
+def carry_dropped_sum(a: int, b: int) -> int:
+    """The sum with the carry from the ones forgotten (37+45 -> 72): the self-check's first guess."""
+    return (a // 10 + b // 10) * 10 + (a % 10 + b % 10) % 10
 
 
 def format_answer(a: int, b: int, answer_format: str) -> str:
@@ -91,6 +110,8 @@ def format_answer(a: int, b: int, answer_format: str) -> str:
         "answer_is": f" The answer is {total}.",
         "chain_box": f"{chain(a, b)} {box}",
         "chain": f"{chain(a, b)} Sum {total}.",
+        # 37+45 -> " \boxed{72}? Verify: 7+5=12, 3+4+1=8. \boxed{82}" (the reward reads the last box).
+        "verify_box": f" \\boxed{{{carry_dropped_sum(a, b)}}}{VERIFY_PREFIX} {digit_steps(a, b)} {box}",
     }
     if answer_format not in responses:
         raise ValueError(f"answer_format={answer_format!r} is unknown; use one of {sorted(responses)}")
