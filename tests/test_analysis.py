@@ -410,10 +410,13 @@ def test_report_shows_early_and_late_responses_with_the_cue_marked(tmp_path):
     # Six steps: early = steps 0 and 1, late = steps 4 and 5. Verification only from step 3 on; its cue carries HTML.
     records = []
     for step in range(6):
-        records.append(record(step=step, response=f"plain answer {step} \\boxed{{2}}", reward=1.0))
-        records.append(record(step=step, response=f"wrong {step}", reward=0.0))
+        records.append(record(step=step, response=f"plain answer {step} \\boxed{{2}}", reward=1.0, prompt="Q: 1+1?"))
+        records.append(record(step=step, response=f"wrong {step}", reward=0.0, prompt="Q: 0+2?"))
         if step >= 3:
-            records.append(record(step=step, response=f"Let me verify <b>{step}</b>: 1+1=2. \\boxed{{2}}", reward=1.0))
+            records.append(record(step=step, response=f"Let me verify <b>{step}</b>: 1+1=2. \\boxed{{2}}", reward=1.0,
+                                  prompt="Q: 2+0? <i>"))
+        # A second sample of a prompt already shown: the stage's responses show each prompt once.
+        records.append(record(step=step, response=f"again {step}", reward=0.0, prompt="Q: 0+2?"))
     result = analyze(loaded(records), RuleJudge())
     page = write_analysis(result, tmp_path / "analysis")["report"].read_text(encoding="utf-8")
     parser = parse_report(page)
@@ -432,7 +435,9 @@ def test_report_shows_early_and_late_responses_with_the_cue_marked(tmp_path):
     # Responses of the first and the last step, correct and wrong alternating.
     assert [(ex.record.step, ex.record.correct) for ex in result.stage_samples("early")] == [(0, True), (0, False)]
     assert [ex.record.step for ex in result.stage_samples("late")] == [5, 5, 5]
-    assert "plain answer 0 \\boxed{2}" in "".join(parser.pre_text)
+    assert "plain answer 0 \\boxed{2}" in "".join(parser.pre_text) and "again" not in "".join(parser.pre_text)
+    # Each response comes with its prompt (escaped too).
+    assert "Q: 2+0? &lt;i&gt;" in page and "<i>" not in page
     # No reflection keyword in any response: no keyword table, a sentence instead.
     assert "No response uses any reflection keyword" in page
     assert "recheck" not in parser.cells

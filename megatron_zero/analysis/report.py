@@ -22,11 +22,14 @@ from megatron_zero.analysis.plots import PLOT_CAPTIONS
 from megatron_zero.analysis.summary import STAGES, AnalysisResult, ResponseAnalysis, stage_steps
 
 MAX_EXAMPLE_CHARS = 4000
+# The prompt is context for the response: its end (the question) matters most, but a long prompt is clipped.
+MAX_PROMPT_CHARS = 600
 
 _TEMPLATE = """\
 {% macro example(ex) %}<details{% if ex.open %} open{% endif %}>
 <summary>step {{ ex.step }} &middot; <span class="{{ 'correct' if ex.correct else 'wrong' }}">{{ 'correct' if ex.correct else 'wrong' }}</span>
 (reward {{ ex.reward }}) &middot; {{ ex.num_tokens }} tokens{% if ex.cues %} &middot; {{ ex.cues|join(", ") }}{% endif %}</summary>
+<div class="prompt">{{ ex.prompt }} <span class="meta">(answer {{ ex.ground_truth }})</span></div>
 <pre>{% for part in ex.parts %}{% if part.cue %}<mark title="{{ part.cue }}">{{ part.text }}</mark>{% else %}{{ part.text }}{% endif %}{% endfor %}</pre>
 </details>{% endmacro %}
 <!DOCTYPE html>
@@ -54,6 +57,7 @@ summary { cursor: pointer; font-size: 0.9em; }
 pre { white-space: pre-wrap; word-break: break-word; background: #f6f6f6; padding: 8px;
       max-height: 420px; overflow: auto; font-size: 0.82em; }
 mark { background: #ffe08a; padding: 0 1px; }
+.prompt { font-family: monospace; font-size: 0.82em; color: #444; margin-top: 6px; }
 .correct { color: #1e7e34; font-weight: 600; } .wrong { color: #b02a37; font-weight: 600; }
 </style>
 </head>
@@ -98,8 +102,9 @@ at least one reflection keyword.</p>
 {% endif %}
 
 <h2>Responses, early and late</h2>
-<p class="meta">Early: the first third of the steps, late: the last third; responses of the first and the last
-step, correct and wrong alternating. Detected behaviour cues are <mark>highlighted</mark>.</p>
+<p class="meta">Responses of the first and of the last step, one per prompt, correct and wrong alternating.
+Below, per behaviour: early = the first third of the steps, late = the last third. Detected behaviour cues are
+<mark>highlighted</mark>.</p>
 <div class="grid">{% for stage in stages %}<div><h3>{{ stage.name }} (step {{ stage.steps|join(", ") }})</h3>
 {% for ex in stage.samples %}{{ example(ex) }}{% endfor %}</div>
 {% endfor %}</div>
@@ -156,6 +161,8 @@ def _example(response: ResponseAnalysis, open_: bool = False) -> dict[str, Any]:
     cues = {b: e for b, e in evidence.items() if response.verdict.behaviors.get(b)}
     return {
         "step": record.step,
+        "prompt": _clip(record.prompt, MAX_PROMPT_CHARS),
+        "ground_truth": record.ground_truth,
         "correct": record.correct,
         "reward": record.reward,
         "num_tokens": record.num_tokens,

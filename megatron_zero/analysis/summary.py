@@ -16,6 +16,7 @@ from megatron_zero.analysis.metrics import is_repetitive
 from megatron_zero.analysis.records import SampleRecord
 
 NUM_EXAMPLES_PER_STAGE = 3
+NUM_SAMPLES_PER_STAGE = 4
 STAGES = ("early", "late")
 
 
@@ -123,11 +124,13 @@ class AnalysisResult:
                 by_step[response.record.step].append(response)
         return _spread_over_steps(by_step, self._stage_order(stage), count)
 
-    def stage_samples(self, stage: str, count: int = NUM_EXAMPLES_PER_STAGE) -> list[ResponseAnalysis]:
-        """Up to `count` responses of `stage` whatever they show, correct and wrong alternating where both exist,
-        so the report shows what the model wrote at the start and at the end."""
+    def stage_samples(self, stage: str, count: int = NUM_SAMPLES_PER_STAGE) -> list[ResponseAnalysis]:
+        """Up to `count` responses of the stage's first (early) or last (late) step whatever they show, each of
+        another prompt, correct and wrong alternating where both exist: what the model wrote at the start and at
+        the end."""
         steps = self._stage_order(stage)[:1]
-        pool = [r for r in self.responses if r.record.step in steps]
+        # One response per prompt: a prompt's samples often repeat each other.
+        pool = list({r.record.prompt: r for r in reversed(self.responses) if r.record.step in steps}.values())[::-1]
         correct = [r for r in pool if r.record.correct]
         wrong = [r for r in pool if not r.record.correct]
         mixed = [r for pair in zip(correct, wrong) for r in pair]

@@ -55,7 +55,7 @@ def training_panels(metrics: Sequence[Mapping[str, Any]], eval_history: Sequence
         Panel("Cognitive behaviours", f"share of judged responses ({judge} judge)",
               {b.replace("_", " "): ([s.step for s in behavior_steps],
                                      [float("nan") if s.behavior_rates[b] is None else s.behavior_rates[b]
-                                      for s in behavior_steps]) for b in BEHAVIORS}, share),
+                                      for s in behavior_steps]) for b in BEHAVIORS}),
         Panel("Policy change per update", "approx. KL(old || new) per token",
               {"approx_kl": (steps, _values(metrics, "approx_kl"))}),
     ]
