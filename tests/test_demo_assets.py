@@ -31,7 +31,7 @@ _RESPONSES = {
     "chain_box": re.compile(r"^ Digits: (\d)\+(\d)=(\d\d), (\d)\+(\d)\+(\d)=(\d+)\. \\boxed\{(\d+)\}$"),
     "chain": re.compile(r"^ Digits: (\d)\+(\d)=(\d\d), (\d)\+(\d)\+(\d)=(\d+)\. Sum (\d+)\.$"),
     # A first box, a recomputation under a verification cue, the box it gives.
-    "verify_box": re.compile(r"^ \\boxed\{(\d+)\}\? Verify: (\d)\+(\d)=(\d\d), (\d)\+(\d)\+(\d)=(\d+)\. \\boxed\{(\d+)\}$"),
+    "verify_box": re.compile(r"^ \\boxed\{(\d+)\}\? Verify: Digits: (\d)\+(\d)=(\d\d), (\d)\+(\d)\+(\d)=(\d+)\. \\boxed\{(\d+)\}$"),
 }
 
 
@@ -54,10 +54,11 @@ def _classify(text: str) -> tuple[str, bool]:
         match = pattern.match(response)
         if match:
             numbers = [int(group) for group in match.groups()]
-            if name == "verify_box":
-                guess, *numbers = numbers
-                # The first guess forgets the carry: wrong exactly when the ones overflow.
-                assert guess == a + b - 10 * ((a % 10 + b % 10) // 10), text
+            if name in ("direct_box", "verify_box"):
+                guess, *rest = numbers
+                # A direct guess is the sum or the sum with the carry from the ones forgotten (a slip).
+                assert guess in (a + b, a + b - 10 * ((a % 10 + b % 10) // 10)), text
+                numbers = rest or [a + b]
             if name in ("chain", "chain_box", "verify_box"):
                 a1, b1, ones, a10, b10, carry, tens, total = numbers
                 assert (a1, b1, a10, b10) == (a % 10, b % 10, a // 10, b // 10)
@@ -138,11 +139,13 @@ def test_corpus_is_seeded_and_mixes_formats_as_documented():
     # The direct box must dominate, so that greedy decoding prefers it over the chain.
     assert ANSWER_FORMATS["direct_box"] > ANSWER_FORMATS["chain_box"] + ANSWER_FORMATS["chain"]
     # The self-check is rare: after a first box the base model mostly stops, so greedy decoding does not check.
-    assert ANSWER_FORMATS["verify_box"] < 0.25 * ANSWER_FORMATS["direct_box"]
-    # Its wrong first guesses are in the corpus, so the model learns that the last box follows the recomputation.
-    checks = [text for text, (kind, _) in zip(texts, kinds) if kind == "verify_box"]
-    corrected = [text for text in checks if text.count("boxed{") == 2 and len(set(re.findall(r"boxed\{(\d+)\}", text))) == 2]
-    assert 0.3 < len(corrected) / len(checks) < 0.7
+    assert ANSWER_FORMATS["verify_box"] < ANSWER_FORMATS["direct_box"] / 3
+    # Direct guesses slip (forget the carry) in about half the cases with a carry (45 of 100 ones-digit pairs),
+    # the self-check's first box too, which its last box corrects: the last box follows the recomputation.
+    for kind in ("direct_box", "verify_box"):
+        guesses = [text for text, (name, _) in zip(texts, kinds) if name == kind]
+        wrong = [text for text in guesses if re.findall(r"boxed\{(\d+)\}", text)[0] != str(sum(_operands(text.split(" A:")[0] + " A:")))]
+        assert 0.17 < len(wrong) / len(guesses) < 0.28, kind
 
 
 def test_prompt_rows_and_split_reject_impossible_requests():
@@ -198,13 +201,13 @@ def test_response_patterns_name_each_corpus_format_and_nothing_else():
 
     for name in ANSWER_FORMATS:
         assert response_pattern(format_answer(37, 45, name) + END_OF_TEXT + " junk") == name
-    assert response_pattern(" \\boxed{72}? Verify: 7+5=12, 3+4") == OTHER  # cut off inside the check
+    assert response_pattern(" \\boxed{72}? Verify: Digits: 7+5=12, 3+4") == OTHER  # cut off inside the check
     assert response_pattern(" Digits: 7+5=12. \\boxed{82}") == OTHER
     rates = pattern_rates([" \\boxed{82}", " 82", " 82", "zz"])
     assert rates["direct_box"] == 0.25 and rates["bare"] == 0.5 and rates[OTHER] == 0.25
     # The demo's reward reads the last box only.
-    assert is_correct(" \\boxed{72}? Verify: 7+5=12, 3+4+1=8. \\boxed{82}", "82")
-    assert not is_correct(" \\boxed{82}? Verify: 7+5=12, 3+4+1=8. \\boxed{72}", "82")
+    assert is_correct(" \\boxed{72}? Verify: Digits: 7+5=12, 3+4+1=8. \\boxed{82}", "82")
+    assert not is_correct(" \\boxed{82}? Verify: Digits: 7+5=12, 3+4+1=8. \\boxed{72}", "82")
     assert not is_correct(" Digits: 7+5=12, 3+4+1=8. Sum 82.", "82")
 
 
@@ -220,7 +223,7 @@ def test_demo_story_averages_the_first_and_last_steps(tmp_path):
         steps.append({"step": step, "accuracy": 0.25 * step, "mean_length_correct": 10.0 * step,
                       "mean_length_wrong": None if step == 4 else 5.0, "box_ratio": 0.5,
                       "behavior_rates": {**rates, "verification": 0.5 if verify else 0.0}})
-        responses = [" \\boxed{72}? Verify: 7+5=12, 3+4+1=8. \\boxed{82}" if verify else " \\boxed{82}", " 82"]
+        responses = [" \\boxed{72}? Verify: Digits: 7+5=12, 3+4+1=8. \\boxed{82}" if verify else " \\boxed{82}", " 82"]
         (tmp_path / "samples" / f"step_{step}.jsonl").write_text(
             "".join(json.dumps({"response": r}) + "\n" for r in responses))
     (tmp_path / "analysis" / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))

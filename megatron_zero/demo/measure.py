@@ -23,7 +23,7 @@ from megatron_zero.demo.patterns import OTHER, RESPONSE_PATTERNS, response_patte
 from megatron_zero.rewards.extraction import last_boxed
 
 # The demo's rollout limit (trainer/demo.py: rollout.max_new_tokens).
-MAX_NEW_TOKENS = 56
+MAX_NEW_TOKENS = 64
 
 
 def is_correct(response: str, answer: str) -> bool:

@@ -6,7 +6,7 @@ response (the end token cut), so a response that drifts from the corpus's wordin
 
 How::
 
-    response_pattern(" \\boxed{72}? Verify: 7+5=12, 3+4+1=8. \\boxed{82}")   # "verify_box"
+    response_pattern(" \\boxed{72}? Verify: Digits: 7+5=12, 3+4+1=8. \\boxed{82}")   # "verify_box"
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ RESPONSE_PATTERNS: dict[str, re.Pattern] = {
     "answer_is": re.compile(rf" The answer is {_NUMBER}\."),
     "chain_box": re.compile(rf"{re.escape(CHAIN_PREFIX)} {_STEPS} {_BOX}"),
     "chain": re.compile(rf"{re.escape(CHAIN_PREFIX)} {_STEPS} Sum {_NUMBER}\."),
-    "verify_box": re.compile(rf" {_BOX}{re.escape(VERIFY_PREFIX)} {_STEPS} {_BOX}"),
+    "verify_box": re.compile(rf" {_BOX}{re.escape(VERIFY_PREFIX)}{re.escape(CHAIN_PREFIX)} {_STEPS} {_BOX}"),
 }
 OTHER = "other"
 assert set(RESPONSE_PATTERNS) == set(ANSWER_FORMATS), "every corpus format needs a pattern"

@@ -46,12 +46,13 @@ DEMO_DEFAULTS: dict[str, Any] = {
     # stands for the qwen-boxed template, which asks for the box. With the last-number fallback, ~10% of rewarded
     # responses carried no box ("Digits: ... Sum 82."), crediting an answer the template did not ask for.
     "reward": {"num_workers": 1, "timeout_s": 5.0, "strict_boxed": True},
-    "data": {"train": {"path": str(TRAIN_PROMPTS_PATH), "template": "{input}", "max_prompt_tokens": 80},
+    "data": {"train": {"path": str(TRAIN_PROMPTS_PATH), "template": "{input}", "max_prompt_tokens": 72},
              "sampler": {"batch_size": 32, "seed": 0}},
-    # 56 new tokens: the self-check (" \boxed{72}? Verify: 7+5=12, 3+4+1=8. \boxed{82}") is 51 characters.
-    "rollout": {"engine": "torch", "num_samples_per_prompt": 8, "temperature": 1.0, "max_new_tokens": 56,
+    # 64 new tokens: the self-check (" \boxed{188}? Verify: Digits: 9+9=18, 9+9+1=19. \boxed{198}") is 59 characters;
+    # with the longest prompt (66 characters; max_prompt_tokens 72) that fits the model's 144 positions.
+    "rollout": {"engine": "torch", "num_samples_per_prompt": 8, "temperature": 1.0, "max_new_tokens": 64,
                 "torch": {"max_batch_size": 256}},
-    "eval": {"path": str(TEST_PROMPTS_PATH), "max_new_tokens": 56},
+    "eval": {"path": str(TEST_PROMPTS_PATH), "max_new_tokens": 64},
     # The held-out set (greedy, 200 problems) every 10 steps: a curve of 7 points, not just before and after.
     "run": {"num_steps": 60, "num_minibatches": 2, "save_every": 20, "eval_every": 10, "seed": 0},
 }
