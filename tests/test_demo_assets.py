@@ -196,7 +196,7 @@ def test_settings_name_the_bad_field():
 
 def test_response_patterns_name_each_corpus_format_and_nothing_else():
     from megatron_zero.demo.corpus import format_answer
-    from megatron_zero.demo.measure import is_correct
+    from megatron_zero.demo.measure import is_correct, last_number_correct
     from megatron_zero.demo.patterns import OTHER, pattern_rates, response_pattern
 
     for name in ANSWER_FORMATS:
@@ -209,6 +209,9 @@ def test_response_patterns_name_each_corpus_format_and_nothing_else():
     assert is_correct(" \\boxed{72}? Verify: Digits: 7+5=12, 3+4+1=8. \\boxed{82}", "82")
     assert not is_correct(" \\boxed{82}? Verify: Digits: 7+5=12, 3+4+1=8. \\boxed{72}", "82")
     assert not is_correct(" Digits: 7+5=12, 3+4+1=8. Sum 82.", "82")
+    # The forced chain's arithmetic is judged by its last number, boxed or not.
+    assert last_number_correct(" Digits: 7+5=12, 3+4+1=8. Sum 82.", "82")
+    assert not last_number_correct(" Digits: 7+5=12, 3+4+1=8. Sum 81.<|endoftext|>82", "82")
 
 
 def test_demo_story_averages_the_first_and_last_steps(tmp_path):

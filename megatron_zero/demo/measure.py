@@ -11,6 +11,7 @@ How: ``python tools/measure_demo_base.py --model megatron_zero/demo/assets/base_
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,12 @@ def is_correct(response: str, answer: str) -> bool:
     """The demo reward's verdict on an integer sum: the last box, nothing else."""
     boxed = last_boxed(response.split(END_OF_TEXT, 1)[0])
     return boxed is not None and boxed.strip() == answer
+
+
+def last_number_correct(response: str, answer: str) -> bool:
+    """Whether the response's last number is the sum: the chain's arithmetic, however the chain ends."""
+    numbers = re.findall(r"\d+", response.split(END_OF_TEXT, 1)[0])
+    return bool(numbers) and numbers[-1] == answer
 
 
 def generate(model, tokenizer, prompts: Sequence[str], *, num_samples: int, do_sample: bool,
@@ -83,7 +90,9 @@ def measure_base_model(model_dir: str | Path, rows: Sequence[dict[str, str]], *,
     flat_answers = [answer for answer, group in zip(answers, sampled) for _ in group]
     return {
         "greedy": _census(greedy, answers),
-        "greedy_chain_forced": _census(forced, answers)["accuracy"],
+        # Forced, the greedy chain may end " Sum 82." (unboxed): its arithmetic is judged by its last number.
+        "greedy_chain_forced": {"accuracy": _census(forced, answers)["accuracy"],
+                                "last_number_accuracy": sum(map(last_number_correct, forced, answers)) / len(answers)},
         "sampled": _census(flat, flat_answers),
         f"pass@{num_samples}": sum(any(is_correct(r, a) for r in group) for group, a in zip(sampled, answers))
         / len(answers),
