@@ -24,9 +24,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from megatron_zero.demo import BASE_MODEL_PATH, TEST_PROMPTS_PATH, TRAIN_PROMPTS_PATH
+
+if TYPE_CHECKING:
+    from megatron_zero.analysis import AnalysisResult
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ def run_demo(output_dir: str, num_steps: Optional[int] = None, overrides: Option
     return summary
 
 
-def _behaviour_analysis(out: Path):
+def _behaviour_analysis(out: Path) -> tuple["AnalysisResult", Path]:
     """Every rollout sample judged by the rule judge (free and deterministic); writes out/analysis/."""
     from megatron_zero.analysis import analyze, load_samples, make_judge, write_analysis
 
