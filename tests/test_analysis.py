@@ -432,7 +432,7 @@ def test_report_shows_early_and_late_responses_with_the_cue_marked(tmp_path):
     assert parser.marks.count("Let me verify") == 3
     assert "b" not in parser.open_tags[parser.open_tags.index("pre"):]
     assert "Let me verify <b>5</b>: 1+1=2. \\boxed{2}" in "".join(parser.pre_text)
-    # Responses of the first and the last step, correct and wrong alternating.
+    # Responses of the first and the last step, in order, one per prompt.
     assert [(ex.record.step, ex.record.correct) for ex in result.stage_samples("early")] == [(0, True), (0, False)]
     assert [ex.record.step for ex in result.stage_samples("late")] == [5, 5, 5]
     assert "plain answer 0 \\boxed{2}" in "".join(parser.pre_text) and "again" not in "".join(parser.pre_text)

@@ -102,7 +102,7 @@ at least one reflection keyword.</p>
 {% endif %}
 
 <h2>Responses, early and late</h2>
-<p class="meta">Responses of the first and of the last step, one per prompt, correct and wrong alternating.
+<p class="meta">The first responses of the first and of the last step, one per prompt.
 Below, per behaviour: early = the first third of the steps, late = the last third. Detected behaviour cues are
 <mark>highlighted</mark>.</p>
 <div class="grid">{% for stage in stages %}<div><h3>{{ stage.name }} (step {{ stage.steps|join(", ") }})</h3>

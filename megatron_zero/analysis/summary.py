@@ -16,7 +16,7 @@ from megatron_zero.analysis.metrics import is_repetitive
 from megatron_zero.analysis.records import SampleRecord
 
 NUM_EXAMPLES_PER_STAGE = 3
-NUM_SAMPLES_PER_STAGE = 4
+NUM_SAMPLES_PER_STAGE = 6
 STAGES = ("early", "late")
 
 
@@ -125,14 +125,13 @@ class AnalysisResult:
         return _spread_over_steps(by_step, self._stage_order(stage), count)
 
     def stage_samples(self, stage: str, count: int = NUM_SAMPLES_PER_STAGE) -> list[ResponseAnalysis]:
-        """Up to `count` responses of the stage's first (early) or last (late) step whatever they show, each of
-        another prompt, correct and wrong alternating where both exist: what the model wrote at the start and at
-        the end."""
+        """The first `count` responses of the stage's first (early) or last (late) step, each of another prompt:
+        what the model wrote at the start and at the end, in the proportions it wrote it (the rollout's prompts
+        are shuffled, so the first ones are a fair sample)."""
         steps = self._stage_order(stage)[:1]
         # One response per prompt: a prompt's samples often repeat each other.
-        pool = list({r.record.prompt: r for r in reversed(self.responses) if r.record.step in steps}.values())[::-1]
-        correct = [r for r in pool if r.record.correct]
-        wrong = [r for r in pool if not r.record.correct]
-        mixed = [r for pair in zip(correct, wrong) for r in pair]
-        rest = correct[len(wrong):] + wrong[len(correct):]
-        return (mixed + rest)[:count]
+        first_per_prompt: dict[str, ResponseAnalysis] = {}
+        for response in self.responses:
+            if response.record.step in steps:
+                first_per_prompt.setdefault(response.record.prompt, response)
+        return list(first_per_prompt.values())[:count]
