@@ -4,7 +4,8 @@ Why: the demo needs a base model that is right only sometimes and rarely boxes i
 yet sometimes samples an accurate, boxed reasoning chain that RL can reinforce (the paper's story in miniature).
 So the corpus mixes answer formats (shared/reference/DEMO-NOTES.md): a dominant, inaccurate direct answer
 (" \boxed{82}"), a bare number, "The answer is", a digit-by-digit chain with and without a box, and a rare
-self-check: the direct box, then " Verify:" and the chain recomputed, then the box the chain gives. The chain
+self-check: the direct box, then "? Verify:" and the sum recomputed as the digit chain, then the box the chain
+gives. The chain
 is accurate because each step is one lookup in the single-digit addition table. The direct guess is sloppy on
 purpose: where the ones overflow it forgets the carry half the time (SLIP_RATE), as a quick mental sum does, in
 the direct box and in the self-check's first box alike; the self-check's last box always follows the
@@ -58,8 +59,8 @@ ANSWER_FORMATS: dict[str, float] = {
     "verify_box": 0.12,
 }
 # Where the ones overflow, the share of direct guesses (direct box, the self-check's first box) that forget the
-# carry. Without slips the 0.67M model's direct box was already ~85% right, as right as the self-check, so RL had
-# no reason to check.
+# carry. Without slips the 0.67M model's direct box was ~82% right under sampling, more often than a self-check
+# then (~70%), so RL had no reason to check (assets/README.md).
 SLIP_RATE = 0.5
 # Formats that open with the direct guess.
 GUESSING_FORMATS = ("direct_box", "verify_box")
