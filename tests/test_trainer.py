@@ -226,7 +226,9 @@ def test_off_policy_skipped_sync_trips_the_health_check(tmp_path, base_mcore):
 def test_fp8_rollout_weights_move_the_gap_into_the_reduced_precision_bounds(tmp_path, base_mcore, uninterrupted):
     """rollout.quantization=fp8: every sync sends FP8 linear weights (the bytes of the FP8 checkpoint layout, not of
     the float32 one) and the torch engine runs their dequantization, so its log-probs leave float32 rounding (the
-    gap passes the fp32 bound: quantization is on) and stay inside the reduced-precision bounds the run uses."""
+    mean gap is over 100x the float32 run's: quantization is on) and stay inside the reduced-precision bounds the
+    run uses. (Not the fp32 bound 1e-3: the 2026-12-07 demo model's FP8 mean gap is 8e-4, the previous one's
+    was above 1e-3; the float32 runs' mean gaps are ~1e-7.)"""
     from megatron_zero.models.hf_io import HFCheckpointReader
     from megatron_zero.rollout.fp8_weights import encode_bucket
 
@@ -239,9 +241,10 @@ def test_fp8_rollout_weights_move_the_gap_into_the_reduced_precision_bounds(tmp_
     nbytes = lambda bucket: float(sum(t.numel() * t.element_size() for _, t in bucket))  # noqa: E731
     fp32_run = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert {record["weight_sync_bytes"] for record in fp32_run} == {nbytes(tensors)}
+    fp32_gap = max(record["logprob_gap_mean"] for record in fp32_run)
     for record in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()):
         assert record["weight_sync_bytes"] == nbytes(encode_bucket(tensors, "fp8")) < nbytes(tensors) / 2
-        assert 1e-3 < record["logprob_gap_mean"] < max_mean and record["logprob_gap_max"] < max_max
+        assert 100 * fp32_gap < record["logprob_gap_mean"] < max_mean and record["logprob_gap_max"] < max_max
 
 
 def test_wandb_offline_and_tensorboard_write_run_files(tmp_path, base_mcore, monkeypatch):
