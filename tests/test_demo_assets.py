@@ -144,7 +144,8 @@ def test_corpus_is_seeded_and_mixes_formats_as_documented():
     # the self-check's first box too, which its last box corrects: the last box follows the recomputation.
     for kind in ("direct_box", "verify_box"):
         guesses = [text for text, (name, _) in zip(texts, kinds) if name == kind]
-        wrong = [text for text in guesses if re.findall(r"boxed\{(\d+)\}", text)[0] != str(sum(_operands(text.split(" A:")[0] + " A:")))]
+        wrong = [text for text in guesses
+                 if re.findall(r"boxed\{(\d+)\}", text)[0] != str(sum(_operands(text.split(" A:")[0] + " A:")))]
         assert 0.17 < len(wrong) / len(guesses) < 0.28, kind
 
 

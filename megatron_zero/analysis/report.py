@@ -172,7 +172,8 @@ def _example(response: ResponseAnalysis, open_: bool = False) -> dict[str, Any]:
     }
 
 
-def render_report(result: AnalysisResult, plots: dict[str, Path], title: str = "megatron-zero behaviour analysis") -> str:
+def render_report(result: AnalysisResult, plots: dict[str, Path],
+                  title: str = "megatron-zero behaviour analysis") -> str:
     """The report as one HTML string; `plots` are the PNGs from `save_plots`, embedded as base64."""
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     environment.filters.update(pct=_pct, num=_num)
@@ -182,7 +183,8 @@ def render_report(result: AnalysisResult, plots: dict[str, Path], title: str = "
             "name": b,
             "title": b.replace("_", " "),
             "stages": [
-                {"name": stage, "examples": [_example(ex, open_=i == 0) for i, ex in enumerate(result.examples(b, stage))]}
+                {"name": stage,
+                 "examples": [_example(ex, open_=i == 0) for i, ex in enumerate(result.examples(b, stage))]}
                 for stage in STAGES
             ],
         }
