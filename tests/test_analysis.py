@@ -329,25 +329,41 @@ def test_records_round_trip_and_errors_name_file_line_and_field(tmp_path):
 
 
 class ReportParser(html.parser.HTMLParser):
+    """Images, table cells, the text inside <pre> (marks included), the marked cues, every tag opened."""
+
     def __init__(self):
         super().__init__()
-        self.images, self.cells, self.pre_text, self.open_tags = [], [], [], []
-        self._in = None
+        self.images, self.cells, self.pre_text, self.marks, self.open_tags, self.headings = [], [], [], [], [], []
+        self._stack = []
 
     def handle_starttag(self, tag, attrs):
         self.open_tags.append(tag)
         if tag == "img":
             self.images.append(dict(attrs)["src"])
-        self._in = tag
+        if tag not in ("img", "meta"):
+            self._stack.append(tag)
 
     def handle_endtag(self, tag):
-        self._in = None
+        if tag in self._stack:
+            del self._stack[len(self._stack) - 1 - self._stack[::-1].index(tag):]
 
     def handle_data(self, data):
-        if self._in == "td":
+        inner = self._stack[-1] if self._stack else None
+        if inner == "td":
             self.cells.append(data.strip())
-        if self._in == "pre":
+        if inner in ("h2", "h3", "h4"):
+            self.headings.append(data.strip())
+        if "pre" in self._stack:
             self.pre_text.append(data)
+        if inner == "mark":
+            self.marks.append(data)
+
+
+def parse_report(page: str) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(page)
+    parser.close()
+    return parser
 
 
 def report_records() -> list[SampleRecord]:
@@ -373,9 +389,7 @@ def test_report_files_render_and_embed_images(tmp_path):
     assert responses[1]["behaviors"]["verification"] is True and responses[1]["judge_source"] == "rules"
 
     page = paths["report"].read_text(encoding="utf-8")
-    parser = ReportParser()
-    parser.feed(page)
-    parser.close()
+    parser = parse_report(page)
     assert parser.open_tags[0] == "html"
     assert len(parser.images) == 4
     for src in parser.images:
@@ -390,6 +404,98 @@ def test_report_files_render_and_embed_images(tmp_path):
     assert "&lt;script&gt;" in page
     for name in ("lengths", "behaviors", "ratios", "keywords"):
         assert paths[f"plot_{name}"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_shows_early_and_late_responses_with_the_cue_marked(tmp_path):
+    # Six steps: early = steps 0 and 1, late = steps 4 and 5. Verification only from step 3 on; its cue carries HTML.
+    records = []
+    for step in range(6):
+        records.append(record(step=step, response=f"plain answer {step} \\boxed{{2}}", reward=1.0, prompt="Q: 1+1?"))
+        records.append(record(step=step, response=f"wrong {step}", reward=0.0, prompt="Q: 0+2?"))
+        if step >= 3:
+            records.append(record(step=step, response=f"Let me verify <b>{step}</b>: 1+1=2. \\boxed{{2}}", reward=1.0,
+                                  prompt="Q: 2+0? <i>"))
+        # A second sample of a prompt already shown: the stage's responses show each prompt once.
+        records.append(record(step=step, response=f"again {step}", reward=0.0, prompt="Q: 0+2?"))
+    result = analyze(loaded(records), RuleJudge())
+    page = write_analysis(result, tmp_path / "analysis")["report"].read_text(encoding="utf-8")
+    parser = parse_report(page)
+
+    # The judge is named with how it decides.
+    assert "rules</b> judge (rule judge: regular-expression cues" in page
+    # Late verification examples come from the last steps first; the early steps have none.
+    assert [ex.record.step for ex in result.examples("verification", "late")] == [5, 4]
+    assert result.examples("verification", "early") == []
+    assert "No judged response of the early steps shows this behaviour." in page
+    # The cue is marked, the response around it is text (escaped), the HTML in it is no tag.
+    # Twice among the late verification examples (steps 5, 4), once among the last step's responses.
+    assert parser.marks.count("Let me verify") == 3
+    assert "b" not in parser.open_tags[parser.open_tags.index("pre"):]
+    assert "Let me verify <b>5</b>: 1+1=2. \\boxed{2}" in "".join(parser.pre_text)
+    # Responses of the first and the last step, in order, one per prompt.
+    assert [(ex.record.step, ex.record.correct) for ex in result.stage_samples("early")] == [(0, True), (0, False)]
+    assert [ex.record.step for ex in result.stage_samples("late")] == [5, 5, 5]
+    assert "plain answer 0 \\boxed{2}" in "".join(parser.pre_text) and "again" not in "".join(parser.pre_text)
+    # Each response comes with its prompt (escaped too).
+    assert "Q: 2+0? &lt;i&gt;" in page and "<i>" not in page
+    # No reflection keyword in any response: no keyword table, a sentence instead.
+    assert "No response uses any reflection keyword" in page
+    assert "recheck" not in parser.cells
+
+
+def test_report_keyword_table_keeps_only_the_keywords_used(tmp_path):
+    records = [record(step=0, response="Wait, recheck it."), record(step=1, response="fine")]
+    page = write_analysis(analyze(loaded(records), RuleJudge()), tmp_path / "a")["report"].read_text(encoding="utf-8")
+    parser = parse_report(page)
+    assert "No response uses any reflection keyword" not in page
+    # Columns recheck and wait only: step 0 uses each once, step 1 neither.
+    assert parser.headings.count("Reflection keywords (mean count per response)") == 1
+    assert ["1.00", "1.00"] == [c for c in parser.cells if c == "1.00"]
+    assert "Never used: rethink, try again, alternatively, retry, however." in page
+
+
+def test_highlighted_parts_cover_the_text_and_mark_verbatim_evidence_only():
+    from megatron_zero.analysis.report import highlighted_parts
+
+    text = "First, we need to find x. Wait, let me verify: x=2."
+    parts = highlighted_parts(text, {"verification": "let me verify", "subgoal_setting": "we need to find",
+                                     "enumeration": "not in the text"})
+    assert "".join(part["text"] for part in parts) == text
+    assert [(part["text"], part["cue"]) for part in parts if part["cue"]] == [
+        ("we need to find", "subgoal_setting"), ("let me verify", "verification")]
+    # Overlapping cues: the earlier one wins, nothing is doubled.
+    overlapping = highlighted_parts("abcdef", {"verification": "bcd", "backtracking": "cde"})
+    assert [(p["text"], p["cue"]) for p in overlapping] == [("a", ""), ("bcd", "verification"), ("ef", "")]
+
+
+def test_stage_steps_split_thirds():
+    from megatron_zero.analysis.summary import stage_steps
+
+    assert stage_steps(range(0, 61)) == {"early": list(range(20)), "late": list(range(41, 61))}
+    assert stage_steps([3]) == {"early": [3], "late": [3]}
+    with pytest.raises(ValueError, match="steps is empty"):
+        stage_steps([])
+
+
+def test_analysis_modules_import_no_circle_and_stay_small():
+    """A module of analysis/ never imports (even for type checking) one that imports it back, and none grows past
+    ~450 lines."""
+    import ast
+
+    package = REPO / "megatron_zero" / "analysis"
+    graph = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        graph[path.stem] = {n.rsplit(".", 1)[1] for n in names if n.startswith("megatron_zero.analysis.")}
+        assert len(path.read_text().splitlines()) <= 450, path.name
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, (*seen, n))) for n in graph.get(start, ()))
+
+    circles = [name for name in graph if name != "__init__" and reaches(name, name)]
+    assert not circles, f"import circle through {circles}"
 
 
 def test_cli_writes_outputs_from_a_samples_dir(tmp_path):

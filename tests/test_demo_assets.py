@@ -30,6 +30,8 @@ _RESPONSES = {
     "answer_is": re.compile(r"^ The answer is (\d+)\.$"),
     "chain_box": re.compile(r"^ Digits: (\d)\+(\d)=(\d\d), (\d)\+(\d)\+(\d)=(\d+)\. \\boxed\{(\d+)\}$"),
     "chain": re.compile(r"^ Digits: (\d)\+(\d)=(\d\d), (\d)\+(\d)\+(\d)=(\d+)\. Sum (\d+)\.$"),
+    # A first box, a recomputation under a verification cue, the box it gives.
+    "verify_box": re.compile(r"^ \\boxed\{(\d+)\}\? Verify: Digits: (\d)\+(\d)=(\d\d), (\d)\+(\d)\+(\d)=(\d+)\. \\boxed\{(\d+)\}$"),
 }
 
 
@@ -52,7 +54,12 @@ def _classify(text: str) -> tuple[str, bool]:
         match = pattern.match(response)
         if match:
             numbers = [int(group) for group in match.groups()]
-            if name.startswith("chain"):
+            if name in ("direct_box", "verify_box"):
+                guess, *rest = numbers
+                # A direct guess is the sum or the sum with the carry from the ones forgotten (a slip).
+                assert guess in (a + b, a + b - 10 * ((a % 10 + b % 10) // 10)), text
+                numbers = rest or [a + b]
+            if name in ("chain", "chain_box", "verify_box"):
                 a1, b1, ones, a10, b10, carry, tens, total = numbers
                 assert (a1, b1, a10, b10) == (a % 10, b % 10, a // 10, b // 10)
                 assert ones == a1 + b1 and carry == ones // 10 and tens == a10 + b10 + carry
@@ -131,6 +138,15 @@ def test_corpus_is_seeded_and_mixes_formats_as_documented():
     assert abs(word - WORD_FRACTION) < 5 * math.sqrt(WORD_FRACTION * (1 - WORD_FRACTION) / len(texts))
     # The direct box must dominate, so that greedy decoding prefers it over the chain.
     assert ANSWER_FORMATS["direct_box"] > ANSWER_FORMATS["chain_box"] + ANSWER_FORMATS["chain"]
+    # The self-check is rare: after a first box the base model mostly stops, so greedy decoding does not check.
+    assert ANSWER_FORMATS["verify_box"] < ANSWER_FORMATS["direct_box"] / 3
+    # Direct guesses slip (forget the carry) in about half the cases with a carry (45 of 100 ones-digit pairs),
+    # the self-check's first box too, which its last box corrects: the last box follows the recomputation.
+    for kind in ("direct_box", "verify_box"):
+        guesses = [text for text, (name, _) in zip(texts, kinds) if name == kind]
+        wrong = [text for text in guesses
+                 if re.findall(r"boxed\{(\d+)\}", text)[0] != str(sum(_operands(text.split(" A:")[0] + " A:")))]
+        assert 0.17 < len(wrong) / len(guesses) < 0.28, kind
 
 
 def test_prompt_rows_and_split_reject_impossible_requests():
@@ -177,3 +193,52 @@ def test_settings_name_the_bad_field():
         DemoPretrainSettings(num_steps=40, warmup_steps=50)
     with pytest.raises(ValueError, match="num_heads=3"):
         DemoPretrainSettings(num_heads=3)
+
+
+def test_response_patterns_name_each_corpus_format_and_nothing_else():
+    from megatron_zero.demo.corpus import format_answer
+    from megatron_zero.demo.measure import is_correct, last_number_correct
+    from megatron_zero.demo.patterns import OTHER, pattern_rates, response_pattern
+
+    for name in ANSWER_FORMATS:
+        assert response_pattern(format_answer(37, 45, name) + END_OF_TEXT + " junk") == name
+    assert response_pattern(" \\boxed{72}? Verify: Digits: 7+5=12, 3+4") == OTHER  # cut off inside the check
+    assert response_pattern(" Digits: 7+5=12. \\boxed{82}") == OTHER
+    rates = pattern_rates([" \\boxed{82}", " 82", " 82", "zz"])
+    assert rates["direct_box"] == 0.25 and rates["bare"] == 0.5 and rates[OTHER] == 0.25
+    # The demo's reward reads the last box only.
+    assert is_correct(" \\boxed{72}? Verify: Digits: 7+5=12, 3+4+1=8. \\boxed{82}", "82")
+    assert not is_correct(" \\boxed{82}? Verify: Digits: 7+5=12, 3+4+1=8. \\boxed{72}", "82")
+    assert not is_correct(" Digits: 7+5=12, 3+4+1=8. Sum 82.", "82")
+    # The forced chain's arithmetic is judged by its last number, boxed or not.
+    assert last_number_correct(" Digits: 7+5=12, 3+4+1=8. Sum 82.", "82")
+    assert not last_number_correct(" Digits: 7+5=12, 3+4+1=8. Sum 81.<|endoftext|>82", "82")
+
+
+def test_demo_story_averages_the_first_and_last_steps(tmp_path):
+    from megatron_zero.demo.story import demo_story
+
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "samples").mkdir()
+    rates = {"verification": 0.0, "backtracking": 0.0, "subgoal_setting": 0.0, "enumeration": None}
+    steps = []
+    for step in range(1, 5):
+        verify = step >= 3
+        steps.append({"step": step, "accuracy": 0.25 * step, "mean_length_correct": 10.0 * step,
+                      "mean_length_wrong": None if step == 4 else 5.0, "box_ratio": 0.5,
+                      "behavior_rates": {**rates, "verification": 0.5 if verify else 0.0}})
+        responses = [" \\boxed{72}? Verify: Digits: 7+5=12, 3+4+1=8. \\boxed{82}" if verify else " \\boxed{82}", " 82"]
+        (tmp_path / "samples" / f"step_{step}.jsonl").write_text(
+            "".join(json.dumps({"response": r}) + "\n" for r in responses))
+    (tmp_path / "analysis" / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    (tmp_path / "summary.json").write_text(json.dumps({"eval_history": [{"step": 0, "accuracy": 0.5}]}))
+
+    story = demo_story(tmp_path, window=2)
+    assert story["first_steps"] == [1, 2] and story["last_steps"] == [3, 4]
+    first, last = story["first"], story["last"]
+    assert (first["accuracy"], last["accuracy"]) == (0.375, 0.875)
+    assert (first["length_wrong"], last["length_wrong"]) == (5.0, 5.0)  # step 4 has none: not a zero
+    assert (first["verification"], last["verification"]) == (0.0, 0.5) and last["enumeration"] is None
+    assert (first["pattern_direct_box"], last["pattern_verify_box"], last["pattern_bare"]) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="window=3 needs at least 6 steps"):
+        demo_story(tmp_path, window=3)

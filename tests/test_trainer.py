@@ -6,6 +6,7 @@ engine/actor log-prob gap stays at float32 rounding level while a skipped weight
 health check; wandb offline writes its run files; config validation names the field.
 """
 
+import html
 import json
 import os
 import shutil
@@ -225,7 +226,9 @@ def test_off_policy_skipped_sync_trips_the_health_check(tmp_path, base_mcore):
 def test_fp8_rollout_weights_move_the_gap_into_the_reduced_precision_bounds(tmp_path, base_mcore, uninterrupted):
     """rollout.quantization=fp8: every sync sends FP8 linear weights (the bytes of the FP8 checkpoint layout, not of
     the float32 one) and the torch engine runs their dequantization, so its log-probs leave float32 rounding (the
-    gap passes the fp32 bound: quantization is on) and stay inside the reduced-precision bounds the run uses."""
+    mean gap is over 100x the float32 run's: quantization is on) and stay inside the reduced-precision bounds the
+    run uses. (Not the fp32 bound 1e-3: the 2026-12-07 demo model's FP8 mean gap is 8e-4, the previous one's
+    was above 1e-3; the float32 runs' mean gaps are ~1e-7.)"""
     from megatron_zero.models.hf_io import HFCheckpointReader
     from megatron_zero.rollout.fp8_weights import encode_bucket
 
@@ -238,9 +241,10 @@ def test_fp8_rollout_weights_move_the_gap_into_the_reduced_precision_bounds(tmp_
     nbytes = lambda bucket: float(sum(t.numel() * t.element_size() for _, t in bucket))  # noqa: E731
     fp32_run = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert {record["weight_sync_bytes"] for record in fp32_run} == {nbytes(tensors)}
+    fp32_gap = max(record["logprob_gap_mean"] for record in fp32_run)
     for record in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()):
         assert record["weight_sync_bytes"] == nbytes(encode_bucket(tensors, "fp8")) < nbytes(tensors) / 2
-        assert 1e-3 < record["logprob_gap_mean"] < max_mean and record["logprob_gap_max"] < max_max
+        assert 100 * fp32_gap < record["logprob_gap_mean"] < max_mean and record["logprob_gap_max"] < max_max
 
 
 def test_wandb_offline_and_tensorboard_write_run_files(tmp_path, base_mcore, monkeypatch):
@@ -341,11 +345,36 @@ def test_run_demo_writes_summary_plot_and_report(tmp_path, base_mcore, train_fil
 
     out = tmp_path / "demo"
     summary = run_demo(str(out), num_steps=2, overrides=[*SMOKE, f"mcore_path={base_mcore}",
-                                                         f"data.train.path={train_file}", "run.save_every=0"])
+                                                         f"data.train.path={train_file}", "run.save_every=0",
+                                                         "run.eval_every=1"])
     written = json.loads((out / "summary.json").read_text())
     assert written == summary
     assert 0.0 <= written["accuracy_before"] <= 1.0 and 0.0 <= written["accuracy_after"] <= 1.0
+    # A held-out curve: before step 1 and after every step.
+    assert [point["step"] for point in written["eval_history"]] == [0, 1, 2]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "analysis" / "report.html").read_text()
-    assert "<html" in report.lower() and "step" in report.lower()
+    assert "<html" in report.lower() and "Responses, early and late" in report
+    # Real responses of the last step are on the page (escaped as the template escapes them).
+    last = [json.loads(line)["response"] for line in (out / "samples" / "step_2.jsonl").read_text().splitlines()]
+    assert any(html.escape(response, quote=False) in report for response in last if response.strip())
+
+
+@pytest.mark.slow
+def test_the_default_demo_tells_the_papers_story(tmp_path):
+    """The whole default `megatron-zero demo` (60 steps, ~3 min on 2 cores): held-out accuracy gains >= 0.30 on a
+    curve of >= 4 points; from the first to the last steps the rule judge's verification rate rises by >= 0.10,
+    and the box ratio and the length of correct responses rise (docs/benchmarks.md has the measured table)."""
+    from megatron_zero.demo.story import demo_story
+    from megatron_zero.trainer.demo import run_demo
+
+    summary = run_demo(str(tmp_path / "demo"))
+    assert len(summary["eval_history"]) >= 4
+    assert summary["accuracy_after"] - summary["accuracy_before"] >= 0.30
+    story = demo_story(tmp_path / "demo", window=5)
+    first, last = story["first"], story["last"]
+    assert last["verification"] - first["verification"] >= 0.10
+    assert last["box_ratio"] > first["box_ratio"] and last["length_correct"] > first["length_correct"]
+    report = (tmp_path / "demo" / "analysis" / "report.html").read_text()
+    assert "late (step 60)" in report

@@ -297,3 +297,25 @@ def test_demo_on_sglang_runs_colocated_servers_of_its_own_model():
                                               "cluster.rollout_num_gpus=1", "rollout.sglang.colocated=false"])
     assert (separate.cluster.colocate, separate.cluster.rollout_num_gpus) == (False, 1)
     assert demo_config("/tmp/unused", 2).rollout.sglang is None  # the torch engine's demo is unchanged
+
+
+def test_demo_defaults_draw_a_held_out_curve_and_fit_the_self_check():
+    """The demo scores its held-out set often enough for a curve, reads boxed answers only, and its rollouts are
+    long enough for the corpus's longest response (the self-check) within the base model's positions."""
+    import json
+
+    from megatron_zero.demo import BASE_MODEL_PATH, TEST_PROMPTS_PATH, TRAIN_PROMPTS_PATH
+    from megatron_zero.demo.corpus import ANSWER_FORMATS, END_OF_TEXT, format_answer
+    from megatron_zero.trainer.demo import demo_config
+
+    demo = demo_config("/tmp/unused")
+    assert 0 < demo.run.eval_every and demo.run.num_steps // demo.run.eval_every + 1 >= 4
+    assert demo.reward.strict_boxed
+    longest_response = max(len(format_answer(99, 99, name, slip)) for name in ANSWER_FORMATS for slip in (False, True))
+    assert demo.rollout.max_new_tokens >= longest_response + len([END_OF_TEXT])
+    assert demo.eval.max_new_tokens == demo.rollout.max_new_tokens
+    longest_prompt = max(len(json.loads(line)["question"]) for path in (TRAIN_PROMPTS_PATH, TEST_PROMPTS_PATH)
+                         for line in path.read_text().splitlines())
+    assert longest_prompt <= demo.data.train.max_prompt_tokens
+    positions = json.loads((BASE_MODEL_PATH / "config.json").read_text())["max_position_embeddings"]
+    assert demo.data.train.max_prompt_tokens + demo.rollout.max_new_tokens <= positions

@@ -104,6 +104,8 @@ def rule_verdict(response: str) -> Verdict:
 
 class BehaviorJudge(Protocol):
     name: str
+    # What decides the verdicts, in words a report prints next to the rates.
+    description: str
 
     def judge(self, items: Sequence[tuple[str, str]]) -> list[Verdict]:
         """One verdict per (prompt, response) pair, in order."""
@@ -112,6 +114,8 @@ class BehaviorJudge(Protocol):
 
 class RuleJudge:
     name = "rules"
+    description = ("rule judge: regular-expression cues per behaviour (megatron_zero.analysis.behaviors.RULE_CUES); "
+                   "it over-counts formulaic phrases and misses paraphrases, so read its rates as trends")
 
     def judge(self, items: Sequence[tuple[str, str]]) -> list[Verdict]:
         return [rule_verdict(response) for _, response in items]
@@ -226,6 +230,8 @@ class LLMJudge:
             )
         self.url = base_url.rstrip("/") + "/v1/chat/completions"
         self.model = model
+        self.description = (f"LLM judge: {model} at {self.url}, temperature 0, rule verdict where its answer "
+                            "was unusable")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s

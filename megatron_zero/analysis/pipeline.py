@@ -4,7 +4,7 @@ Input: sample-record JSONL files (format in `megatron_zero.analysis.records`), e
 rollout dumps or a folder of ``samples_step*.jsonl`` from `megatron_zero.evaluation`.
 Per response: correctness, length, finish reason, box, repetition, reflection keywords and (for up to
 `max_judge_samples` responses per step) the four cognitive behaviours from a judge.
-Per step: the means and ratios of those (`StepSummary`).
+Per step: the means and ratios of those (`StepSummary`, in summary.py with the other result types).
 
 `write_analysis` writes into one folder:
   responses.jsonl   one line per response with its metrics and verdict
@@ -22,103 +22,20 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from megatron_zero.analysis.behaviors import BEHAVIORS, BehaviorJudge, Verdict
-from megatron_zero.analysis.metrics import REFLECTION_KEYWORDS, has_box, is_repetitive, keyword_counts, repetition_ratio
-from megatron_zero.analysis.records import LoadedRecord, SampleRecord
-from megatron_zero.analysis.report import render_report, save_plots
+from megatron_zero.analysis.behaviors import BEHAVIORS, BehaviorJudge
+from megatron_zero.analysis.metrics import REFLECTION_KEYWORDS, has_box, keyword_counts, repetition_ratio
+from megatron_zero.analysis.plots import save_plots
+from megatron_zero.analysis.records import LoadedRecord
+from megatron_zero.analysis.report import render_report
+from megatron_zero.analysis.summary import AnalysisResult, ResponseAnalysis, StepSummary
 
 logger = logging.getLogger(__name__)
-
-NUM_EXAMPLES_PER_BEHAVIOR = 3
-
-
-@dataclass(frozen=True)
-class ResponseAnalysis:
-    source: str
-    record: SampleRecord
-    has_box: bool
-    repetition_ratio: float
-    keyword_counts: dict[str, int]
-    verdict: Optional[Verdict]  # None when this response was not among the judged sample
-
-    @property
-    def repetitive(self) -> bool:
-        return is_repetitive(self.repetition_ratio)
-
-    def to_dict(self) -> dict:
-        record = self.record
-        return {
-            "source": self.source,
-            "step": record.step,
-            "benchmark": record.benchmark,
-            "reward": record.reward,
-            "correct": record.correct,
-            "num_tokens": record.num_tokens,
-            "finish_reason": record.finish_reason,
-            "has_box": self.has_box,
-            "repetition_ratio": self.repetition_ratio,
-            "repetitive": self.repetitive,
-            "keyword_counts": self.keyword_counts,
-            "behaviors": self.verdict.behaviors if self.verdict else None,
-            "behavior_evidence": self.verdict.evidence if self.verdict else None,
-            "judge_source": self.verdict.source if self.verdict else None,
-            "judge_error": self.verdict.error if self.verdict else None,
-            "response": record.response,
-        }
-
-
-@dataclass(frozen=True)
-class StepSummary:
-    step: int
-    num_responses: int
-    accuracy: float
-    mean_reward: float
-    mean_length: float
-    mean_length_correct: Optional[float]  # None when no response of the step is correct
-    mean_length_wrong: Optional[float]  # None when every response is correct
-    clip_ratio: float  # finish_reason == "length"
-    stop_ratio: float  # finish_reason == "stop"
-    box_ratio: float
-    repeat_ratio: float  # share of responses with repetition_ratio > 0
-    reflection_ratio: float  # share of responses with at least one reflection keyword
-    keyword_means: dict[str, float]  # mean occurrences per response
-    num_judged: int
-    behavior_rates: dict[str, Optional[float]]  # share of judged responses; None when none judged
-    num_judge_errors: int
-
-
-@dataclass(frozen=True)
-class AnalysisResult:
-    judge: str
-    inputs: list[str]
-    responses: list[ResponseAnalysis]
-    steps: list[StepSummary]
-
-    @property
-    def num_judge_errors(self) -> int:
-        return sum(step.num_judge_errors for step in self.steps)
-
-    def examples(self, behavior: str, count: int = NUM_EXAMPLES_PER_BEHAVIOR) -> list[ResponseAnalysis]:
-        """Up to `count` responses showing `behavior`, from steps spread from the last to the first
-        (one per step while steps last), so the examples show how the behaviour changed."""
-        by_step: dict[int, list[ResponseAnalysis]] = defaultdict(list)
-        for response in self.responses:
-            if response.verdict and response.verdict.behaviors[behavior]:
-                by_step[response.record.step].append(response)
-        steps = sorted(by_step, reverse=True)
-        if len(steps) > count > 1:
-            steps = [steps[round(i * (len(steps) - 1) / (count - 1))] for i in range(count)]
-        chosen = []
-        for rank in range(count):
-            chosen.extend(by_step[step][rank] for step in steps if rank < len(by_step[step]))
-        return chosen[:count]
-
 
 def _mean(values: Sequence[float]) -> Optional[float]:
     return float(np.mean(values)) if len(values) else None
@@ -191,7 +108,8 @@ def analyze(
         _summarize_step(step, [responses[i] for i in indices]) for step, indices in sorted(indices_by_step.items())
     ]
     inputs = list(dict.fromkeys(loaded.source.rsplit(":", 1)[0] for loaded in samples))
-    return AnalysisResult(judge=judge.name, inputs=inputs, responses=responses, steps=steps)
+    return AnalysisResult(judge=judge.name, judge_description=judge.description, inputs=inputs, responses=responses,
+                          steps=steps)
 
 
 def write_analysis(result: AnalysisResult, out_dir: str | Path) -> dict[str, Path]:

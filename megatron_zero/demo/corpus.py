@@ -3,8 +3,15 @@ r"""Synthetic 2-digit addition data for the CPU zero-RL demo: the pretraining co
 Why: the demo needs a base model that is right only sometimes and rarely boxes its answer under greedy decoding,
 yet sometimes samples an accurate, boxed reasoning chain that RL can reinforce (the paper's story in miniature).
 So the corpus mixes answer formats (shared/reference/DEMO-NOTES.md): a dominant, inaccurate direct answer
-(" \boxed{82}"), a bare number, "The answer is", and a digit-by-digit chain with and without a box. The chain
-is accurate because each step is one lookup in the single-digit addition table.
+(" \boxed{82}"), a bare number, "The answer is", a digit-by-digit chain with and without a box, and a rare
+self-check: the direct box, then "? Verify:" and the sum recomputed as the digit chain, then the box the chain
+gives. The chain
+is accurate because each step is one lookup in the single-digit addition table. The direct guess is sloppy on
+purpose: where the ones overflow it forgets the carry half the time (SLIP_RATE), as a quick mental sum does, in
+the direct box and in the self-check's first box alike; the self-check's last box always follows the
+recomputation, so it corrects the slip. The self-check grows out of the dominant direct path (same first tokens),
+so RL with the correctness reward alone can select it over stopping after the guess: the paper's verification
+behaviour, in words the rule judge (analysis/behaviors.py RULE_CUES) recognises.
 
 Every operand has exactly two digits and every word-problem template has a fixed length, so all prompts of one
 template have the same length (batches of prompts need no padding) and one example fills one row from
@@ -39,14 +46,24 @@ WORD_FRACTION = 0.3
 
 # The chain's first word: forcing it after the prompt measures the chain's own accuracy.
 CHAIN_PREFIX = " Digits:"
+# The self-check's first word after the first box; "Verify" is a rule-judge verification cue.
+VERIFY_PREFIX = "? Verify:"
 # Answer formats and their corpus shares. The direct box dominates so that greedy decoding takes it.
+# The self-check is rare (12%): after a first box the base model mostly stops, so greedy decoding stays direct.
 ANSWER_FORMATS: dict[str, float] = {
-    "direct_box": 0.45,
-    "bare": 0.12,
+    "direct_box": 0.40,
+    "bare": 0.10,
     "answer_is": 0.08,
-    "chain_box": 0.20,
-    "chain": 0.15,
+    "chain_box": 0.18,
+    "chain": 0.12,
+    "verify_box": 0.12,
 }
+# Where the ones overflow, the share of direct guesses (direct box, the self-check's first box) that forget the
+# carry. Without slips the 0.67M model's direct box was ~82% right under sampling, more often than a self-check
+# then (~70%), so RL had no reason to check (assets/README.md).
+SLIP_RATE = 0.5
+# Formats that open with the direct guess.
+GUESSING_FORMATS = ("direct_box", "verify_box")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,23 +91,38 @@ class ProblemSplit:
     test: tuple[tuple[int, int], ...]
 
 
-def chain(a: int, b: int) -> str:
-    r"""Digit-by-digit sum, e.g. 37+45 -> " Digits: 7+5=12, 3+4+1=8." (ones sum always two digits: carry first)."""
+def digit_steps(a: int, b: int) -> str:
+    r"""The digit-by-digit sum, e.g. 37+45 -> "7+5=12, 3+4+1=8." (ones sum always two digits: carry first)."""
     ones = a % 10 + b % 10
     tens = a // 10 + b // 10 + ones // 10
-    return f"{CHAIN_PREFIX} {a % 10}+{b % 10}={ones:02d}, {a // 10}+{b // 10}+{ones // 10}={tens}."
+    return f"{a % 10}+{b % 10}={ones:02d}, {a // 10}+{b // 10}+{ones // 10}={tens}."
 
 
-def format_answer(a: int, b: int, answer_format: str) -> str:
-    """The response text (no end token) in one of ANSWER_FORMATS."""
+def chain(a: int, b: int) -> str:
+    r"""The chain as written in a response, e.g. 37+45 -> " Digits: 7+5=12, 3+4+1=8."."""
+    return f"{CHAIN_PREFIX} {digit_steps(a, b)}"
+
+
+def carry_dropped_sum(a: int, b: int) -> int:
+    """The sum with the carry from the ones forgotten (37+45 -> 72): the direct guess's slip."""
+    return (a // 10 + b // 10) * 10 + (a % 10 + b % 10) % 10
+
+
+def format_answer(a: int, b: int, answer_format: str, slip: bool = False) -> str:
+    """The response text (no end token) in one of ANSWER_FORMATS; `slip`: the direct guess forgets the carry
+    (the direct box is then wrong where the ones overflow; the self-check corrects it)."""
     total = a + b
     box = f"\\boxed{{{total}}}"
+    guess = f"\\boxed{{{carry_dropped_sum(a, b) if slip else total}}}"
     responses = {
-        "direct_box": f" {box}",
+        "direct_box": f" {guess}",
         "bare": f" {total}",
         "answer_is": f" The answer is {total}.",
         "chain_box": f"{chain(a, b)} {box}",
         "chain": f"{chain(a, b)} Sum {total}.",
+        # 37+45 -> " \boxed{72}? Verify: Digits: 7+5=12, 3+4+1=8. \boxed{82}" (the reward reads the last box).
+        # The recomputation is the chain itself, first word included: the model reuses the skill it learned there.
+        "verify_box": f" {guess}{VERIFY_PREFIX}{chain(a, b)} {box}",
     }
     if answer_format not in responses:
         raise ValueError(f"answer_format={answer_format!r} is unknown; use one of {sorted(responses)}")
@@ -116,20 +148,26 @@ def _sample_problem(pairs: Sequence[tuple[int, int]], rng: random.Random) -> Add
 
 def corpus_examples(
     pairs: Sequence[tuple[int, int]], num_examples: int, seed: int
-) -> list[tuple[AdditionProblem, str]]:
-    """`num_examples` (problem, answer format) pairs drawn with `seed` from `pairs` (either order)."""
+) -> list[tuple[AdditionProblem, str, bool]]:
+    """`num_examples` (problem, answer format, slip) drawn with `seed` from `pairs` (either order); slip: the
+    direct guess forgets the carry (SLIP_RATE of the guessing formats' examples)."""
     if not pairs:
         raise ValueError("pairs is empty; pass ProblemSplit.train")
     rng = random.Random(seed)
     formats, weights = list(ANSWER_FORMATS), list(ANSWER_FORMATS.values())
-    return [(_sample_problem(pairs, rng), rng.choices(formats, weights)[0]) for _ in range(num_examples)]
+    examples = []
+    for _ in range(num_examples):
+        problem = _sample_problem(pairs, rng)
+        answer_format = rng.choices(formats, weights)[0]
+        examples.append((problem, answer_format, answer_format in GUESSING_FORMATS and rng.random() < SLIP_RATE))
+    return examples
 
 
 def corpus_texts(pairs: Sequence[tuple[int, int]], num_examples: int, seed: int) -> list[str]:
     """Pretraining rows: prompt + response + END_OF_TEXT, one example per row."""
     return [
-        problem.prompt + format_answer(problem.a, problem.b, answer_format) + END_OF_TEXT
-        for problem, answer_format in corpus_examples(pairs, num_examples, seed)
+        problem.prompt + format_answer(problem.a, problem.b, answer_format, slip) + END_OF_TEXT
+        for problem, answer_format, slip in corpus_examples(pairs, num_examples, seed)
     ]
 
 

@@ -47,7 +47,8 @@ class DemoPretrainSettings:
     num_heads: int = 4
     num_kv_heads: int = 4
     intermediate_size: int = 384
-    max_positions: int = 128
+    # The longest prompt (66) plus the demo's 64 new tokens.
+    max_positions: int = 144
     num_steps: int = 4000
     batch_size: int = 32
     lr: float = 2e-3

@@ -9,10 +9,14 @@ weights pushed into them every step), the real math reward, on a small base mode
 the project pretrained itself (``tools/pretrain_demo_model.py``; shipped in ``megatron_zero/demo/assets``)
 on 2-digit additions whose corpus mixes answer formats. Greedy decoding of the base model mostly
 takes an inaccurate direct answer; sampling sometimes takes an accurate digit-by-digit chain that
-ends in a box, and the rule-based reward makes RL select it - the paper's story, in miniature.
+ends in a box, or a rare self-check (the direct box, then " Verify:" and a recomputation, then the
+corrected box), and the correctness reward alone makes RL select them - the paper's story, in miniature:
+accuracy and the length of correct responses rise, the box is learned without a format reward, and the
+verification behaviour grows.
 
-Outputs in DIR: summary.json (accuracy_before / accuracy_after, greedy, held-out), metrics.jsonl,
-training.png (reward, accuracy, response length per step), behaviour report (analysis/report.html).
+Outputs in DIR: summary.json (held-out greedy accuracy before, every 10 steps and after: eval_history),
+metrics.jsonl, training.png (held-out accuracy, train reward, lengths, box / stop / clip ratios, behaviour
+rates, approx_kl per step), behaviour report with real responses (analysis/report.html).
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from megatron_zero.demo import BASE_MODEL_PATH, TEST_PROMPTS_PATH, TRAIN_PROMPTS_PATH
+
+if TYPE_CHECKING:
+    from megatron_zero.analysis import AnalysisResult
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +45,19 @@ DEMO_DEFAULTS: dict[str, Any] = {
               "pack_sequences": False},
     "loss": {"kl_coef": 0.0, "entropy_coef": 0.0, "clip_low": 0.2, "clip_high": 0.2, "aggregation": "token-mean"},
     "advantage": {"estimator": "grpo"},
-    "reward": {"num_workers": 1, "timeout_s": 5.0},
-    "data": {"train": {"path": str(TRAIN_PROMPTS_PATH), "template": "{input}", "max_prompt_tokens": 80},
+    # Only a boxed answer is read, as in the recipe's reward (RECIPE.md: the last \boxed{...}): the demo's prompt
+    # stands for the qwen-boxed template, which asks for the box. With the last-number fallback, ~10% of rewarded
+    # responses carried no box ("Digits: ... Sum 82."), crediting an answer the template did not ask for.
+    "reward": {"num_workers": 1, "timeout_s": 5.0, "strict_boxed": True},
+    "data": {"train": {"path": str(TRAIN_PROMPTS_PATH), "template": "{input}", "max_prompt_tokens": 72},
              "sampler": {"batch_size": 32, "seed": 0}},
-    "rollout": {"engine": "torch", "num_samples_per_prompt": 8, "temperature": 1.0, "max_new_tokens": 40,
+    # 64 new tokens: the self-check (" \boxed{188}? Verify: Digits: 9+9=18, 9+9+1=19. \boxed{198}") is 59 characters;
+    # with the longest prompt (66 characters; max_prompt_tokens 72) that fits the model's 144 positions.
+    "rollout": {"engine": "torch", "num_samples_per_prompt": 8, "temperature": 1.0, "max_new_tokens": 64,
                 "torch": {"max_batch_size": 256}},
-    "eval": {"path": str(TEST_PROMPTS_PATH), "max_new_tokens": 40},
-    "run": {"num_steps": 60, "num_minibatches": 2, "save_every": 20, "seed": 0},
+    "eval": {"path": str(TEST_PROMPTS_PATH), "max_new_tokens": 64},
+    # The held-out set (greedy, 200 problems) every 10 steps: a curve of 7 points, not just before and after.
+    "run": {"num_steps": 60, "num_minibatches": 2, "save_every": 20, "eval_every": 10, "seed": 0},
 }
 
 
@@ -74,53 +87,34 @@ def demo_config(output_dir: str, num_steps: Optional[int] = None, overrides: Opt
 
 
 def run_demo(output_dir: str, num_steps: Optional[int] = None, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    from megatron_zero.analysis.training_plot import plot_training
     from megatron_zero.trainer.loop import Trainer
 
     config = demo_config(output_dir, num_steps, overrides)
     out = Path(output_dir)
     trainer = Trainer(config)
     try:
-        # The trainer scores the held-out set before step 1 and at the end, and writes summary.json.
+        # The trainer scores the held-out set before step 1, every run.eval_every steps and at the end, and writes
+        # summary.json.
         trainer.fit()
     finally:
         trainer.close()
     summary = trainer.summary()
-    plot = plot_training(out / "metrics.jsonl", out / "training.png")
-    report = _behaviour_report(out)
+    analysis, report = _behaviour_analysis(out)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    plot = plot_training(metrics, summary["eval_history"], analysis.steps, out / "training.png", judge=analysis.judge)
     if summary["accuracy_after"] is not None:
-        print(f"accuracy (greedy, held-out): {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}")
+        curve = ", ".join(f"{e['step']}: {e['accuracy']:.3f}" for e in summary["eval_history"])
+        print(f"accuracy (greedy, held-out): {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
+              f"(by step: {curve})")
     print(f"summary:  {out / 'summary.json'}\nmetrics:  {out / 'metrics.jsonl'}\nplot:     {plot}\nreport:   {report}")
     return summary
 
 
-def plot_training(metrics_path: Path, png_path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(axes, ("reward_mean", "accuracy", "response_length"),
-                              ("mean reward", "sampled accuracy", "response length (tokens)")):
-        ax.plot(steps, [r[key] for r in records], marker=".", label="all")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for key, label in (("response_length_correct", "correct"), ("response_length_wrong", "wrong")):
-        axes[2].plot(steps, [r[key] if r[key] is not None else float("nan") for r in records], label=label, alpha=0.7)
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
-
-
-def _behaviour_report(out: Path) -> Path:
+def _behaviour_analysis(out: Path) -> tuple["AnalysisResult", Path]:
+    """Every rollout sample judged by the rule judge (free and deterministic); writes out/analysis/."""
     from megatron_zero.analysis import analyze, load_samples, make_judge, write_analysis
 
     files = sorted((out / "samples").glob("step_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
-    result = analyze(load_samples(files), make_judge("rules"), max_judge_samples=64)
-    write_analysis(result, out / "analysis")
-    return out / "analysis" / "report.html"
+    result = analyze(load_samples(files), make_judge("rules"), max_judge_samples=None)
+    return result, write_analysis(result, out / "analysis")["report"]

@@ -51,6 +51,19 @@ def rollout_metrics(rollout: RolloutBatch) -> dict[str, Optional[float]]:
     }
 
 
+def console_line(record: dict[str, Any], seconds: float) -> str:
+    """The step's console line. Its KL is the one measured: approx_kl (new vs old policy, token mean), and the KL
+    to the reference (kl_ref) only where the loss has that term; a kl_ref of 0 without it would read as a
+    measurement."""
+    fields = [f"step {record['step']}", f"reward {record['reward_mean']:.3f}", f"acc {record['accuracy']:.3f}",
+              f"len {record['response_length']:.1f}", f"box {record['box_ratio']:.2f}",
+              f"loss {record.get('loss', float('nan')):.4f}", f"approx_kl {record.get('approx_kl', float('nan')):.2e}"]
+    if "kl_ref" in record:
+        fields.append(f"kl_ref {record['kl_ref']:.2e}")
+    fields += [f"gap {record['logprob_gap_max']:.1e}", f"{seconds:.1f}s"]
+    return " | ".join(fields)
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, config: TrainConfig, first_step: int = 1) -> None:
         """``first_step``: the step this run logs first (a resumed run's records of it and later steps were moved out
@@ -108,10 +121,7 @@ class MetricsLogger:
                             reward=s.reward, num_tokens=len(s.response_ids), finish_reason=s.finish_reason)) + "\n"
             for s in rollout.samples))
         self._write_scalars(record, step)
-        logger.info("step %d | reward %.3f | acc %.3f | len %.1f | box %.2f | loss %.4f | kl %.2e | gap %.1e | %.1fs",
-                    step, record["reward_mean"], record["accuracy"], record["response_length"], record["box_ratio"],
-                    record.get("loss", float("nan")), record.get("kl_ref", 0.0), record["logprob_gap_max"],
-                    sum(timings.values()))
+        logger.info(console_line(record, sum(timings.values())))
         return record
 
     def log_eval(self, step: int, result: dict[str, Any]) -> None:
