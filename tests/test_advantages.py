@@ -15,7 +15,8 @@ from megatron_zero.actor.advantages import (
     register_advantage_estimator,
 )
 from megatron_zero.config.algorithm import AdvantageConfig
-from megatron_zero.preflight.names import advantage_problems, raise_problems
+from megatron_zero.config.problems import raise_problems
+from megatron_zero.preflight.names import advantage_problems
 
 # Non-contiguous groups 3, 7, 1 with sizes 3, 3, 2 plus a singleton group 9.
 GROUP_IDS = [3, 7, 3, 7, 3, 1, 7, 1, 9]

@@ -22,7 +22,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from megatron_zero.config.data import DataConfig, DatasetConfig, PassRateFilterConfig, SamplerConfig
-from megatron_zero.preflight.names import raise_problems, template_problems
+from megatron_zero.config.problems import raise_problems
+from megatron_zero.preflight.names import template_problems
 from megatron_zero.data import (
     PassRate,
     Problem,

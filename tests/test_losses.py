@@ -335,7 +335,8 @@ def test_recipe_defaults_and_omegaconf_round_trip():
     ],
 )
 def test_config_validation_names_field_and_value(field, value):
-    from megatron_zero.preflight.names import loss_problems, raise_problems
+    from megatron_zero.config.problems import raise_problems
+    from megatron_zero.preflight.names import loss_problems
 
     with pytest.raises(ValueError, match=rf"policy_loss\.{field}={value!r}".replace("'", "'?")):
         # Values are checked by the dataclass, registered names by the preflight.

@@ -18,7 +18,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from megatron_zero.config.reward import RewardConfig
-from megatron_zero.preflight.names import raise_problems, reward_problems
+from megatron_zero.config.problems import raise_problems
+from megatron_zero.preflight.names import reward_problems
 from megatron_zero.rewards import (
     REWARD_FUNCTIONS,
     GraderPool,

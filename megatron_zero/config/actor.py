@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from megatron_zero.config.problems import raise_problems
+
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -47,36 +49,38 @@ class ActorConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if not self.lr > 0:
-            raise ValueError(f"actor.lr={self.lr} must be > 0 (recipe: 5e-7)")
+            problems.append(f"actor.lr={self.lr} must be > 0 (recipe: 5e-7)")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"actor.min_lr={self.min_lr} must be in [0, actor.lr={self.lr}]")
+            problems.append(f"actor.min_lr={self.min_lr} must be in [0, actor.lr={self.lr}]")
         if not self.weight_decay >= 0:
-            raise ValueError(f"actor.weight_decay={self.weight_decay} must be >= 0 (recipe: 0)")
+            problems.append(f"actor.weight_decay={self.weight_decay} must be >= 0 (recipe: 0)")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             if not 0 <= value < 1:
-                raise ValueError(f"actor.{name}={value} must be in [0, 1) (default 0.9 / 0.999)")
+                problems.append(f"actor.{name}={value} must be in [0, 1) (default 0.9 / 0.999)")
         if not self.adam_eps > 0:
-            raise ValueError(f"actor.adam_eps={self.adam_eps} must be > 0 (default 1e-8)")
+            problems.append(f"actor.adam_eps={self.adam_eps} must be > 0 (default 1e-8)")
         if not self.clip_grad >= 0:
-            raise ValueError(f"actor.clip_grad={self.clip_grad} must be >= 0 (0 disables clipping; recipe: 1.0)")
+            problems.append(f"actor.clip_grad={self.clip_grad} must be >= 0 (0 disables clipping; recipe: 1.0)")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"actor.lr_schedule={self.lr_schedule!r} is unknown; use one of {list(LR_SCHEDULES)}")
+            problems.append(f"actor.lr_schedule={self.lr_schedule!r} is unknown; use one of {list(LR_SCHEDULES)}")
         if not (isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0):
-            raise ValueError(f"actor.lr_warmup_steps={self.lr_warmup_steps!r} must be an integer >= 0")
+            problems.append(f"actor.lr_warmup_steps={self.lr_warmup_steps!r} must be an integer >= 0")
         if self.lr_schedule == "cosine":
             if self.lr_decay_steps is None or self.lr_decay_steps <= self.lr_warmup_steps:
-                raise ValueError(
+                problems.append(
                     f"actor.lr_schedule='cosine' needs actor.lr_decay_steps (the run's optimizer steps) > "
                     f"actor.lr_warmup_steps={self.lr_warmup_steps}, got lr_decay_steps={self.lr_decay_steps}"
                 )
         elif self.lr_decay_steps is not None and self.lr_decay_steps < 1:
-            raise ValueError(f"actor.lr_decay_steps={self.lr_decay_steps} must be >= 1 or None")
+            problems.append(f"actor.lr_decay_steps={self.lr_decay_steps} must be >= 1 or None")
         if not (isinstance(self.max_tokens_per_microbatch, int) and self.max_tokens_per_microbatch >= 1):
-            raise ValueError(
+            problems.append(
                 f"actor.max_tokens_per_microbatch={self.max_tokens_per_microbatch!r} must be an integer >= 1, "
                 "at least max prompt + max response length"
             )
         if not self.temperature > 0:
-            raise ValueError(f"actor.temperature={self.temperature} must be > 0 (the rollout's sampling temperature)")
+            problems.append(f"actor.temperature={self.temperature} must be > 0 (the rollout's sampling temperature)")
+        raise_problems(problems)

@@ -15,6 +15,8 @@ estimator/loss must be registered (its module imported) before the config is loa
 import dataclasses
 from typing import Optional
 
+from megatron_zero.config.problems import raise_problems
+
 # How the per-token loss becomes one number (actor/losses.py aggregate_loss); a fixed set, not a registry.
 AGGREGATION_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -56,24 +58,26 @@ class PolicyLossConfig:
     tis_cap: Optional[float] = None
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if not 0 < self.clip_low < 1:
-            raise ValueError(
+            problems.append(
                 f"policy_loss.clip_low={self.clip_low} must be in (0, 1): the ratio's lower bound 1 - clip_low "
                 "must stay positive (recipe: 0.2)"
             )
         if not self.clip_high > 0:
-            raise ValueError(f"policy_loss.clip_high={self.clip_high} must be > 0 (recipe: 0.2)")
+            problems.append(f"policy_loss.clip_high={self.clip_high} must be > 0 (recipe: 0.2)")
         if self.dual_clip_c is not None and not self.dual_clip_c > 1:
-            raise ValueError(
+            problems.append(
                 f"policy_loss.dual_clip_c={self.dual_clip_c} must be > 1 (e.g. 3.0), or None to disable dual clip"
             )
         if not self.kl_coef >= 0:
-            raise ValueError(f"policy_loss.kl_coef={self.kl_coef} must be >= 0 (recipe: 1e-4, 1e-3 above 14B)")
+            problems.append(f"policy_loss.kl_coef={self.kl_coef} must be >= 0 (recipe: 1e-4, 1e-3 above 14B)")
         if not self.entropy_coef >= 0:
-            raise ValueError(f"policy_loss.entropy_coef={self.entropy_coef} must be >= 0 (recipe: 1e-3)")
+            problems.append(f"policy_loss.entropy_coef={self.entropy_coef} must be >= 0 (recipe: 1e-3)")
         if self.aggregation not in AGGREGATION_MODES:
-            raise ValueError(
+            problems.append(
                 f"policy_loss.aggregation={self.aggregation!r} is unknown; use one of {list(AGGREGATION_MODES)}"
             )
         if self.tis_cap is not None and not self.tis_cap > 0:
-            raise ValueError(f"policy_loss.tis_cap={self.tis_cap} must be > 0 (e.g. 2.0), or None to disable TIS")
+            problems.append(f"policy_loss.tis_cap={self.tis_cap} must be > 0 (e.g. 2.0), or None to disable TIS")
+        raise_problems(problems)

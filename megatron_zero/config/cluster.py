@@ -15,6 +15,7 @@ import dataclasses
 from typing import Optional
 
 from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.config.problems import raise_problems
 
 # ray_address values with a meaning of their own; anything else is a cluster address passed to ray.init.
 RAY_ADDRESS_AUTO = "auto"
@@ -50,33 +51,34 @@ class ClusterConfig:
     startup_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if not (isinstance(self.num_nodes, int) and self.num_nodes >= 1):
-            raise ValueError(f"cluster.num_nodes={self.num_nodes!r} must be an integer >= 1")
+            problems.append(f"cluster.num_nodes={self.num_nodes!r} must be an integer >= 1")
         if not (isinstance(self.gpus_per_node, int) and self.gpus_per_node >= 0):
-            raise ValueError(f"cluster.gpus_per_node={self.gpus_per_node!r} must be an integer >= 0 (0 = CPU mode)")
+            problems.append(f"cluster.gpus_per_node={self.gpus_per_node!r} must be an integer >= 0 (0 = CPU mode)")
         if self.gpus_per_node > 0 and self.cpu_workers_per_node is not None:
-            raise ValueError(
+            problems.append(
                 f"cluster.cpu_workers_per_node={self.cpu_workers_per_node} is only used in CPU mode, but "
                 f"cluster.gpus_per_node={self.gpus_per_node}; remove cpu_workers_per_node or set gpus_per_node=0"
             )
         if self.gpus_per_node == 0 and not (
             isinstance(self.cpu_workers_per_node, int) and self.cpu_workers_per_node >= 1
         ):
-            raise ValueError(
+            problems.append(
                 f"cluster.cpu_workers_per_node={self.cpu_workers_per_node!r} must be an integer >= 1 in CPU mode "
                 "(gpus_per_node=0); set it to the number of ranks per node, e.g. 2"
             )
         if not (isinstance(self.cpus_per_worker, int) and self.cpus_per_worker >= 1):
-            raise ValueError(f"cluster.cpus_per_worker={self.cpus_per_worker!r} must be an integer >= 1")
+            problems.append(f"cluster.cpus_per_worker={self.cpus_per_worker!r} must be an integer >= 1")
         if not self.ray_address.strip():
-            raise ValueError(
+            problems.append(
                 f"cluster.ray_address={self.ray_address!r} is empty; use {RAY_ADDRESS_AUTO!r}, "
                 f"{RAY_ADDRESS_LOCAL!r} or a cluster address such as '10.0.0.1:6379'"
             )
         if not (isinstance(self.rollout_num_gpus, int) and self.rollout_num_gpus >= 0):
-            raise ValueError(f"cluster.rollout_num_gpus={self.rollout_num_gpus!r} must be an integer >= 0")
+            problems.append(f"cluster.rollout_num_gpus={self.rollout_num_gpus!r} must be an integer >= 0")
         if self.colocate and self.rollout_num_gpus:
-            raise ValueError(
+            problems.append(
                 f"cluster.colocate=True puts the rollout engines on the ranks' GPUs, but cluster.rollout_num_gpus="
                 f"{self.rollout_num_gpus} gives them GPUs of their own; choose one: colocate=False for separate "
                 "rollout GPUs, or rollout_num_gpus=0 for colocated engines"
@@ -84,7 +86,8 @@ class ClusterConfig:
         for name in ("ray_call_timeout_s", "startup_timeout_s"):
             value = getattr(self, name)
             if not value > 0:
-                raise ValueError(f"cluster.{name}={value} must be > 0 seconds")
+                problems.append(f"cluster.{name}={value} must be > 0 seconds")
+        raise_problems(problems)
 
     @property
     def use_gpus(self) -> bool:

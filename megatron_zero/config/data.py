@@ -12,6 +12,8 @@ How: ``DataConfig(train=DatasetConfig(path="data/hard.jsonl"))`` or ``OmegaConf.
 import dataclasses
 from typing import Optional
 
+from megatron_zero.config.problems import raise_problems
+
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class DatasetConfig:
@@ -37,15 +39,17 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         # The template's name is checked against data/templates.py by the preflight (preflight/names.py).
+        problems: list[str] = []  # every value problem of this config, raised together
         if not self.template:
-            raise ValueError("data.train.template='' must name a prompt template (e.g. 'qwen-boxed') or hold "
-                             "{input}")
+            problems.append("data.train.template='' must name a prompt template (e.g. 'qwen-boxed') or hold "
+                            "{input}")
         for name in ("question_field", "answer_field", "split"):
             if not getattr(self, name):
-                raise ValueError(f"data.train.{name}='' must not be empty")
+                problems.append(f"data.train.{name}='' must not be empty")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"data.train.max_prompt_tokens={self.max_prompt_tokens} must be >= 1, or None to skip "
-                             "the check")
+            problems.append(f"data.train.max_prompt_tokens={self.max_prompt_tokens} must be >= 1, or None to skip "
+                            "the check")
+        raise_problems(problems)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -59,10 +63,12 @@ class SamplerConfig:
     num_epochs: Optional[int] = None
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if self.batch_size < 1:
-            raise ValueError(f"sampler.batch_size={self.batch_size} must be >= 1 (recipe: 256 or 1024)")
+            problems.append(f"sampler.batch_size={self.batch_size} must be >= 1 (recipe: 256 or 1024)")
         if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError(f"sampler.num_epochs={self.num_epochs} must be >= 1, or None for no limit")
+            problems.append(f"sampler.num_epochs={self.num_epochs} must be >= 1, or None for no limit")
+        raise_problems(problems)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -97,17 +103,19 @@ class PassRateEstimateConfig:
     success_threshold: float = 1.0
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         for name in ("num_samples", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"difficulty.{name}={value!r} must be an integer >= 1")
+                problems.append(f"difficulty.{name}={value!r} must be an integer >= 1")
         if self.temperature < 0:
-            raise ValueError(f"difficulty.temperature={self.temperature} must be >= 0 (0 = greedy)")
+            problems.append(f"difficulty.temperature={self.temperature} must be >= 0 (0 = greedy)")
         if self.temperature == 0 and self.num_samples > 1:
-            raise ValueError(f"difficulty.temperature=0 (greedy) with num_samples={self.num_samples} repeats one "
-                             "sample; sample with temperature > 0 (recipe: 1.0) or set num_samples=1")
+            problems.append(f"difficulty.temperature=0 (greedy) with num_samples={self.num_samples} repeats one "
+                            "sample; sample with temperature > 0 (recipe: 1.0) or set num_samples=1")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"difficulty.top_p={self.top_p} must be in (0, 1]")
+            problems.append(f"difficulty.top_p={self.top_p} must be in (0, 1]")
+        raise_problems(problems)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

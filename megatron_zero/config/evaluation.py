@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_zero.config.cluster import RAY_ADDRESS_AUTO, ClusterConfig
+from megatron_zero.config.problems import raise_problems
 from megatron_zero.config.rollout import ROLLOUT_ENGINES, TorchEngineConfig
 from megatron_zero.config.sglang import SGLangConfig
 
@@ -40,34 +41,36 @@ class EvalConfig:
     max_problems: Optional[int] = None
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if not self.benchmarks:
-            raise ValueError(f"eval.benchmarks={self.benchmarks!r} is empty; name at least one, e.g. ['math500']")
+            problems.append(f"eval.benchmarks={self.benchmarks!r} is empty; name at least one, e.g. ['math500']")
         duplicates = sorted({name for name in self.benchmarks if self.benchmarks.count(name) > 1})
         if duplicates:
-            raise ValueError(f"eval.benchmarks={self.benchmarks!r} lists {duplicates} more than once; list each once")
+            problems.append(f"eval.benchmarks={self.benchmarks!r} lists {duplicates} more than once; list each once")
         if not self.template:
-            raise ValueError("eval.template='' must name a prompt template, e.g. 'qwen-boxed'")
+            problems.append("eval.template='' must name a prompt template, e.g. 'qwen-boxed'")
         if not isinstance(self.n_samples, int) or self.n_samples < 1:
-            raise ValueError(f"eval.n_samples={self.n_samples!r} must be an integer >= 1")
+            problems.append(f"eval.n_samples={self.n_samples!r} must be an integer >= 1")
         if self.temperature < 0:
-            raise ValueError(f"eval.temperature={self.temperature} must be >= 0 (0 means greedy)")
+            problems.append(f"eval.temperature={self.temperature} must be >= 0 (0 means greedy)")
         if self.temperature == 0 and self.n_samples != 1:
-            raise ValueError(
+            problems.append(
                 f"eval.temperature=0 (greedy) with eval.n_samples={self.n_samples} would repeat one sample; "
                 "set n_samples=1 or temperature > 0"
             )
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"eval.top_p={self.top_p} must be in (0, 1]")
+            problems.append(f"eval.top_p={self.top_p} must be in (0, 1]")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"eval.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+            problems.append(f"eval.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
         for k in self.pass_k:
             if not isinstance(k, int) or not 1 <= k <= self.n_samples:
-                raise ValueError(
+                problems.append(
                     f"eval.pass_k={self.pass_k!r} contains {k!r}; each k must be an integer in "
                     f"[1, n_samples={self.n_samples}]"
                 )
         if self.max_problems is not None and (not isinstance(self.max_problems, int) or self.max_problems < 1):
-            raise ValueError(f"eval.max_problems={self.max_problems!r} must be None (all) or an integer >= 1")
+            problems.append(f"eval.max_problems={self.max_problems!r} must be None (all) or an integer >= 1")
+        raise_problems(problems)
 
     @property
     def greedy(self) -> bool:
@@ -101,19 +104,21 @@ class EngineConfig:
     sglang_device: str = "cuda"
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if self.engine not in ROLLOUT_ENGINES:
-            raise ValueError(f"engine={self.engine!r} is unknown; use one of {list(ROLLOUT_ENGINES)}")
+            problems.append(f"engine={self.engine!r} is unknown; use one of {list(ROLLOUT_ENGINES)}")
         if self.engine == "sglang" and self.sglang is None:
-            raise ValueError("engine='sglang' needs an SGLangConfig (sglang.model_path set)")
+            problems.append("engine='sglang' needs an SGLangConfig (sglang.model_path set)")
         if not (isinstance(self.num_gpus, int) and self.num_gpus >= 1):
-            raise ValueError(f"num_gpus={self.num_gpus!r} must be an integer >= 1")
+            problems.append(f"num_gpus={self.num_gpus!r} must be an integer >= 1")
         if self.sglang_device not in SGLANG_DEVICES:
-            raise ValueError(f"sglang_device={self.sglang_device!r} is unknown; use one of {list(SGLANG_DEVICES)}")
+            problems.append(f"sglang_device={self.sglang_device!r} is unknown; use one of {list(SGLANG_DEVICES)}")
         if self.engine == "sglang" and self.sglang.launch:
             if self.sglang.colocated:
-                raise ValueError("sglang.colocated=True shares GPUs with training ranks, but evaluation has none; "
+                problems.append("sglang.colocated=True shares GPUs with training ranks, but evaluation has none; "
                                  "set sglang.colocated=False")
             self.sglang.check_launch(self.cluster)
+        raise_problems(problems)
 
     @property
     def cluster(self) -> ClusterConfig:
@@ -123,4 +128,4 @@ class EngineConfig:
             return ClusterConfig(num_nodes=1, gpus_per_node=0, cpu_workers_per_node=self.num_gpus,
                                  rollout_num_gpus=self.num_gpus, ray_address=self.ray_address)
         return ClusterConfig(num_nodes=1, gpus_per_node=self.num_gpus, rollout_num_gpus=self.num_gpus,
-                             ray_address=self.ray_address)
+                            ray_address=self.ray_address)

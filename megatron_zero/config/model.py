@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_zero.config.problems import raise_problems
+
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 # megatron-core's TransformerConfig.fp8 values; each maps to a Transformer Engine Format (E4M3, HYBRID), which
@@ -46,28 +48,30 @@ class ModelConfig:
     vocab_pad_multiple: int = 128
 
     def __post_init__(self) -> None:
-        _one_of("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
-        _one_of("model.params_dtype", self.params_dtype, PARAMS_DTYPES)
-        _one_of("model.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        problems: list[str] = []  # every value problem of this config, raised together
+        problems += _one_of("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        problems += _one_of("model.params_dtype", self.params_dtype, PARAMS_DTYPES)
+        problems += _one_of("model.fp8_recipe", self.fp8_recipe, FP8_RECIPES)
         if self.fp8 is not None:
-            _one_of("model.fp8", self.fp8, FP8_FORMATS)
+            problems += _one_of("model.fp8", self.fp8, FP8_FORMATS)
             if self.transformer_impl == "local":
-                raise ValueError("model.fp8 needs model.transformer_impl='transformer_engine' (or 'auto' on a GPU); "
-                                 "megatron-core's local layers have no FP8 kernels")
+                problems.append("model.fp8 needs model.transformer_impl='transformer_engine' (or 'auto' on a GPU); "
+                                "megatron-core's local layers have no FP8 kernels")
         elif self.fp8_recipe != "delayed":
-            raise ValueError(f"model.fp8_recipe={self.fp8_recipe!r} has no effect without model.fp8; set model.fp8 "
-                             f"to one of {list(FP8_FORMATS)} or drop model.fp8_recipe")
+            problems.append(f"model.fp8_recipe={self.fp8_recipe!r} has no effect without model.fp8; set model.fp8 "
+                            f"to one of {list(FP8_FORMATS)} or drop model.fp8_recipe")
         if self.recompute_granularity is not None:
-            _one_of("model.recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
+            problems += _one_of("model.recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
             if self.recompute_granularity == "full" and (self.recompute_method is None or self.recompute_num_layers is None):
-                raise ValueError("model.recompute_granularity='full' needs model.recompute_method ('uniform' or 'block') "
-                                 "and model.recompute_num_layers")
+                problems.append("model.recompute_granularity='full' needs model.recompute_method ('uniform' or 'block') "
+                                "and model.recompute_num_layers")
         if self.recompute_method is not None:
-            _one_of("model.recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+            problems += _one_of("model.recompute_method", self.recompute_method, RECOMPUTE_METHODS)
         if self.vocab_pad_multiple < 1:
-            raise ValueError(f"model.vocab_pad_multiple={self.vocab_pad_multiple} must be >= 1")
+            problems.append(f"model.vocab_pad_multiple={self.vocab_pad_multiple} must be >= 1")
+        raise_problems(problems)
 
 
-def _one_of(field: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not supported; use one of {list(allowed)}")
+def _one_of(field: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    """The problem of ``value`` for ``field`` if it is not one of ``allowed`` (a list: none or one)."""
+    return [] if value in allowed else [f"{field}={value!r} is not supported; use one of {list(allowed)}"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_zero.config.problems import raise_problems
+
 
 @dataclass(kw_only=True, frozen=True)
 class ParallelConfig:
@@ -21,17 +23,19 @@ class ParallelConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size", "expert_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"parallel.{name}={value!r} must be an integer >= 1")
-        if self.context_parallel_size > 1:
+                problems.append(f"parallel.{name}={value!r} must be an integer >= 1")
+        if isinstance(self.context_parallel_size, int) and self.context_parallel_size > 1:
             # megatron-core would build the CP groups, but every rank would then run whole sequences: wrong
             # attention, not a speed-up. Refused until the batch is split over CP ranks for real.
-            raise ValueError(f"parallel.context_parallel_size={self.context_parallel_size} is not supported yet: "
-                             "nothing splits sequences over context-parallel ranks; set it to 1")
+            problems.append(f"parallel.context_parallel_size={self.context_parallel_size} is not supported yet: "
+                            "nothing splits sequences over context-parallel ranks; set it to 1")
         if self.timeout_s <= 0:
-            raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0 seconds")
+            problems.append(f"parallel.timeout_s={self.timeout_s} must be > 0 seconds")
+        raise_problems(problems)
 
     @property
     def model_parallel_size(self) -> int:

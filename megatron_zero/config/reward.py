@@ -15,6 +15,8 @@ reward registered by name must be registered (its module imported) before the co
 import dataclasses
 from typing import Optional
 
+from megatron_zero.config.problems import raise_problems
+
 # The outcomes a score scheme gives a value to. Timeouts and grader errors score as "wrong".
 OUTCOMES = ("correct", "wrong", "no_answer")
 SCORE_SCHEMES: dict[str, dict[str, float]] = {
@@ -61,37 +63,39 @@ class RewardConfig:
     max_failure_rate: float = 0.05
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if not self.reward_fn:
-            raise ValueError("reward.reward_fn='' must name a reward (e.g. 'math') or an import path "
-                             "'package.module:function'")
+            problems.append("reward.reward_fn='' must name a reward (e.g. 'math') or an import path "
+                            "'package.module:function'")
         valid_schemes = sorted([*SCORE_SCHEMES, "custom"])
         if self.score_scheme not in valid_schemes:
-            raise ValueError(f"reward.score_scheme={self.score_scheme!r} is unknown; use one of {valid_schemes}")
+            problems.append(f"reward.score_scheme={self.score_scheme!r} is unknown; use one of {valid_schemes}")
         if self.score_scheme == "custom":
             if self.score_values is None or set(self.score_values) != set(OUTCOMES):
                 keys = None if self.score_values is None else sorted(self.score_values)
-                raise ValueError(
+                problems.append(
                     f"reward.score_values has keys {keys}; score_scheme='custom' needs exactly {list(OUTCOMES)}, "
                     "e.g. {'correct': 1.0, 'wrong': -0.5, 'no_answer': -1.0}"
                 )
         elif self.score_values is not None:
-            raise ValueError(
+            problems.append(
                 f"reward.score_values={self.score_values!r} is set but reward.score_scheme={self.score_scheme!r}; "
                 "set score_scheme='custom' to use your own values, or drop score_values"
             )
         if any(not token for token in self.stop_tokens):
-            raise ValueError(f"reward.stop_tokens={self.stop_tokens!r} contains an empty string; remove it")
+            problems.append(f"reward.stop_tokens={self.stop_tokens!r} contains an empty string; remove it")
         if not self.timeout_s > 0:
-            raise ValueError(f"reward.timeout_s={self.timeout_s} must be > 0 (recipe: 10)")
+            problems.append(f"reward.timeout_s={self.timeout_s} must be > 0 (recipe: 10)")
         if self.num_workers is not None and self.num_workers < 0:
-            raise ValueError(f"reward.num_workers={self.num_workers} must be >= 0 (0 or None: one per CPU)")
+            problems.append(f"reward.num_workers={self.num_workers} must be >= 0 (0 or None: one per CPU)")
         if self.max_worker_memory_mb is not None and self.max_worker_memory_mb < 512:
-            raise ValueError(
+            problems.append(
                 f"reward.max_worker_memory_mb={self.max_worker_memory_mb} is below the ~500 MB a worker needs to "
                 "import sympy; use >= 512 (default 4096) or None for no cap"
             )
         if not 0 <= self.max_failure_rate <= 1:
-            raise ValueError(f"reward.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
+            problems.append(f"reward.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
+        raise_problems(problems)
 
     def score_table(self) -> dict[str, float]:
         """The score of each outcome (correct, wrong, no_answer) under this config's scheme."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from megatron_zero.config.problems import raise_problems
 from megatron_zero.config.sglang import SGLangConfig
 
 ROLLOUT_ENGINES = ("torch", "sglang")
@@ -33,12 +34,14 @@ class TorchEngineConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if not (isinstance(self.max_batch_size, int) and self.max_batch_size >= 1):
-            raise ValueError(f"rollout.torch.max_batch_size={self.max_batch_size!r} must be an integer >= 1")
+            problems.append(f"rollout.torch.max_batch_size={self.max_batch_size!r} must be an integer >= 1")
         if self.dtype not in TORCH_ENGINE_DTYPES:
-            raise ValueError(f"rollout.torch.dtype={self.dtype!r} is unknown; use one of {list(TORCH_ENGINE_DTYPES)}")
+            problems.append(f"rollout.torch.dtype={self.dtype!r} is unknown; use one of {list(TORCH_ENGINE_DTYPES)}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ValueError(f"rollout.torch.device={self.device!r} must be 'cpu', 'cuda' or 'cuda:<index>'")
+            problems.append(f"rollout.torch.device={self.device!r} must be 'cpu', 'cuda' or 'cuda:<index>'")
+        raise_problems(problems)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -71,25 +74,27 @@ class RolloutConfig:
     off_policy_steps: int = 0
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if self.engine not in ROLLOUT_ENGINES:
-            raise ValueError(f"rollout.engine={self.engine!r} is unknown; use one of {list(ROLLOUT_ENGINES)}")
+            problems.append(f"rollout.engine={self.engine!r} is unknown; use one of {list(ROLLOUT_ENGINES)}")
         if self.quantization is not None and self.quantization not in ROLLOUT_QUANTIZATIONS:
-            raise ValueError(f"rollout.quantization={self.quantization!r} is unknown; use null or one of "
-                             f"{list(ROLLOUT_QUANTIZATIONS)}")
+            problems.append(f"rollout.quantization={self.quantization!r} is unknown; use null or one of "
+                            f"{list(ROLLOUT_QUANTIZATIONS)}")
         if self.off_policy_steps not in (0, 1):
-            raise ValueError(f"rollout.off_policy_steps={self.off_policy_steps!r} must be 0 (on-policy) or 1 (the next "
-                             "batch generated while this one trains)")
+            problems.append(f"rollout.off_policy_steps={self.off_policy_steps!r} must be 0 (on-policy) or 1 (the next "
+                            "batch generated while this one trains)")
         if self.engine == "sglang" and self.sglang is None:
-            raise ValueError("rollout.engine='sglang' needs rollout.sglang (an SGLangConfig with model_path set)")
+            problems.append("rollout.engine='sglang' needs rollout.sglang (an SGLangConfig with model_path set)")
         if not (isinstance(self.num_samples_per_prompt, int) and self.num_samples_per_prompt >= 1):
-            raise ValueError(f"rollout.num_samples_per_prompt={self.num_samples_per_prompt!r} must be an integer >= 1 "
-                             "(recipe: 8)")
+            problems.append(f"rollout.num_samples_per_prompt={self.num_samples_per_prompt!r} must be an integer >= 1 "
+                            "(recipe: 8)")
         if not self.temperature > 0:
-            raise ValueError(f"rollout.temperature={self.temperature} must be > 0 for RL sampling (recipe: 1.0)")
+            problems.append(f"rollout.temperature={self.temperature} must be > 0 for RL sampling (recipe: 1.0)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1] (1 disables it)")
+            problems.append(f"rollout.top_p={self.top_p} must be in (0, 1] (1 disables it)")
         if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"rollout.top_k={self.top_k} must be -1 (off) or >= 1")
+            problems.append(f"rollout.top_k={self.top_k} must be -1 (off) or >= 1")
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1 "
-                             "(recipe script: 3072)")
+            problems.append(f"rollout.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1 "
+                            "(recipe script: 3072)")
+        raise_problems(problems)

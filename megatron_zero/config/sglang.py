@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Optional
 
+from megatron_zero.config.problems import raise_problems
+
 if TYPE_CHECKING:
     from megatron_zero.config.cluster import ClusterConfig
 
@@ -81,36 +83,38 @@ class SGLangConfig:
     extra_server_args: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if not self.model_path:
-            raise ValueError("sglang.model_path is empty; set it to the HF checkpoint directory the server loads")
+            problems.append("sglang.model_path is empty; set it to the HF checkpoint directory the server loads")
         if not 0 < self.port < 65536:
-            raise ValueError(f"sglang.port={self.port} must be in 1..65535")
+            problems.append(f"sglang.port={self.port} must be in 1..65535")
         if self.tp_size < 1:
-            raise ValueError(f"sglang.tp_size={self.tp_size} must be >= 1")
+            problems.append(f"sglang.tp_size={self.tp_size} must be >= 1")
         if self.base_gpu_id < 0:
-            raise ValueError(f"sglang.base_gpu_id={self.base_gpu_id} must be >= 0")
+            problems.append(f"sglang.base_gpu_id={self.base_gpu_id} must be >= 0")
         if not 0 < self.mem_fraction_static < 1:
-            raise ValueError(f"sglang.mem_fraction_static={self.mem_fraction_static} must be in (0, 1)")
+            problems.append(f"sglang.mem_fraction_static={self.mem_fraction_static} must be in (0, 1)")
         if self.dtype is not None and self.dtype not in SGLANG_DTYPES:
-            raise ValueError(f"sglang.dtype={self.dtype!r} is not an SGLang dtype; use one of {list(SGLANG_DTYPES)}")
+            problems.append(f"sglang.dtype={self.dtype!r} is not an SGLang dtype; use one of {list(SGLANG_DTYPES)}")
         for name in ("generate_timeout_s", "control_timeout_s", "health_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"sglang.{name}={getattr(self, name)} must be > 0 seconds")
+                problems.append(f"sglang.{name}={getattr(self, name)} must be > 0 seconds")
         if self.max_concurrent_requests < 1:
-            raise ValueError(f"sglang.max_concurrent_requests={self.max_concurrent_requests} must be >= 1")
+            problems.append(f"sglang.max_concurrent_requests={self.max_concurrent_requests} must be >= 1")
         if self.max_retries < 0:
-            raise ValueError(f"sglang.max_retries={self.max_retries} must be >= 0 (0 = no retry)")
+            problems.append(f"sglang.max_retries={self.max_retries} must be >= 0 (0 = no retry)")
         if self.retry_backoff_s < 0:
-            raise ValueError(f"sglang.retry_backoff_s={self.retry_backoff_s} must be >= 0")
+            problems.append(f"sglang.retry_backoff_s={self.retry_backoff_s} must be >= 0")
         if self.max_total_tokens is not None and self.max_total_tokens < 1:
-            raise ValueError(f"sglang.max_total_tokens={self.max_total_tokens} must be >= 1 or None (the default)")
+            problems.append(f"sglang.max_total_tokens={self.max_total_tokens} must be >= 1 or None (the default)")
         if self.context_length is not None and self.context_length < 1:
-            raise ValueError(f"sglang.context_length={self.context_length} must be >= 1 or None (model default)")
+            problems.append(f"sglang.context_length={self.context_length} must be >= 1 or None (model default)")
         reserved = {"--model-path", "--host", "--port", "--tp-size", "--tensor-parallel-size", "--base-gpu-id",
                     "--mem-fraction-static", "--dtype", "--enable-memory-saver", "--max-total-tokens"}
         clashes = sorted(reserved & {arg.split("=", 1)[0] for arg in self.extra_server_args})
         if clashes:
-            raise ValueError(f"sglang.extra_server_args sets {clashes}, which are SGLangConfig fields; set the fields")
+            problems.append(f"sglang.extra_server_args sets {clashes}, which are SGLangConfig fields; set the fields")
+        raise_problems(problems)
 
     @property
     def url(self) -> str:

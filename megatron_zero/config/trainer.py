@@ -19,6 +19,7 @@ from megatron_zero.config.cluster import ClusterConfig
 from megatron_zero.config.data import DataConfig
 from megatron_zero.config.model import ModelConfig
 from megatron_zero.config.parallel import ParallelConfig
+from megatron_zero.config.problems import ConfigProblems, raise_problems
 from megatron_zero.config.reward import RewardConfig
 from megatron_zero.config.rollout import RolloutConfig
 from megatron_zero.config.sglang import SGLangConfig
@@ -53,13 +54,15 @@ class HealthConfig:
     off_policy_probe_samples: int = 16
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         for name in ("max_logprob_gap_mean", "max_logprob_gap_max", "max_initial_kl"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"health.{name}={value} must be > 0")
+                problems.append(f"health.{name}={value} must be > 0")
         if not (isinstance(self.off_policy_probe_samples, int) and self.off_policy_probe_samples >= 1):
-            raise ValueError(f"health.off_policy_probe_samples={self.off_policy_probe_samples!r} must be an integer "
-                             ">= 1")
+            problems.append(f"health.off_policy_probe_samples={self.off_policy_probe_samples!r} must be an integer "
+                            ">= 1")
+        raise_problems(problems)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -86,18 +89,20 @@ class RunConfig:
     resume_from: Optional[str] = None
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if self.num_steps < 1:
-            raise ValueError(f"run.num_steps={self.num_steps} must be >= 1")
+            problems.append(f"run.num_steps={self.num_steps} must be >= 1")
         if self.num_minibatches < 1:
-            raise ValueError(f"run.num_minibatches={self.num_minibatches} must be >= 1")
+            problems.append(f"run.num_minibatches={self.num_minibatches} must be >= 1")
         for name in ("save_every", "eval_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"run.{name}={getattr(self, name)} must be >= 0 (0 = off)")
+                problems.append(f"run.{name}={getattr(self, name)} must be >= 0 (0 = off)")
         if self.weight_sync_bucket_mb < 1:
-            raise ValueError(f"run.weight_sync_bucket_mb={self.weight_sync_bucket_mb} must be >= 1")
+            problems.append(f"run.weight_sync_bucket_mb={self.weight_sync_bucket_mb} must be >= 1")
         if self.resume_from is not None and not self.resume:
-            raise ValueError(f"run.resume_from={self.resume_from!r} with run.resume=false: drop one (resume_from "
-                             "resumes there; resume=false starts at step 0)")
+            problems.append(f"run.resume_from={self.resume_from!r} with run.resume=false: drop one (resume_from "
+                            "resumes there; resume=false starts at step 0)")
+        raise_problems(problems)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -109,10 +114,12 @@ class EvalSetConfig:
     max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            raise ValueError(f"eval.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+            problems.append(f"eval.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
         if self.max_problems is not None and not (isinstance(self.max_problems, int) and self.max_problems >= 1):
-            raise ValueError(f"eval.max_problems={self.max_problems!r} must be null (all) or an integer >= 1")
+            problems.append(f"eval.max_problems={self.max_problems!r} must be null (all) or an integer >= 1")
+        raise_problems(problems)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -135,12 +142,13 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        problems: list[str] = []  # every value problem of this config, raised together
         if not self.model_path:
-            raise ValueError("model_path is empty; set it to the base model's HF directory (model_path=/models/X)")
+            problems.append("model_path is empty; set it to the base model's HF directory (model_path=/models/X)")
         self.cluster.check_layout(self.parallel)
         num_samples = self.data.sampler.batch_size * self.rollout.num_samples_per_prompt
         if num_samples % self.run.num_minibatches:
-            raise ValueError(
+            problems.append(
                 f"run.num_minibatches={self.run.num_minibatches} must divide data.sampler.batch_size x "
                 f"rollout.num_samples_per_prompt = {self.data.sampler.batch_size} x "
                 f"{self.rollout.num_samples_per_prompt} = {num_samples}; use one of "
@@ -148,33 +156,34 @@ class TrainConfig:
         if self.rollout.engine == "sglang":
             self._check_sglang(self.rollout.sglang)
         elif self.cluster.rollout_num_gpus:
-            raise ValueError(f"cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} reserves GPUs for SGLang "
-                             f"engines, but rollout.engine={self.rollout.engine!r}; set rollout.engine=sglang or "
-                             "cluster.rollout_num_gpus=0")
+            problems.append(f"cluster.rollout_num_gpus={self.cluster.rollout_num_gpus} reserves GPUs for SGLang "
+                            f"engines, but rollout.engine={self.rollout.engine!r}; set rollout.engine=sglang or "
+                            "cluster.rollout_num_gpus=0")
         if self.rollout.off_policy_steps:
             if self.cluster.colocate:
-                raise ValueError("rollout.off_policy_steps=1 generates the next batch while the actor trains, but "
-                                 "cluster.colocate=True shares the GPUs between them by turns; set cluster.colocate="
-                                 "false (engines on GPUs of their own, cluster.rollout_num_gpus) or off_policy_steps=0")
+                problems.append("rollout.off_policy_steps=1 generates the next batch while the actor trains, but "
+                                "cluster.colocate=True shares the GPUs between them by turns; set cluster.colocate="
+                                "false (engines on GPUs of their own, cluster.rollout_num_gpus) or off_policy_steps=0")
             if self.rollout.engine == "sglang" and self.rollout.temperature != 1.0:
-                raise ValueError(f"rollout.off_policy_steps=1 re-scores each batch on the engine, but SGLang 0.5.23 "
-                                 f"scores given tokens at temperature 1 only, and rollout.temperature="
-                                 f"{self.rollout.temperature}; sample at 1.0 (the recipe's) or set off_policy_steps=0")
+                problems.append(f"rollout.off_policy_steps=1 re-scores each batch on the engine, but SGLang 0.5.23 "
+                                f"scores given tokens at temperature 1 only, and rollout.temperature="
+                                f"{self.rollout.temperature}; sample at 1.0 (the recipe's) or set off_policy_steps=0")
             if self.loss.tis_cap is None:
-                raise ValueError("rollout.off_policy_steps=1 trains on responses of the policy one step back; set "
-                                 "loss.tis_cap (e.g. 2.0) so truncated importance sampling on the engine's log-probs "
-                                 "corrects the update")
+                problems.append("rollout.off_policy_steps=1 trains on responses of the policy one step back; set "
+                                "loss.tis_cap (e.g. 2.0) so truncated importance sampling on the engine's log-probs "
+                                "corrects the update")
         if self.actor.temperature != self.rollout.temperature:
-            raise ValueError(f"actor.temperature={self.actor.temperature} must equal rollout.temperature="
-                             f"{self.rollout.temperature}: the loss's log-probs must use the sampling distribution")
+            problems.append(f"actor.temperature={self.actor.temperature} must equal rollout.temperature="
+                            f"{self.rollout.temperature}: the loss's log-probs must use the sampling distribution")
         # The actor packs whole sequences into microbatches: the longest prompt + response must fit one.
         longest = self.rollout.max_new_tokens + (self.data.train.max_prompt_tokens or 0)
         if longest > self.actor.max_tokens_per_microbatch:
             prompt = ("" if self.data.train.max_prompt_tokens is None
                       else f"data.train.max_prompt_tokens={self.data.train.max_prompt_tokens} + ")
-            raise ValueError(f"actor.max_tokens_per_microbatch={self.actor.max_tokens_per_microbatch} is smaller than "
-                             f"one sequence of {prompt}rollout.max_new_tokens={self.rollout.max_new_tokens} = "
-                             f"{longest} tokens; raise it to at least {longest}")
+            problems.append(f"actor.max_tokens_per_microbatch={self.actor.max_tokens_per_microbatch} is smaller than "
+                            f"one sequence of {prompt}rollout.max_new_tokens={self.rollout.max_new_tokens} = "
+                            f"{longest} tokens; raise it to at least {longest}")
+        raise_problems(problems)
 
     @property
     def logprob_precision(self) -> str:
@@ -235,7 +244,7 @@ def parse_config(path: Optional[str], overrides: list[str], base: Optional[dict[
             except OmegaConfBaseException as error:
                 problems.append(_omegaconf_problem(error))
         if problems:
-            raise _KeyedConfigError(problems)
+            raise ConfigProblems(problems)
         plain = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as error:
         raise ValueError(f"config error: {_omegaconf_problem(error)}") from None
@@ -270,15 +279,6 @@ def _read_yaml_mapping(path: str):
     return loaded
 
 
-class _KeyedConfigError(ValueError):
-    """Every problem found in a config, each already renamed to the key the user typed (see ``_build``)."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__(problems[0] if len(problems) == 1 else
-                         f"{len(problems)} config problems:\n  " + "\n  ".join(problems))
-
-
 # A message that starts by naming a field: "policy_loss.clip_low=1.5 ...", "data.template: ...".
 _LEADING_FIELD = re.compile(r"^([A-Za-z_]+)\.(?=[A-Za-z_])")
 
@@ -305,19 +305,24 @@ def _build(cls: type, values: dict[str, Any], path: str = "") -> Any:
             continue
         try:
             kwargs[f.name] = _build(sub, value, key)
-        except _KeyedConfigError as error:
+        except ConfigProblems as error:
             problems += error.problems
     if problems:
-        raise _KeyedConfigError(problems)
+        raise ConfigProblems(problems)
     try:
         return cls(**kwargs)
     except ValueError as error:
-        message = str(error)
-        leading = _LEADING_FIELD.match(message)
-        if path and leading and not message.startswith(path + "."):
-            # Every mention of the sub-config's own prefix ("policy_loss.clip_high ... policy_loss.clip_low").
-            message = re.sub(rf"(?<![\w.]){leading.group(1)}\.(?=[A-Za-z_])", path + ".", message)
-        raise _KeyedConfigError([message]) from None
+        raise ConfigProblems([_as_typed(message, path) for message in getattr(error, "problems", [str(error)])]
+                             ) from None
+
+
+def _as_typed(message: str, path: str) -> str:
+    """``message`` of the sub-config at ``path`` with its own prefix renamed to the key the user typed."""
+    leading = _LEADING_FIELD.match(message)
+    if path and leading and not message.startswith(path + "."):
+        # Every mention of the sub-config's own prefix ("policy_loss.clip_high ... policy_loss.clip_low").
+        message = re.sub(rf"(?<![\w.]){leading.group(1)}\.(?=[A-Za-z_])", path + ".", message)
+    return message
 
 
 def _dataclass_type(annotation: Any) -> Optional[type]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from megatron_zero.config.problems import raise_problems
 from megatron_zero.config.trainer import TrainConfig, parse_config
-from megatron_zero.preflight.names import name_problems, raise_problems
+from megatron_zero.preflight.names import name_problems
 
 
 def load_config(path: Optional[str], overrides: list[str], base: Optional[dict[str, Any]] = None) -> TrainConfig:

@@ -7,7 +7,7 @@ fails in one line naming the key and the valid names, before any worker starts. 
 runs it on every loaded config, and ``check_train_inputs`` on a config built in Python.
 
 How: ``problems = name_problems(config)`` (every problem, empty when all names are known), or
-``raise_problems(advantage_problems(AdvantageConfig(estimator="gae")))``.
+``raise_problems(advantage_problems(AdvantageConfig(estimator="gae")))`` (config/problems.py).
 """
 
 from __future__ import annotations
@@ -73,11 +73,3 @@ def name_problems(config: TrainConfig) -> list[str]:
             "spread) and nothing would train; sample n >= 2 per prompt (recipe: 8) or use "
             "advantage.estimator='reinforce_plus_plus'")
     return problems
-
-
-def raise_problems(problems: list[str]) -> None:
-    """One problem as its own line, several as one block (the shape of load_config's errors)."""
-    if len(problems) == 1:
-        raise ValueError(problems[0])
-    if problems:
-        raise ValueError(f"{len(problems)} config problems:\n  " + "\n  ".join(problems))

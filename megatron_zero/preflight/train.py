@@ -13,11 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from megatron_zero.config.problems import raise_problems
 from megatron_zero.config.trainer import TrainConfig
 from megatron_zero.preflight.architecture import ResolvedArchitecture
 from megatron_zero.preflight.generation import (GenerationInputs, MissingFiles, PromptBound,
                                                 check_generation_inputs)
-from megatron_zero.preflight.names import name_problems, raise_problems
+from megatron_zero.preflight.names import name_problems
 
 
 def check_train_inputs(config: TrainConfig, missing: Optional[MissingFiles] = None,
