@@ -123,26 +123,28 @@ def _error(capsys) -> str:
 
 
 def test_eval_and_difficulty_refuse_sequences_beyond_the_context(tmp_path, no_engine, capsys):
-    """The demo model has 128 positions: a 100-token prompt + 64 new tokens cannot fit."""
+    """The demo model has fewer than 164 positions: a 100-token prompt + 64 new tokens cannot fit."""
+    positions = json.loads((BASE_MODEL_PATH / "config.json").read_text())["max_position_embeddings"]
+    assert positions < 164
     (tmp_path / "gsm8k").mkdir()
     question = "What is " + "1+" * 50 + "1?"
     (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": question, "answer": "x #### 51"}) + "\n")
     assert main(["eval", "--model", str(BASE_MODEL_PATH), "--benchmarks", "gsm8k", "--data-dir", str(tmp_path),
                  "--max-new-tokens", "64", "--out", str(tmp_path / "eval")]) == 2
     assert re.search(r"the longest prompt \(gsm8k row 0, \d+ tokens\) \+ --max-new-tokens=64 = \d+ tokens exceed "
-                     r"the model's context, max_position_embeddings=128", _error(capsys))
+                     r"the model's context, max_position_embeddings=\d+", _error(capsys))
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
     assert main(["difficulty", "--model", str(BASE_MODEL_PATH), "--data", str(data), "--template", "{input}",
                  "--max-prompt-tokens", "100", "--max-new-tokens", "64", "--out", str(tmp_path / "r.jsonl")]) == 2
     assert ("--max-prompt-tokens=100 + --max-new-tokens=64 = 164 tokens exceed the model's context, "
-            "max_position_embeddings=128") in _error(capsys)
+            f"max_position_embeddings={positions}") in _error(capsys)
     # The SGLang server's own limit, where set (--context-length), counts too: both limits in one block.
     assert main(["difficulty", "--model", str(BASE_MODEL_PATH), "--data", str(data), "--template", "{input}",
                  "--max-prompt-tokens", "100", "--max-new-tokens", "64", "--engine", "sglang", "--context-length",
                  "120", "--device", "cpu", "--out", str(tmp_path / "r.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert "the SGLang server's context, --context-length=120" in err and "max_position_embeddings=128" in err
+    assert "the SGLang server's context, --context-length=120" in err and f"max_position_embeddings={positions}" in err
     # And its KV pool: one sequence longer than the whole pool can never be scheduled.
     assert main(["difficulty", "--model", str(BASE_MODEL_PATH), "--data", str(data), "--template", "{input}",
                  "--max-prompt-tokens", "40", "--max-new-tokens", "40", "--engine", "sglang", "--max-total-tokens",
@@ -220,7 +222,7 @@ def test_data_then_difficulty_then_train_as_printed(tmp_path, capsys):
     printed = capsys.readouterr().out
     difficulty = shlex.split(re.search(r"`megatron-zero (difficulty [^`]+)`", printed).group(1))
     difficulty[difficulty.index("MODEL")] = str(BASE_MODEL_PATH)
-    # At the demo model's size (128 positions): short prompts and responses, few samples.
+    # At the demo model's size (144 positions): short prompts and responses, few samples.
     assert main([*difficulty, "--n", "2", "--template", "{input}", "--max-prompt-tokens", "64", "--max-new-tokens",
                  "8", "--batch-size", "8"]) == 0
     printed = capsys.readouterr().out

@@ -49,11 +49,13 @@ class EvalConfig:
             problems.append(f"eval.benchmarks={self.benchmarks!r} lists {duplicates} more than once; list each once")
         if not self.template:
             problems.append("eval.template='' must name a prompt template, e.g. 'qwen-boxed'")
-        if not isinstance(self.n_samples, int) or self.n_samples < 1:
+        n_samples_valid = isinstance(self.n_samples, int) and self.n_samples >= 1
+        if not n_samples_valid:
             problems.append(f"eval.n_samples={self.n_samples!r} must be an integer >= 1")
         if self.temperature < 0:
             problems.append(f"eval.temperature={self.temperature} must be >= 0 (0 means greedy)")
-        if self.temperature == 0 and self.n_samples != 1:
+        # Checks that read n_samples run only on a valid one: its own problem is said above, once.
+        if self.temperature == 0 and n_samples_valid and self.n_samples != 1:
             problems.append(
                 f"eval.temperature=0 (greedy) with eval.n_samples={self.n_samples} would repeat one sample; "
                 "set n_samples=1 or temperature > 0"
@@ -62,7 +64,7 @@ class EvalConfig:
             problems.append(f"eval.top_p={self.top_p} must be in (0, 1]")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             problems.append(f"eval.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
-        for k in self.pass_k:
+        for k in self.pass_k if n_samples_valid else ():
             if not isinstance(k, int) or not 1 <= k <= self.n_samples:
                 problems.append(
                     f"eval.pass_k={self.pass_k!r} contains {k!r}; each k must be an integer in "
@@ -113,11 +115,15 @@ class EngineConfig:
             problems.append(f"num_gpus={self.num_gpus!r} must be an integer >= 1")
         if self.sglang_device not in SGLANG_DEVICES:
             problems.append(f"sglang_device={self.sglang_device!r} is unknown; use one of {list(SGLANG_DEVICES)}")
-        if self.engine == "sglang" and self.sglang.launch:
+        if self.engine == "sglang" and self.sglang is not None and self.sglang.launch:
             if self.sglang.colocated:
                 problems.append("sglang.colocated=True shares GPUs with training ranks, but evaluation has none; "
-                                 "set sglang.colocated=False")
-            self.sglang.check_launch(self.cluster)
+                                "set sglang.colocated=False")
+            else:
+                try:
+                    self.sglang.check_launch(self.cluster)
+                except ValueError as error:
+                    problems += getattr(error, "problems", [str(error)])
         raise_problems(problems)
 
     @property
