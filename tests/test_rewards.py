@@ -237,7 +237,9 @@ def test_registry_by_import_path_and_name(user_module):
 
 
 def test_user_reward_in_pool_with_errors_and_crash_counted(user_module):
-    config = RewardConfig(reward_fn=f"{user_module}:explode", num_workers=1, timeout_s=5.0, max_worker_memory_mb=2048)
+    # The default cap (4 GiB): the "alloc" item asks for 8 GiB. At 2 GiB, a replacement worker's own math-verify
+    # warm-up once hit the cap in CI's second stack (MemoryError compiling a regex, 2026-12-07; not reproduced alone).
+    config = RewardConfig(reward_fn=f"{user_module}:explode", num_workers=1, timeout_s=5.0, max_worker_memory_mb=4096)
     with GraderPool(config) as user_pool:
         grades = user_pool.grade_batch(["fine", "raise", "crash", "alloc", "fine"], ["1"] * 5)
         # The same items through a session, submitted in reverse: the same grades, failures counted alike.
