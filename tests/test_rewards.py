@@ -206,6 +206,8 @@ def explode(response, ground_truth, config):
         raise ZeroDivisionError("user bug")
     if response == "alloc":
         bytearray(8 * 2**30)  # over the worker's address-space cap
+    if response == "alloc100":
+        bytearray(100 * 2**20)  # well inside it
     return GradeResult(score=0.5, status=GradeStatus.OK, correct=False)
 '''
 
@@ -237,9 +239,7 @@ def test_registry_by_import_path_and_name(user_module):
 
 
 def test_user_reward_in_pool_with_errors_and_crash_counted(user_module):
-    # The default cap (4 GiB): the "alloc" item asks for 8 GiB. At 2 GiB, a replacement worker's own math-verify
-    # warm-up once hit the cap in CI's second stack (MemoryError compiling a regex, 2026-12-07; not reproduced alone).
-    config = RewardConfig(reward_fn=f"{user_module}:explode", num_workers=1, timeout_s=5.0, max_worker_memory_mb=4096)
+    config = RewardConfig(reward_fn=f"{user_module}:explode", num_workers=1, timeout_s=5.0, max_worker_memory_mb=2048)
     with GraderPool(config) as user_pool:
         grades = user_pool.grade_batch(["fine", "raise", "crash", "alloc", "fine"], ["1"] * 5)
         # The same items through a session, submitted in reverse: the same grades, failures counted alike.
@@ -595,3 +595,43 @@ def test_fast_paths_off_with_another_math_verify_version(monkeypatch, caplog):
         assert calls == {"parse": 2, "verify": 1} and "grading fast paths are off" in caplog.text
     finally:
         fast_parse_module.fast_paths_apply.cache_clear()
+
+
+FORKSERVER_WITH_TORCH = '''
+import multiprocessing
+import sys
+
+# Start this process's one forkserver the way parallel/local_launch.py does on CPU: torch imported in it.
+context = multiprocessing.get_context("forkserver")
+context.set_forkserver_preload(["torch"])
+process = context.Process(target=sys.exit, args=(0,))
+process.start()
+process.join()
+
+from megatron_zero.config.reward import RewardConfig
+from megatron_zero.rewards import GraderPool
+
+config = RewardConfig(reward_fn="my_rewards:explode", num_workers=1, max_worker_memory_mb=512)
+with GraderPool(config) as pool:
+    grades = pool.grade_batch(["fine", "alloc100", "alloc"], ["1"] * 3)
+print([result.status.value for result in grades.results])
+print(grades.results[2].detail)
+'''
+
+
+def test_worker_memory_cap_counts_from_the_workers_start(user_module, tmp_path):
+    """Grader workers fork from the process's one forkserver, which local_launch may have started with torch in it
+    (hundreds of MB of address space for the CPU build, ~3.9 GB for the CUDA one): the cap is what grading may add,
+    so a 512 MB cap still lets grading allocate 100 MB, and still stops an 8 GiB allocation. (A cap counted from 0
+    refused the 100 MB here; in CI's second stack, with the CUDA build, math-verify's own warm-up.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", FORKSERVER_WITH_TORCH], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    statuses, detail = done.stdout.strip().splitlines()[-2:]
+    assert statuses == "['ok', 'ok', 'error']"
+    assert "MemoryError" in detail

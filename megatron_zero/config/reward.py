@@ -56,8 +56,8 @@ class RewardConfig:
     timeout_s: float = 10.0
     # Grader worker processes; None or 0 means one per CPU this process may use (os.sched_getaffinity).
     num_workers: Optional[int] = None
-    # Address-space cap per worker: \\boxed{2^{2^{40}}} would otherwise allocate gigabytes before its timeout.
-    # Over it, sympy raises MemoryError and the item scores as wrong. None disables the cap.
+    # Address space a worker may add to what it holds at start: \\boxed{2^{2^{40}}} would otherwise allocate
+    # gigabytes before its timeout. Over it, sympy raises MemoryError and the item scores as wrong. None: no cap.
     max_worker_memory_mb: Optional[int] = 4096
     # The trainer stops the run when the share of timeouts + errors in one batch exceeds this.
     max_failure_rate: float = 0.05

@@ -48,11 +48,25 @@ def _failure(config: RewardConfig, status: GradeStatus, detail: str) -> GradeRes
     return GradeResult(score=config.score_table()["wrong"], status=status, detail=detail)
 
 
+def _address_space_bytes() -> int:
+    """This process's virtual address space now (0 where /proc is absent).
+
+    The cap counts from here: a worker forks from the one forkserver of its process, which another user may have
+    started with torch imported (parallel/local_launch.py preloads torch and megatron-core on CPU); the CUDA build
+    of torch 2.14.1 alone maps ~3.9 GB, which would leave a fixed 4 GiB cap no room for grading (measured:
+    MemoryError in math-verify's warm-up)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
 def _worker_main(conn: Connection, reward_fn: RewardFn, config: RewardConfig) -> None:
     # Ctrl-C belongs to the trainer, which then closes the pool; a worker dying on SIGINT would look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if config.max_worker_memory_mb is not None:
-        limit = config.max_worker_memory_mb * 2**20
+        limit = _address_space_bytes() + config.max_worker_memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     # math-verify warns that its own (SIGALRM) timeout is off; this pool enforces the limit instead.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
