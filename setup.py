@@ -20,7 +20,7 @@ Extras:
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 BASE_REQUIREMENTS = [
     # torch is deliberately unpinned here: the `cpu` extra pins the CPU build and
@@ -86,11 +86,16 @@ setup(
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["megatron_zero", "megatron_zero.*"]),
+    # Namespace discovery: the data folders (the demo's model and prompts; sglang_cpu_files/, the driver stub's C
+    # source and the server's sitecustomize for rollout/sglang_cpu.py) have no __init__.py, and setuptools warns
+    # about any importable folder it is not told of.
+    packages=find_namespace_packages(include=["megatron_zero", "megatron_zero.*"], exclude=["*.__pycache__"]),
     include_package_data=True,
-    # sglang_cpu_files/: the driver stub's C source and the server's sitecustomize (rollout/sglang_cpu.py), data
-    # of the rollout package rather than modules of it.
-    package_data={"megatron_zero.demo": ["assets/*", "assets/*/*"], "megatron_zero.rollout": ["sglang_cpu_files/*"]},
+    package_data={
+        "megatron_zero.demo.assets": ["*"],
+        "megatron_zero.demo.assets.base_model": ["*"],
+        "megatron_zero.rollout.sglang_cpu_files": ["*"],
+    },
     install_requires=BASE_REQUIREMENTS,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["megatron-zero=megatron_zero.cli:main"]},
