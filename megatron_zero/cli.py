@@ -48,19 +48,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def as_flags(error: ValueError, prefixes: tuple[str, ...], renamed: dict[str, str]) -> ValueError:
-    """A command config's error with its keys ("eval.n_samples", "data.train.max_prompt_tokens") written as the
-    command's flags ("--n", "--max-prompt-tokens"): what the user typed."""
+def as_flags(error: ValueError, prefixes: tuple[str, ...], renamed: dict[str, str],
+             bare: tuple[str, ...] = ()) -> ValueError:
+    """A command config's error with its keys ("eval.n_samples", "data.train.max_prompt_tokens", and the fields in
+    `bare`, which a config names without a prefix) written as the command's flags ("--n", "--max-prompt-tokens"):
+    what the user typed."""
     def flag(match: re.Match) -> str:
         return renamed.get(match.group(2), "--" + match.group(2).replace("_", "-"))
 
-    pattern = rf"(?<![\w.-])({'|'.join(re.escape(prefix) for prefix in prefixes)})\.([a-z_]+)"
-    return ValueError(re.sub(pattern, flag, str(error)))
+    keys = [rf"({'|'.join(re.escape(prefix) for prefix in prefixes)})\.([a-z_]+)"]
+    if bare:
+        keys.append(rf"()({'|'.join(bare)})(?=[=\s])")
+    text = str(error)
+    for key in keys:
+        text = re.sub(rf"(?<![\w.-]){key}", flag, text)
+    return ValueError(text)
 
 
 # The --engine flags for the SGLangConfig / EngineConfig fields they set (the rest: --field-name).
-ENGINE_FLAGS = {"rollout_num_gpus": "--num-gpus", "gpus_per_node": "--num-gpus", "extra_server_args": "--sglang-arg",
-                "enable_deterministic_inference": "--deterministic"}
+ENGINE_FLAGS = {"rollout_num_gpus": "--num-gpus", "gpus_per_node": "--num-gpus", "cpu_workers_per_node": "--num-gpus",
+                "extra_server_args": "--sglang-arg", "enable_deterministic_inference": "--deterministic",
+                "sglang_device": "--device"}
 # The `difficulty` command's flags for its DatasetConfig and PassRateEstimateConfig fields (the rest: --field-name).
 DIFFICULTY_FLAGS = {"num_samples": "--n", "path": "--data"}
 
@@ -98,7 +106,7 @@ def _engine_config(args: argparse.Namespace):
                             sglang_device=args.device or "cuda")
     except ValueError as error:
         # The servers' layout is --num-gpus GPUs (or CPU bundles) of their own, one server per --tp-size.
-        raise as_flags(error, ("sglang", "cluster"), ENGINE_FLAGS) from None
+        raise as_flags(error, ("sglang", "cluster"), ENGINE_FLAGS, bare=("num_gpus", "sglang_device")) from None
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -164,6 +172,10 @@ def _data(args: argparse.Namespace) -> int:
     from megatron_zero.data.splits import SPLIT_DATASET_FIELDS, build_difficulty_split, read_rows, write_jsonl
     from megatron_zero.utils.files import prepare_output
 
+    missing = [f"--{flag} {path}" for flag in ("math", "gsm8k") for path in getattr(args, flag)
+               if not Path(path).exists()]
+    if missing:
+        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
     prepare_output(args.out, "--out")
     rows = build_difficulty_split(args.split, [row for path in args.math for row in read_rows(path)],
                                   [row for path in args.gsm8k for row in read_rows(path)],
@@ -209,6 +221,8 @@ def _export(args: argparse.Namespace) -> int:
     from megatron_zero.trainer.checkpoint import COMPLETE_MARKER, export_hf
 
     checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
     if not (checkpoint / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete training checkpoint (no {COMPLETE_MARKER} marker)")
     export_hf(checkpoint, args.out)  # verified against its marker first; nothing left in --out's folder on failure
@@ -227,6 +241,13 @@ def _plan(args: argparse.Namespace) -> int:
     from megatron_zero.preflight.generation import MissingFiles, check_generation_inputs
     from megatron_zero.preflight.train import generation_inputs, prompt_bound
 
+    flag_problems = [f"--{flag.replace('_', '-')}={getattr(args, flag)} must be {bound}"
+                     for flag, bound, ok in [("gpu_memory_gib", "> 0", args.gpu_memory_gib > 0),
+                                             ("overhead_gib", ">= 0", args.overhead_gib >= 0),
+                                             ("cuda_graph_reserve_gib", ">= 0", args.cuda_graph_reserve_gib >= 0),
+                                             ("recommend", ">= 0", args.recommend >= 0)] if not ok]
+    if flag_problems:
+        raise ValueError("; ".join(flag_problems))
     config = load_config(args.config, args.overrides)
     # The architecture and the length check of the preflight, without its file checks: a plan is arithmetic.
     resolved = check_generation_inputs(generation_inputs(config), lambda: prompt_bound(config),
@@ -308,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     train.set_defaults(run=_train)
 
-    demo = commands.add_parser("demo", help="the whole zero-RL loop on this CPU box, no downloads (~10 min)")
+    demo = commands.add_parser(
+        "demo", help="the whole zero-RL loop on this CPU box, no downloads (about 3 min on 2 cores)"
+    )
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument("--steps", type=int, default=None, help="RL steps (default: the demo's tuned number)")
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo's config; rollout.engine=sglang "
@@ -317,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="evaluate an HF model on math benchmarks (local files)")
     ev.add_argument("--model", required=True)
-    ev.add_argument("--benchmarks", nargs="+", required=True)
+    ev.add_argument("--benchmarks", nargs="+", action="extend", required=True)
     ev.add_argument("--data-dir", default="data/eval")
     ev.add_argument("--template", default="qwen-boxed")
     ev.add_argument("--n", type=int, default=1)
@@ -325,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--top-p", type=float, default=0.95)
     ev.add_argument("--max-new-tokens", type=int, default=4096)
     ev.add_argument("--max-problems", type=int, default=None)
-    ev.add_argument("--pass-k", type=int, nargs="+", default=None, help="k of pass@k (default 1, 2, 4, ... n)")
+    # action="extend": a repeated list flag adds to the list, where argparse's default would keep only the last.
+    ev.add_argument("--pass-k", type=int, nargs="+", action="extend", default=None,
+                    help="k of pass@k (default 1, 2, 4, ... n)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="outputs/eval")
     _add_engine_arguments(ev)
@@ -357,9 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="the paper's Easy / Medium / Hard training split from local MATH and "
                                             "GSM8K files")
     data.add_argument("--split", required=True, help="easy (GSM8K + MATH level 1), medium (MATH 1-4) or hard (3-5)")
-    data.add_argument("--math", nargs="+", required=True,
+    data.add_argument("--math", nargs="+", action="extend", required=True,
                       help="MATH files or folders (problem, level, type, solution; .jsonl / .json / .parquet)")
-    data.add_argument("--gsm8k", nargs="+", default=[], help="GSM8K files (question, answer with '####'); easy only")
+    data.add_argument("--gsm8k", nargs="+", action="extend", default=[],
+                      help="GSM8K files (question, answer with '####'); easy only")
     data.add_argument("--max-problems", type=int, default=None, help="subsample to this many (the paper: ~8000)")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--out", required=True)

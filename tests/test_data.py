@@ -445,5 +445,16 @@ def test_data_command_builds_splits_from_local_math_and_gsm8k_files(tmp_path, ca
     assert len(rows) == 3 and all(row["level"] >= 3 for row in rows)
     assert main(["data", "--split", "hard", "--math", str(math_dir), "--gsm8k", str(gsm8k), "--out", str(hard)]) == 2
     assert "has no place for the 3 GSM8K rows" in capsys.readouterr().err
-    assert main(["data", "--split", "hard", "--math", str(tmp_path / "none"), "--out", str(hard)]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    # A repeated flag adds files (argparse alone would keep only the last --math).
+    assert main(["data", "--split", "hard", "--math", str(math_dir), "--math", str(tmp_path / "math.jsonl"),
+                 "--out", str(hard)]) == 0
+    both = [json.loads(line) for line in hard.read_text().splitlines()]
+    assert main(["data", "--split", "hard", "--math", str(math_dir), "--out", str(hard)]) == 0
+    assert len(both) == 2 * len(hard.read_text().splitlines()) > 0
+    # Every missing input is named with its flag, before anything is read or written.
+    hard.unlink()
+    assert main(["data", "--split", "easy", "--math", str(tmp_path / "none"), "--math", str(math_dir), "--gsm8k",
+                 str(tmp_path / "g.jsonl"), "--out", str(hard)]) == 2
+    assert f"no such file or folder: --math {tmp_path / 'none'}, --gsm8k {tmp_path / 'g.jsonl'}" in (
+        capsys.readouterr().err)
+    assert not hard.exists()

@@ -106,3 +106,12 @@ def test_plan_command_prints_table_and_json(capsys):
     report = json.loads(capsys.readouterr().out)
     assert not report["fits"] and report["problems"]
     assert {phase["name"] for phase in report["phases"]} == {"rollout", "logprob", "train", "sync"}
+
+
+def test_plan_refuses_impossible_memory_flags_in_one_line(capsys):
+    from megatron_zero.cli import main
+
+    config_path, _ = example_configs()[0]
+    assert main(["plan", "--config", str(config_path), "--gpu-memory-gib", "-5", "--overhead-gib", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --gpu-memory-gib=-5.0 must be > 0; --overhead-gib=-1.0 must be >= 0")

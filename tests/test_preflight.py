@@ -167,6 +167,10 @@ def test_command_errors_name_the_command_flags(tmp_path, capsys):
     assert main(["eval", "--model", str(BASE_MODEL_PATH), "--benchmarks", "gsm8k", "--engine", "sglang",
                  "--tp-size", "2", "--num-gpus", "3", "--device", "cpu"]) == 2
     assert _error(capsys) == "error: --tp-size=2 must divide --num-gpus=3 (one engine per tp_size GPUs)"
+    # Said once, as the flag: not also as the CPU layout built from it (cluster.cpu_workers_per_node).
+    assert main(["eval", "--model", str(BASE_MODEL_PATH), "--benchmarks", "gsm8k", "--engine", "sglang",
+                 "--num-gpus", "0", "--device", "cpu"]) == 2
+    assert _error(capsys) == "error: --num-gpus=0 must be an integer >= 1"
 
 
 def test_malformed_jsonl_names_its_line(tmp_path):

@@ -249,3 +249,13 @@ def test_records_keep_one_line_per_step_the_last_written(tmp_path):
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == lines[2:4]
     assert _steps(aside / "metrics.jsonl") == [1, 2, 3]
     assert keep_history_through(tmp_path, 2) is None  # nothing left to move
+
+
+def test_export_names_a_missing_folder_apart_from_an_unfinished_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "checkpoints" / "step_000100"
+    assert main(["export", "--checkpoint", str(missing), "--out", str(tmp_path / "hf")]) == 2
+    assert _error_line(capsys) == f"error: --checkpoint {missing}: no such folder"
+    missing.mkdir(parents=True)  # a save that died before its marker
+    assert main(["export", "--checkpoint", str(missing), "--out", str(tmp_path / "hf")]) == 2
+    assert _error_line(capsys) == f"error: {missing} is not a complete training checkpoint (no COMPLETE marker)"
+    assert not (tmp_path / "hf").exists()
