@@ -265,6 +265,19 @@ def test_public_format_readers():
         read_gsm8k_rows([{"question": "q", "answer": "42"}])
 
 
+def test_unreadable_split_inputs_are_named(tmp_path):
+    from megatron_zero.data.splits import read_rows
+
+    folder = tmp_path / "MATH" / "algebra"
+    folder.mkdir(parents=True)
+    (folder / "1.json").write_bytes(b"\xff\xfe{}")  # UTF-16 exported by an editor
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(folder / '1.json'))}: not UTF-8 text \(invalid start byte"):
+        read_rows(tmp_path / "MATH")  # the file inside the folder, not the folder, is named
+    (tmp_path / "t.jsonl").write_text('{"problem": "p"}\n{"problem": \n')
+    with pytest.raises(ValueError, match=r"t.jsonl:2: not valid JSON"):
+        read_rows(tmp_path / "t.jsonl")
+
+
 def test_build_difficulty_splits():
     def uids(rows):
         return sorted(row["uid"] for row in rows)

@@ -42,7 +42,13 @@ SPLIT_DATASET_FIELDS = {"uid_field": "uid", "level_field": "level", "source_fiel
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a .jsonl / .json / .parquet file, or of every such file under a folder (sorted by path)."""
-    path = Path(path)
+    try:
+        return _read_rows(Path(path))
+    except UnicodeDecodeError as error:  # raised deep in a file's reading, where the file's name is not said
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         files = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix in ROW_FILE_SUFFIXES)
         if not files:
