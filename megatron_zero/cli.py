@@ -172,11 +172,11 @@ def _data(args: argparse.Namespace) -> int:
     from megatron_zero.data.splits import SPLIT_DATASET_FIELDS, build_difficulty_split, read_rows, write_jsonl
     from megatron_zero.utils.files import prepare_output
 
+    prepare_output(args.out, "--out")
     missing = [f"--{flag} {path}" for flag in ("math", "gsm8k") for path in getattr(args, flag)
                if not Path(path).exists()]
     if missing:
         raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
-    prepare_output(args.out, "--out")
     rows = build_difficulty_split(args.split, [row for path in args.math for row in read_rows(path)],
                                   [row for path in args.gsm8k for row in read_rows(path)],
                                   max_problems=args.max_problems, seed=args.seed)

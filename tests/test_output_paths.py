@@ -72,6 +72,20 @@ def test_benchmark_refuses_before_it_runs(blocker, monkeypatch, capsys):
                                                          f" {blocker} is a file, where a folder must be")
 
 
+@pytest.mark.parametrize("command", ["hf-to-mcore", "hf-to-fp8"])
+def test_conversion_refuses_a_file_in_the_way_before_any_work(command, blocker, monkeypatch, capsys):
+    import convert_checkpoint
+
+    monkeypatch.setattr(convert_checkpoint, "run_local_workers", lambda *args, **kwargs: pytest.fail("it ran"))
+    monkeypatch.setattr(convert_checkpoint, "write_fp8_checkpoint", lambda *args, **kwargs: pytest.fail("it ran"))
+    out = blocker / "mcore"
+    assert convert_checkpoint.main([command, "--hf", str(BASE_MODEL_PATH), "--out", str(out)]) == 2
+    assert _error_line(capsys) == f"error: --out {out}: {blocker} is a file, where a folder must be"
+    assert convert_checkpoint.main([command, "--hf", str(BASE_MODEL_PATH), "--out", str(blocker)]) == 2
+    assert _error_line(capsys) == f"error: --out {blocker} is a file; name a new folder"
+    assert sorted(path.name for path in blocker.parent.iterdir()) == ["results"]  # no .partial left
+
+
 def test_data_creates_its_output_folders(tmp_path):
     math = tmp_path / "math.jsonl"
     math.write_text("".join(json.dumps({"problem": f"{i} + 1?", "level": "Level 4", "type": "Algebra",

@@ -57,12 +57,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(out: str | Path) -> Iterator[Path]:
+def staged_directory(out: str | Path, option: str = "--out") -> Iterator[Path]:
     """An empty folder ``.<name>.partial`` beside ``out`` for the block to fill; renamed to ``out`` when the block
-    returns, removed when it raises. ``out`` must not exist or be empty (checked before the block runs)."""
+    returns, removed when it raises. ``out`` must not exist or be empty, and its parent must be a folder this
+    process can write in (checked before the block runs; ``option`` names ``out`` in the error)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{option} {out} is a file; name a new folder")
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"output directory {out} is not empty; choose a new one")
+    _writable_folder(out.parent, option, out)
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # left by a killed earlier attempt
     partial.mkdir(parents=True)
@@ -84,7 +88,12 @@ def prepare_output(path: str | Path, option: str, *, folder: bool = False) -> Pa
         raise ValueError(f"{option} {path} is a file; name a folder")
     if not folder and path.is_dir():
         raise ValueError(f"{option} {path} is a folder; name a file in it, e.g. {path / 'out.jsonl'}")
-    where = path if folder else path.parent
+    _writable_folder(path if folder else path.parent, option, path)
+    return path
+
+
+def _writable_folder(where: Path, option: str, path: Path) -> None:
+    """Create the folder ``where`` (for ``path``, given as ``option``) and check this process can write in it."""
     blocking = next((p for p in (where, *where.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"{option} {path}: {blocking} is a file, where a folder must be")
@@ -95,4 +104,3 @@ def prepare_output(path: str | Path, option: str, *, folder: bool = False) -> Pa
     # Results are written under a temporary name beside their target and renamed: the folder must be writable.
     if not os.access(where, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path}: no permission to write in {where}")
-    return path
