@@ -177,6 +177,19 @@ def test_common_mistakes_get_one_line_before_any_worker(tmp_path):
     (tmp_path / "bad.yaml").write_text("run: [\n")
     with pytest.raises(ValueError, match=r"bad.yaml is not valid YAML at line 2, column 1"):
         load_config(str(tmp_path / "bad.yaml"), base)
+    # A section given one value, in the file or an override, is named by its key (OmegaConf's merge error says only
+    # "int is not a subclass of ActorConfig"); each file section and override is checked, so all come in one block.
+    (tmp_path / "flat.yaml").write_text("actor: 3\nrun:\n  num_steps: abc\ndata:\n  train: [1]\n")
+    with pytest.raises(ValueError) as error:
+        load_config(str(tmp_path / "flat.yaml"), [*base, "rollout.sglang=5", "actor.lr", "actor.lr=[1"])
+    assert str(error.value).splitlines()[1:] == [
+        f"  actor is a section of keys (actor.lr, ...), not a value: 3 (in {tmp_path / 'flat.yaml'})",
+        f"  run.num_steps: Value 'abc' of type 'str' could not be converted to Integer (in {tmp_path / 'flat.yaml'})",
+        f"  data.train is a section of keys (data.train.path, ...), not a value: [1] (in {tmp_path / 'flat.yaml'})",
+        "  rollout.sglang is a section of keys (rollout.sglang.model_path, ...), not a value: 5",
+        "  'actor.lr' is not key=value (e.g. actor.lr=1e-6)",
+        "  actor.lr: the value '[1' does not parse (did not find expected ',' or ']')",
+    ]
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match=r"list.yaml holds a ListConfig, not a mapping of config keys"):
         load_config(str(tmp_path / "list.yaml"), base)

@@ -227,6 +227,7 @@ def parse_config(path: Optional[str], overrides: list[str], base: Optional[dict[
     """YAML file (optional) + ``a.b=value`` overrides -> a ``TrainConfig`` whose values are valid; errors name the
     key. Commands load configs with ``megatron_zero.preflight.config.load_config``, which also checks the names
     fields take against the registries (config/ imports no other package of ours)."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -235,14 +236,29 @@ def parse_config(path: Optional[str], overrides: list[str], base: Optional[dict[
     problems = []
     try:
         merged = OmegaConf.merge(schema, base or {})
+        # One section of the file and one override at a time, so that every mistyped key or wrong type is listed,
+        # not only the first.
         if path is not None:
-            merged = OmegaConf.merge(merged, _read_yaml_mapping(path))
-        # One override at a time, so that every mistyped key or wrong type is listed, not only the first.
+            for key, value in _read_yaml_mapping(path).items_ex(resolve=False):
+                try:
+                    merged = OmegaConf.merge(merged, {key: value})
+                except OmegaConfBaseException as error:
+                    problems.append(f"{_section_problem(schema, key, value) or _omegaconf_problem(error)} (in {path})")
         for override in overrides:
+            key, equals, text = override.partition("=")
+            if not equals:
+                problems.append(f"{override!r} is not key=value (e.g. actor.lr=1e-6)")
+                continue
             try:
-                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+                (section,) = OmegaConf.to_container(OmegaConf.from_dotlist([override])).items()
+            except (OmegaConfBaseException, yaml.YAMLError) as error:
+                reason = getattr(error, "problem", None) or error
+                problems.append(f"{key}: the value {text!r} does not parse ({reason})")
+                continue
+            try:
+                merged = OmegaConf.merge(merged, dict([section]))
             except OmegaConfBaseException as error:
-                problems.append(_omegaconf_problem(error))
+                problems.append(_section_problem(schema, *section) or _omegaconf_problem(error))
         if problems:
             raise ConfigProblems(problems)
         plain = OmegaConf.to_container(merged, resolve=True)
@@ -257,6 +273,26 @@ def _omegaconf_problem(error: Exception) -> str:
     first = str(error).splitlines()[0] if str(error) else type(error).__name__
     key = getattr(error, "full_key", None)
     return f"{key}: {first}" if key else first
+
+
+def _section_problem(schema: Any, key: str, value: Any, prefix: str = "") -> Optional[str]:
+    """Where a section of keys (``actor``, ``data.train``) is given one value (``actor: 3``), that in the user's
+    words: OmegaConf's merge error names neither the key nor the file ("int is not a subclass of ActorConfig")."""
+    from omegaconf import DictConfig
+
+    if not isinstance(schema, DictConfig) or key not in schema:
+        return None
+    node, path = schema._get_node(key), f"{prefix}{key}"
+    if not isinstance(node, DictConfig):
+        return None
+    if isinstance(value, (dict, DictConfig)):
+        return next(filter(None, (_section_problem(node, child, child_value, f"{path}.")
+                                  for child, child_value in value.items())), None)
+    if value is None:  # an optional section left out
+        return None
+    section_type = node._metadata.object_type or node._metadata.ref_type  # an optional section unset: no keys
+    example = dataclasses.fields(section_type)[0].name if dataclasses.is_dataclass(section_type) else "key"
+    return f"{path} is a section of keys ({path}.{example}, ...), not a value: {value!r}"
 
 
 def _read_yaml_mapping(path: str):
@@ -275,7 +311,7 @@ def _read_yaml_mapping(path: str):
                          f"{getattr(error, 'problem', None) or error}") from None
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"config file {path} holds a {type(loaded).__name__}, not a mapping of config keys "
-                         "(e.g. 'run:\n  num_steps: 10')")
+                         "(e.g. 'run: {num_steps: 10}')")
     return loaded
 
 
