@@ -254,3 +254,54 @@ def test_a_table_keyed_by_another_uid_field_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"3 of 3 problems have no pass rate .* the table holds 3 of them under other "
                                          r"ids \(e.g. 'hard-0' for 'p0'\): it was written with another uid field"):
         check_pass_rate_table(by_uid, rates)
+
+
+def _sharded_copy(folder: Path) -> Path:
+    """The demo model with its weights in two safetensors shards and an index, as a hub download has them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(BASE_MODEL_PATH, folder)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, shard_names in shards.items():
+        save_file({name: tensors[name] for name in shard_names}, folder / shard)
+    weight_map = {name: shard for shard, shard_names in shards.items() for name in shard_names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_a_damaged_model_directory_is_named_before_any_engine(tmp_path, no_engine, capsys):
+    """An interrupted download: a shard cut short in its tensors or its header, a shard the index lists but that is
+    not there, a tokenizer.json half written. Each is one line naming the file, before an engine loads them."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+
+    def difficulty(model: Path) -> str:
+        assert main(["difficulty", "--model", str(model), "--data", str(data), "--template", "{input}",
+                     "--max-prompt-tokens", "20", "--max-new-tokens", "20", "--out", str(tmp_path / "r.jsonl")]) == 2
+        return _error(capsys)
+
+    whole = _sharded_copy(tmp_path / "sharded")
+    from megatron_zero.preflight.model_files import damaged_model_files
+
+    assert damaged_model_files(whole, "--model") == [] == damaged_model_files(BASE_MODEL_PATH, "--model")
+    shard = whole / "model-00002-of-00002.safetensors"
+    size = shard.stat().st_size
+    with shard.open("r+b") as f:
+        f.truncate(size - 100)  # the header is whole; the last tensor's bytes are not
+    assert difficulty(whole) == (f"error: --model='{whole}': model-00002-of-00002.safetensors is damaged ({size - 100} "
+                                 f"bytes, its header says {size}); download it again")
+    with shard.open("r+b") as f:
+        f.truncate(20)
+    assert "model-00002-of-00002.safetensors is damaged (20 bytes, its header alone needs" in difficulty(whole)
+    shard.unlink()
+    assert difficulty(whole) == (f"error: --model='{whole}': model.safetensors.index.json lists 1 shard(s) that are "
+                                 "not there: model-00002-of-00002.safetensors")
+    cut = _sharded_copy(tmp_path / "cut_tokenizer")
+    (cut / "tokenizer.json").write_text((cut / "tokenizer.json").read_text()[:100])
+    assert difficulty(cut).startswith(f"error: --model='{cut}': tokenizer.json is not valid JSON (")

@@ -24,6 +24,7 @@ from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.models.common.architecture import DecoderArchitecture
 from megatron_zero.models.hf_io import INDEX_NAME, SINGLE_NAME
 from megatron_zero.preflight.architecture import ResolvedArchitecture, resolve_architecture
+from megatron_zero.preflight.model_files import damaged_model_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # How the SGLang limits are typed in a training config (eval and difficulty pass their flags instead).
@@ -80,8 +81,9 @@ def check_generation(prompt: tuple[str, int], generations: list[tuple[str, int]]
 
 
 def check_model_files(model_path: str, key: str) -> list[str]:
-    """What a generating command needs in an HF model directory: config.json, safetensors weights and a tokenizer.
-    Returns one line per missing part (``key`` names the path as the user typed it: ``model_path``, ``--model``)."""
+    """What a generating command needs in an HF model directory: config.json, safetensors weights and a tokenizer,
+    whole. Returns one line per missing or damaged part (``key`` names the path as the user typed it:
+    ``model_path``, ``--model``)."""
     folder = Path(model_path)
     if not folder.is_dir():
         return [f"{key}={model_path!r}: no config.json there (no such folder)"]
@@ -95,7 +97,7 @@ def check_model_files(model_path: str, key: str) -> list[str]:
     if not names & set(TOKENIZER_FILES):
         missing.append(f"{key}={model_path!r} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); "
                        "copy the base model's tokenizer files there")
-    return missing
+    return missing + damaged_model_files(folder, key)
 
 
 class MissingFiles:
