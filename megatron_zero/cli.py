@@ -21,6 +21,14 @@ import logging
 import re
 import sys
 
+from megatron_zero.cli_engine import (
+    DIFFICULTY_FLAGS,
+    add_engine_arguments,
+    as_flags,
+    difficulty_flag,
+    engine_config,
+)
+
 
 def _train(args: argparse.Namespace) -> int:
     from megatron_zero.preflight.config import load_config
@@ -48,67 +56,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def as_flags(error: ValueError, prefixes: tuple[str, ...], renamed: dict[str, str],
-             bare: tuple[str, ...] = ()) -> ValueError:
-    """A command config's error with its keys ("eval.n_samples", "data.train.max_prompt_tokens", and the fields in
-    `bare`, which a config names without a prefix) written as the command's flags ("--n", "--max-prompt-tokens"):
-    what the user typed."""
-    def flag(match: re.Match) -> str:
-        return renamed.get(match.group(2), "--" + match.group(2).replace("_", "-"))
-
-    keys = [rf"({'|'.join(re.escape(prefix) for prefix in prefixes)})\.([a-z_]+)"]
-    if bare:
-        keys.append(rf"()({'|'.join(bare)})(?=[=\s])")
-    text = str(error)
-    for key in keys:
-        text = re.sub(rf"(?<![\w.-]){key}", flag, text)
-    return ValueError(text)
-
-
-# The --engine flags for the SGLangConfig / EngineConfig fields they set (the rest: --field-name).
-ENGINE_FLAGS = {"rollout_num_gpus": "--num-gpus", "gpus_per_node": "--num-gpus", "cpu_workers_per_node": "--num-gpus",
-                "extra_server_args": "--sglang-arg", "enable_deterministic_inference": "--deterministic",
-                "sglang_device": "--device"}
-# The `difficulty` command's flags for its DatasetConfig and PassRateEstimateConfig fields (the rest: --field-name).
-DIFFICULTY_FLAGS = {"num_samples": "--n", "path": "--data"}
-
-
-def difficulty_flag(field: str) -> str:
-    """How `difficulty` names a DatasetConfig field (``data.problems.DatasetKeys``)."""
-    return DIFFICULTY_FLAGS.get(field, "--" + field.replace("_", "-"))
-
-
-def _engine_config(args: argparse.Namespace):
-    """The --engine options as an EngineConfig: the torch engine here, SGLang launched on --num-gpus GPUs through
-    Ray, or the SGLang server at --sglang-url."""
-    from urllib.parse import urlsplit
-
-    from megatron_zero.config.evaluation import EngineConfig
-    from megatron_zero.config.rollout import TorchEngineConfig
-    from megatron_zero.config.sglang import SGLangConfig
-
-    dtype = {"dtype": args.dtype} if args.dtype else {}
-    if args.engine == "torch":
-        return EngineConfig(engine="torch", torch=TorchEngineConfig(device=args.device or "cpu", **dtype))
-    if args.sglang_url:
-        url = urlsplit(args.sglang_url)
-        if not url.hostname or not url.port:
-            raise ValueError(f"--sglang-url {args.sglang_url!r} must be http://HOST:PORT")
-        where = {"launch": False, "host": url.hostname, "port": url.port}
-    else:
-        where = {"launch": True}
-    try:
-        sglang = SGLangConfig(model_path=args.model, colocated=False, tp_size=args.tp_size,
-                              enable_deterministic_inference=args.deterministic, context_length=args.context_length,
-                              max_total_tokens=args.max_total_tokens,
-                              extra_server_args=list(args.sglang_arg), **where, **dtype)
-        return EngineConfig(engine="sglang", sglang=sglang, num_gpus=args.num_gpus, ray_address=args.ray_address,
-                            sglang_device=args.device or "cuda")
-    except ValueError as error:
-        # The servers' layout is --num-gpus GPUs (or CPU bundles) of their own, one server per --tp-size.
-        raise as_flags(error, ("sglang", "cluster"), ENGINE_FLAGS, bare=("num_gpus", "sglang_device")) from None
-
-
 def _eval(args: argparse.Namespace) -> int:
     from megatron_zero.config.evaluation import EvalConfig
     from megatron_zero.evaluation.model_eval import evaluate_model
@@ -121,7 +68,7 @@ def _eval(args: argparse.Namespace) -> int:
                             pass_k=args.pass_k or [], seed=args.seed)
     except ValueError as error:
         raise as_flags(error, ("eval",), {"n_samples": "--n"}) from None
-    report = evaluate_model(args.model, config, _engine_config(args), args.out)
+    report = evaluate_model(args.model, config, engine_config(args), args.out)
     print(results_table(report))
     print(f"wrote {args.out}")
     return 0
@@ -140,7 +87,7 @@ def _difficulty(args: argparse.Namespace) -> int:
                                           seed=args.seed)
     except ValueError as error:
         raise as_flags(error, ("difficulty", "data.train"), DIFFICULTY_FLAGS) from None
-    rates = estimate_model_pass_rates(args.model, dataset, sampling, _engine_config(args), args.out,
+    rates = estimate_model_pass_rates(args.model, dataset, sampling, engine_config(args), args.out,
                                       keys=difficulty_flag)
     # The table is keyed by the problems' ids: training must read the data with the same settings to find them.
     same = {"path": args.data, "uid_field": args.uid_field, "question_field": args.question_field,
@@ -188,31 +135,6 @@ def _data(args: argparse.Namespace) -> int:
           f"--model MODEL --data {args.out} --uid-field {SPLIT_DATASET_FIELDS['uid_field']} --out {rates}`, then "
           f"add data.pass_rate_filter.pass_rate_file={rates}; train with data.train.path={args.out} {fields}")
     return 0
-
-
-def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine", "torch: in this process (CPU or one GPU); sglang: servers launched "
-                                                "on --num-gpus GPUs of the Ray cluster, or the one at --sglang-url")
-    group.add_argument("--engine", choices=("torch", "sglang"), default="torch")
-    group.add_argument("--device", default=None,
-                       help="torch engine: cpu (default), cuda or cuda:N; launched SGLang servers: cuda (default) or "
-                            "cpu (the real server on CPU, docs/sglang.md)")
-    group.add_argument("--dtype", default=None,
-                       help="weights dtype (default: torch float32, SGLang bfloat16 on GPUs and float32 on CPU)")
-    group.add_argument("--sglang-url", default=None, help="use the SGLang server running at http://HOST:PORT")
-    group.add_argument("--num-gpus", type=int, default=1,
-                       help="GPUs for launched SGLang servers (with --device cpu: CPU bundles, one per server rank)")
-    group.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs per SGLang server")
-    group.add_argument("--context-length", type=int, default=None,
-                       help="launched SGLang servers' context (default: the model's max_position_embeddings)")
-    group.add_argument("--max-total-tokens", type=int, default=None,
-                       help="launched SGLang servers' KV pool in tokens (default: what --mem-fraction-static leaves on "
-                            "GPUs, 65536 on CPU)")
-    group.add_argument("--deterministic", action="store_true",
-                       help="SGLang deterministic inference: honours --seed (slower sampling)")
-    group.add_argument("--sglang-arg", action="append", default=[],
-                       help="extra sglang.launch_server argument (repeatable), e.g. --sglang-arg=--disable-cuda-graph")
-    group.add_argument("--ray-address", default="auto")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -353,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="k of pass@k (default 1, 2, 4, ... n)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="outputs/eval")
-    _add_engine_arguments(ev)
+    add_engine_arguments(ev)
     ev.set_defaults(run=_eval)
 
     difficulty = commands.add_parser("difficulty", help="pass rate of each training problem under a model "
@@ -376,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     difficulty.add_argument("--max-new-tokens", type=int, default=3072)
     difficulty.add_argument("--batch-size", type=int, default=256, help="problems per generation call")
     difficulty.add_argument("--seed", type=int, default=0)
-    _add_engine_arguments(difficulty)
+    add_engine_arguments(difficulty)
     difficulty.set_defaults(run=_difficulty)
 
     data = commands.add_parser("data", help="the paper's Easy / Medium / Hard training split from local MATH and "
