@@ -1,4 +1,4 @@
-"""Every command that writes checks where it writes before it works: `megatron-zero difficulty`, `eval`, `data` and
+"""Every command that writes checks where it writes, and its flags, before it works: `megatron-zero difficulty`, `eval`, `data` and
 `tools/benchmark_throughput.py --out` create their output's folders, or refuse in one line naming the path (a file
 in the way, no permission) before a model, engine or input file is touched; their results are written under a
 temporary name and renamed, so a failed write leaves the previous file whole.
@@ -70,6 +70,24 @@ def test_benchmark_refuses_before_it_runs(blocker, monkeypatch, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"benchmark_throughput.py: error: --out {blocker / 'bench.json'}:"
                                                          f" {blocker} is a file, where a folder must be")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--shape", "nope"], "--shape 'nope' is neither a known shape"),
+    (["--shape", "tiny-qwen2", "--num-prompts", "0"], "--num-prompts=0 must be >= 1"),
+    (["--shape", "tiny-qwen2", "--prompt-tokens", "9000"],
+     "--max-tokens-per-microbatch=8192 is below one row of --prompt-tokens + --response-tokens = 9128; raise it"),
+])
+def test_benchmark_names_a_bad_flag_in_one_line(flags, says, tmp_path, monkeypatch, capsys):
+    import benchmark_throughput
+
+    monkeypatch.setattr(benchmark_throughput, "run_benchmark", lambda *args, **kwargs: pytest.fail("it ran"))
+    monkeypatch.setattr(sys, "argv", ["benchmark_throughput.py", *flags, "--out", str(tmp_path / "bench.json")])
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_throughput.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"benchmark_throughput.py: error: {says}")
 
 
 @pytest.mark.parametrize("command", ["hf-to-mcore", "hf-to-fp8"])

@@ -16,7 +16,9 @@ The reward phase grades tools/bench_rewards.py's synthetic responses (random wei
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import shlex
 import sys
 import tempfile
@@ -24,8 +26,15 @@ from pathlib import Path
 
 from bench_rewards import make_batch
 
-from megatron_zero.benchmark.shapes import MODEL_SHAPES
-from megatron_zero.benchmark.throughput import DEVICES, DTYPES, BenchmarkSpec, markdown_table, run_benchmark
+from megatron_zero.benchmark.shapes import MODEL_SHAPES, load_shape
+from megatron_zero.benchmark.throughput import (
+    DEVICES,
+    DTYPES,
+    BenchmarkSpec,
+    markdown_table,
+    resolve_device,
+    run_benchmark,
+)
 from megatron_zero.utils.files import atomic_write_text, prepare_output
 
 
@@ -59,13 +68,21 @@ def main() -> None:
         except ValueError as error:
             parser.error(str(error))
 
-    spec = BenchmarkSpec(shape=args.shape, num_layers=args.num_layers, device=args.device, dtype=args.dtype,
-                         num_prompts=args.num_prompts, samples_per_prompt=args.samples_per_prompt,
-                         prompt_tokens=args.prompt_tokens, response_tokens=args.response_tokens,
-                         max_tokens_per_microbatch=args.max_tokens_per_microbatch,
-                         engine_batch_size=args.engine_batch_size, bucket_mb=args.bucket_mb,
-                         grader_workers=args.grader_workers, repeats=args.repeats, peak_tflops=args.peak_tflops,
-                         seed=args.seed, rollout_quantization=args.rollout_quantization)
+    try:  # bad flags in one line, as argparse says its own, before the model is written
+        spec = BenchmarkSpec(shape=args.shape, num_layers=args.num_layers, device=args.device, dtype=args.dtype,
+                             num_prompts=args.num_prompts, samples_per_prompt=args.samples_per_prompt,
+                             prompt_tokens=args.prompt_tokens, response_tokens=args.response_tokens,
+                             max_tokens_per_microbatch=args.max_tokens_per_microbatch,
+                             engine_batch_size=args.engine_batch_size, bucket_mb=args.bucket_mb,
+                             grader_workers=args.grader_workers, repeats=args.repeats, peak_tflops=args.peak_tflops,
+                             seed=args.seed, rollout_quantization=args.rollout_quantization)
+        load_shape(spec.shape)
+        resolve_device(spec.device)
+    except ValueError as error:
+        # BenchmarkSpec names its fields (num_prompts=0); the user typed --num-prompts.
+        fields = "|".join(field.name for field in dataclasses.fields(BenchmarkSpec))
+        as_flag = rf"(?<![\w-])({fields})(?=\s?[=+'])"  # a field with its value or in a sum, not a plain word
+        parser.error(re.sub(as_flag, lambda key: "--" + key.group(1).replace("_", "-"), str(error)))
     graded = None if args.no_grading else make_batch(spec.num_graded, spec.samples_per_prompt, spec.seed)
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         result = run_benchmark(spec, workdir, graded=graded)
