@@ -1,7 +1,8 @@
-"""Every command that writes checks where it writes, and its flags, before it works: `megatron-zero difficulty`, `eval`, `data` and
-`tools/benchmark_throughput.py --out` create their output's folders, or refuse in one line naming the path (a file
-in the way, no permission) before a model, engine or input file is touched; their results are written under a
-temporary name and renamed, so a failed write leaves the previous file whole.
+"""Every command that writes checks where it writes, and its flags, before it works: `megatron-zero difficulty`,
+`eval`, `data`, `tools/convert_checkpoint.py` and `tools/benchmark_throughput.py --out` create their output's
+folders, or refuse in one line naming the path (a file in the way, no permission) before a model, engine or input
+file is touched; their results are written under a temporary name and renamed, so a failed write leaves the previous
+file whole.
 """
 
 import json
