@@ -105,6 +105,22 @@ def test_conversion_refuses_a_file_in_the_way_before_any_work(command, blocker, 
     assert sorted(path.name for path in blocker.parent.iterdir()) == ["results"]  # no .partial left
 
 
+@pytest.mark.parametrize("command", ["hf-to-mcore", "hf-to-fp8"])
+def test_conversion_names_a_cut_short_shard_and_leaves_nothing(command, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import convert_checkpoint
+
+    monkeypatch.setattr(convert_checkpoint, "run_local_workers", lambda *args, **kwargs: pytest.fail("it ran"))
+    model = tmp_path / "download"
+    shutil.copytree(BASE_MODEL_PATH, model)
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # an interrupted download
+    assert convert_checkpoint.main([command, "--hf", str(model), "--out", str(tmp_path / "out")]) == 2
+    assert _error_line(capsys).startswith(f"error: {weights} is damaged (")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["download"]  # no .partial, no out
+
+
 def test_data_creates_its_output_folders(tmp_path):
     math = tmp_path / "math.jsonl"
     math.write_text("".join(json.dumps({"problem": f"{i} + 1?", "level": "Level 4", "type": "Algebra",

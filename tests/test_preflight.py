@@ -294,14 +294,16 @@ def test_a_damaged_model_directory_is_named_before_any_engine(tmp_path, no_engin
     size = shard.stat().st_size
     with shard.open("r+b") as f:
         f.truncate(size - 100)  # the header is whole; the last tensor's bytes are not
-    assert difficulty(whole) == (f"error: --model='{whole}': model-00002-of-00002.safetensors is damaged ({size - 100} "
-                                 f"bytes, its header says {size}); download it again")
+    assert difficulty(whole) == (f"error: --model='{whole}': {shard} is damaged ({size - 100} bytes, its header says "
+                                 f"{size}); download or copy it again")
     with shard.open("r+b") as f:
         f.truncate(20)
-    assert "model-00002-of-00002.safetensors is damaged (20 bytes, its header alone needs" in difficulty(whole)
+    assert f"{shard} is damaged (20 bytes, its header alone needs" in difficulty(whole)
     shard.unlink()
-    assert difficulty(whole) == (f"error: --model='{whole}': model.safetensors.index.json lists 1 shard(s) that are "
-                                 "not there: model-00002-of-00002.safetensors")
+    assert difficulty(whole) == (f"error: --model='{whole}': {whole} index names shard(s) that are missing: "
+                                 "['model-00002-of-00002.safetensors']")
+    (whole / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
+    assert f"{whole / 'model.safetensors.index.json'} is not a safetensors index (JSONDecodeError" in difficulty(whole)
     cut = _sharded_copy(tmp_path / "cut_tokenizer")
     (cut / "tokenizer.json").write_text((cut / "tokenizer.json").read_text()[:100])
     assert difficulty(cut).startswith(f"error: --model='{cut}': tokenizer.json is not valid JSON (")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Iterable
 
@@ -32,9 +33,9 @@ class HFCheckpointReader:
             raise FileNotFoundError(f"HF checkpoint directory {self.hf_dir} does not exist")
         index = self.hf_dir / INDEX_NAME
         if index.is_file():
-            with open(index, encoding="utf-8") as f:
-                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            weight_map: dict[str, str] = _read_weight_map(index)
         elif (self.hf_dir / SINGLE_NAME).is_file():
+            _check_whole(self.hf_dir / SINGLE_NAME)
             with safe_open(self.hf_dir / SINGLE_NAME, framework="pt") as f:
                 weight_map = {name: SINGLE_NAME for name in f.keys()}
         else:
@@ -44,6 +45,9 @@ class HFCheckpointReader:
         missing_files = sorted({f for f in weight_map.values() if not (self.hf_dir / f).is_file()})
         if missing_files:
             raise FileNotFoundError(f"{self.hf_dir} index names shard(s) that are missing: {missing_files}")
+        if index.is_file():
+            for file in sorted(set(weight_map.values())):
+                _check_whole(self.hf_dir / file)
         self.weight_map = weight_map
         self._handles: dict[str, object] = {}
 
@@ -67,6 +71,54 @@ class HFCheckpointReader:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{index} is not a safetensors index ({type(error).__name__}: {error}); copy it "
+                         "again") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has an empty weight_map")
+    return weight_map
+
+
+def _check_whole(path: Path) -> None:
+    problem = safetensors_problem(path)
+    if problem:
+        raise ValueError(f"{path} is damaged ({problem}); download or copy it again")
+
+
+_HEADER_LENGTH_BYTES = 8
+# A safetensors header is JSON of at most a few MB; a larger length field means the file is not safetensors.
+_MAX_HEADER_BYTES = 100 * 1024**2
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What a safetensors file lacks against its own header (an interrupted download or copy), or None when every
+    tensor's bytes are there. Reads the header only (8 bytes of length, then JSON with each tensor's byte range):
+    milliseconds, where safetensors itself would fail later on with "invalid header length" and no file name."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(_HEADER_LENGTH_BYTES)
+        if len(head) < _HEADER_LENGTH_BYTES:
+            return f"{size} bytes, shorter than a safetensors header"
+        (header_bytes,) = struct.unpack("<Q", head)
+        if header_bytes > _MAX_HEADER_BYTES:
+            return f"its first 8 bytes give a {header_bytes}-byte header: not a safetensors file"
+        if _HEADER_LENGTH_BYTES + header_bytes > size:
+            return f"{size} bytes, its header alone needs {_HEADER_LENGTH_BYTES + header_bytes}"
+        try:
+            header = json.loads(f.read(header_bytes))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    needed = _HEADER_LENGTH_BYTES + header_bytes + max(ends, default=0)
+    if size < needed:
+        return f"{size} bytes, its header says {needed}"
+    return None
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
