@@ -306,4 +306,4 @@ def test_a_damaged_model_directory_is_named_before_any_engine(tmp_path, no_engin
     assert f"{whole / 'model.safetensors.index.json'} is not a safetensors index (JSONDecodeError" in difficulty(whole)
     cut = _sharded_copy(tmp_path / "cut_tokenizer")
     (cut / "tokenizer.json").write_text((cut / "tokenizer.json").read_text()[:100])
-    assert difficulty(cut).startswith(f"error: --model='{cut}': tokenizer.json is not valid JSON (")
+    assert difficulty(cut).startswith(f"error: --model='{cut}': tokenizer.json does not parse (line ")

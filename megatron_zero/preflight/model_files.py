@@ -11,10 +11,10 @@ are ``check_model_files``'s to report (preflight/generation.py).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from megatron_zero.models.hf_io import INDEX_NAME, SINGLE_NAME, HFCheckpointReader
+from megatron_zero.utils.json_lines import first_json_error
 
 # JSON files a generating command parses at start (config.json has its own check: preflight/architecture.py).
 PARSED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -24,24 +24,14 @@ def damaged_model_files(folder: Path, key: str) -> list[str]:
     """One line per unparsable tokenizer / generation file in ``folder``, and one for damaged weights."""
     problems = []
     for name in PARSED_FILES:
-        problem = _json_problem(folder / name)
-        if problem:
-            problems.append(f"{key}={str(folder)!r}: {name} {problem}; copy it again from the model's source")
+        where = first_json_error(folder / name) if (folder / name).is_file() else None
+        if where:
+            problems.append(f"{key}={str(folder)!r}: {name} does not parse ({where}; "
+                            f"{(folder / name).stat().st_size} bytes, cut short?); copy it again from the model's "
+                            "source")
     if (folder / INDEX_NAME).is_file() or (folder / SINGLE_NAME).is_file():
         try:
             HFCheckpointReader(folder).close()
         except (FileNotFoundError, ValueError) as error:
             problems.append(f"{key}={str(folder)!r}: {error}")
     return problems
-
-
-def _json_problem(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        return f"is not valid JSON ({error.msg} at line {error.lineno}; {path.stat().st_size} bytes, cut short?)"
-    except UnicodeDecodeError as error:
-        return f"is not UTF-8 text ({error.reason} at byte {error.start})"
-    return None
