@@ -13,7 +13,7 @@ disaggregated engines, or a server already running.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from megatron_zero.config.cluster import RAY_ADDRESS_AUTO, ClusterConfig
 from megatron_zero.config.problems import raise_problems
@@ -127,6 +127,12 @@ class EngineConfig:
                 except ValueError as error:
                     problems += getattr(error, "problems", [str(error)])
         raise_problems(problems)
+
+    def sample_settings(self) -> dict[str, Any]:
+        """What of the engine changes the samples, which a resumed `eval` or `difficulty` run must keep: its kind and
+        the dtype its weights compute in."""
+        chosen = self.torch if self.engine == "torch" else self.sglang
+        return {"engine": self.engine, "dtype": getattr(chosen, "dtype", None)}
 
     @property
     def cluster(self) -> ClusterConfig:

@@ -69,12 +69,24 @@ def estimate_pass_rates(
     num_samples: int,
     batch_size: int = 256,
     success_threshold: float = 1.0,
+    *,
+    done: Sequence[list[PassRate]] = (),
+    on_batch: Optional[Callable[[list[PassRate]], None]] = None,
 ) -> dict[str, PassRate]:
-    """Pass rate of each problem from `num_samples` samples; a sample is solved when its reward >= threshold."""
+    """Pass rate of each problem from `num_samples` samples; a sample is solved when its reward >= threshold.
+
+    ``done``: the rates of the first batches, from an interrupted run (utils/progress.py); those batches are not
+    sampled again. ``on_batch`` gets each newly estimated batch's rates."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples={num_samples} and batch_size={batch_size} must both be >= 1")
     rates: dict[str, PassRate] = {}
-    for start in range(0, len(problems), batch_size):
+    for index, batch_rates in enumerate(done):
+        expected = [problem.uid for problem in problems[index * batch_size:(index + 1) * batch_size]]
+        if [rate.uid for rate in batch_rates] != expected:
+            raise ValueError(f"finished batch {index} holds rates of {[rate.uid for rate in batch_rates][:3]}..., not "
+                             f"of this batch's problems {expected[:3]}...")
+        rates.update((rate.uid, rate) for rate in batch_rates)
+    for start in range(len(done) * batch_size, len(problems), batch_size):
         batch = list(problems[start : start + batch_size])
         rewards = generate_and_grade(batch, num_samples)
         if len(rewards) != len(batch) or any(len(group) != num_samples for group in rewards):
@@ -82,9 +94,11 @@ def estimate_pass_rates(
                 f"generate_and_grade returned {[len(group) for group in rewards]} rewards for {len(batch)} "
                 f"problems; it must return {num_samples} rewards for each problem, in order"
             )
-        for problem, group in zip(batch, rewards):
-            num_correct = sum(reward >= success_threshold for reward in group)
-            rates[problem.uid] = PassRate(problem.uid, num_samples, num_correct, problem_fingerprint(problem))
+        batch_rates = [PassRate(problem.uid, num_samples, sum(reward >= success_threshold for reward in group),
+                                problem_fingerprint(problem)) for problem, group in zip(batch, rewards)]
+        rates.update((rate.uid, rate) for rate in batch_rates)
+        if on_batch is not None:
+            on_batch(batch_rates)
         logger.info("pass rates: %d of %d problems estimated", len(rates), len(problems))
     return rates
 

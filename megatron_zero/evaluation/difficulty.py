@@ -15,9 +15,11 @@ How::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from megatron_zero.config.reward import RewardConfig
 from megatron_zero.data.difficulty import PassRate, estimate_pass_rates, save_pass_rates
 from megatron_zero.data.problems import DatasetKeys, Problem, train_keys
 from megatron_zero.evaluation.generation import Generator, Grader
+from megatron_zero.utils.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +38,12 @@ _MAX_NEW_TOKENS_FLAG = "--max-new-tokens"
 
 
 def measure_pass_rates(problems: list[Problem], generate: Generator, grade: Grader,
-                       config: PassRateEstimateConfig) -> dict[str, PassRate]:
-    """Each problem's pass rate from ``config.num_samples`` samples of its prompt (``Problem.prompt_text``)."""
-    calls = 0
+                       config: PassRateEstimateConfig, *, done: Sequence[list[PassRate]] = (),
+                       on_batch: Callable[[list[PassRate]], None] | None = None) -> dict[str, PassRate]:
+    """Each problem's pass rate from ``config.num_samples`` samples of its prompt (``Problem.prompt_text``).
+    ``done`` / ``on_batch``: the batches an interrupted run finished, and where each new one goes
+    (`estimate_pass_rates`); a resumed run samples its remaining batches with the seeds the whole run would have."""
+    calls = len(done)
 
     def generate_and_grade(batch: list[Problem], n: int) -> list[list[float]]:
         nonlocal calls
@@ -53,7 +59,7 @@ def measure_pass_rates(problems: list[Problem], generate: Generator, grade: Grad
         return [list(scores[i * n:(i + 1) * n]) for i in range(len(batch))]
 
     return estimate_pass_rates(problems, generate_and_grade, config.num_samples, config.batch_size,
-                               config.success_threshold)
+                               config.success_threshold, done=done, on_batch=on_batch)
 
 
 def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling: PassRateEstimateConfig,
@@ -91,12 +97,35 @@ def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling:
     inputs = GenerationInputs.for_engine(model_path, engine, ((_MAX_NEW_TOKENS_FLAG, sampling.max_new_tokens),))
     check_generation_inputs(inputs, prompt_bound)
     tokenizer, problems = read_problems()
-    log_dir = Path(out_path).parent / "logs"
-    with standalone_engine(engine, model_path, tokenizer, log_dir, server_command=server_command) as rollout_engine, \
-            GraderPool(reward) as pool:
-        rates = measure_pass_rates(problems, EngineGenerator(rollout_engine, tokenizer), pool_grader(pool), sampling)
+    # Each finished batch is kept beside the table: killed, the same command resumes after the last one.
+    progress = Progress.open(Path(out_path).with_name(Path(out_path).name + ".progress"),
+                             {"model": str(Path(model_path).resolve()), **engine.sample_settings(),
+                              **dataclasses.asdict(sampling), "problems": _digest(problems)}, "difficulty", "batches")
+    done = [[PassRate(**rate) for rate in batch] for batch in progress.done]
+    if len(done) * sampling.batch_size < len(problems):
+        log_dir = Path(out_path).parent / "logs"
+        with standalone_engine(engine, model_path, tokenizer, log_dir,
+                               server_command=server_command) as rollout_engine, GraderPool(reward) as pool:
+            rates = measure_pass_rates(problems, EngineGenerator(rollout_engine, tokenizer), pool_grader(pool),
+                                       sampling, done=done, on_batch=lambda batch: progress.add(
+                                           [dataclasses.asdict(rate) for rate in batch]))
+    else:  # every batch was finished before the interruption: only the table is left to write
+        rates = measure_pass_rates(problems, _nothing_left, _nothing_left, sampling, done=done)
     save_pass_rates(rates, out_path)
+    progress.finish()
     solved = [rate.pass_rate for rate in rates.values()]
     logger.info("pass rates of %d problems written to %s: mean %.3f, never solved %d, always solved %d", len(rates),
                 out_path, sum(solved) / len(solved), solved.count(0.0), solved.count(1.0))
     return rates
+
+
+def _digest(problems: Sequence[Problem]) -> str:
+    """What the table is of: every problem's uid and prompt as sent (the template applied) and its answer."""
+    digest = hashlib.sha256()
+    for problem in problems:
+        digest.update(f"{problem.uid}\x00{problem.prompt_text}\x00{problem.ground_truth}\x01".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _nothing_left(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("every batch was finished; nothing is sampled or graded")

@@ -11,14 +11,21 @@ How::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_zero.analysis.records import SampleRecord
 from megatron_zero.config.evaluation import EngineConfig, EvalConfig
 from megatron_zero.config.reward import RewardConfig
 from megatron_zero.evaluation.generation import Grader
+from megatron_zero.utils.progress import Progress
+
+# The graded benchmarks of an unfinished `eval`, in its --out folder (utils/progress.py).
+PROGRESS_NAME = "eval.progress"
 
 
 def pool_grader(pool: Any) -> Grader:
@@ -52,12 +59,38 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
     check_generation_inputs(inputs, lambda: _longest_prompt(problems, config.template, read_tokenizer()))
     tokenizer = read_tokenizer()
     format_prompt = make_prompt_formatter(config.template, tokenizer)
-    with standalone_engine(engine, model_path, tokenizer, Path(out_dir) / "logs",
-                           server_command=server_command) as rollout_engine, GraderPool(reward) as pool:
-        report = evaluate(config, EngineGenerator(rollout_engine, tokenizer), pool_grader(pool), format_prompt,
-                          problems=problems)
+    # Each graded benchmark is kept in the output folder: killed, the same command resumes after the last one.
+    progress = Progress.open(Path(out_dir) / PROGRESS_NAME,
+                             {"model": str(Path(model_path).resolve()), **engine.sample_settings(),
+                              **dataclasses.asdict(config), "problems": _digest(problems)}, "eval", "benchmarks")
+    done = {part["benchmark"]: [SampleRecord.from_dict(row) for row in part["samples"]] for part in progress.done}
+
+    def keep(name: str, records: list[SampleRecord]) -> None:
+        progress.add({"benchmark": name, "samples": [record.to_dict() for record in records]})
+
+    if set(done) < set(problems):
+        with standalone_engine(engine, model_path, tokenizer, Path(out_dir) / "logs",
+                               server_command=server_command) as rollout_engine, GraderPool(reward) as pool:
+            report = evaluate(config, EngineGenerator(rollout_engine, tokenizer), pool_grader(pool), format_prompt,
+                              problems=problems, done=done, on_benchmark=keep)
+    else:  # every benchmark was graded before the interruption: only the results are left to write
+        report = evaluate(config, _nothing_left, _nothing_left, format_prompt, problems=problems, done=done)
     write_eval_outputs(report, out_dir)
+    progress.finish()
     return report
+
+
+def _digest(problems: dict[str, list]) -> str:
+    """What the results are of: every benchmark's questions and answers, in order."""
+    digest = hashlib.sha256()
+    for name, items in problems.items():
+        for problem in items:
+            digest.update(f"{name}\x00{problem.question}\x00{problem.answer}\x01".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _nothing_left(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("every benchmark was graded; nothing is generated or graded")
 
 
 def _longest_prompt(problems: dict[str, list], template: str, tokenizer: Any) -> tuple[str, int]:

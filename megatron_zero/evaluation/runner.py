@@ -78,25 +78,37 @@ def evaluate(
     *,
     step: int = 0,
     problems: dict[str, list[Problem]] | None = None,
+    done: dict[str, list[SampleRecord]] | None = None,
+    on_benchmark: Callable[[str, list[SampleRecord]], None] | None = None,
 ) -> EvalReport:
     """Run every benchmark of `config`; `format_prompt` applies the prompt template to a question.
 
-    `problems`: what `load_benchmarks(config)` returned, if the caller read them already."""
+    `problems`: what `load_benchmarks(config)` returned, if the caller read them already. `done`: the graded samples
+    of benchmarks an interrupted run finished (not generated again); `on_benchmark` gets each newly graded one."""
     problems_by_benchmark = load_benchmarks(config) if problems is None else problems
+    done = done or {}
     temperature, top_p = (0.0, 1.0) if config.greedy else (config.temperature, config.top_p)
     results, samples = [], []
     for name, problems in problems_by_benchmark.items():
-        prompts = [format_prompt(problem.question) for problem in problems]
-        outputs = generate(
-            prompts,
-            n=config.n_samples,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=config.max_new_tokens,
-            seed=config.seed,
-        )
-        _check_outputs(name, outputs, len(prompts), config.n_samples)
-        records = _grade(name, problems, prompts, outputs, grade, step)
+        if name in done:
+            records = done[name]
+            if len(records) != len(problems) * config.n_samples:
+                raise ValueError(f"{name}: {len(records)} finished samples, expected {len(problems)} problems x "
+                                 f"n={config.n_samples}")
+        else:
+            prompts = [format_prompt(problem.question) for problem in problems]
+            outputs = generate(
+                prompts,
+                n=config.n_samples,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=config.max_new_tokens,
+                seed=config.seed,
+            )
+            _check_outputs(name, outputs, len(prompts), config.n_samples)
+            records = _grade(name, problems, prompts, outputs, grade, step)
+            if on_benchmark is not None:
+                on_benchmark(name, records)
         correct = [[r.correct for r in records[i : i + config.n_samples]] for i in range(0, len(records), config.n_samples)]
         result = BenchmarkResult(
             benchmark=name,
