@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ from megatron_zero.config.reward import RewardConfig
 from megatron_zero.data.difficulty import PassRate, estimate_pass_rates, save_pass_rates
 from megatron_zero.data.problems import DatasetKeys, Problem, train_keys
 from megatron_zero.evaluation.generation import Generator, Grader
-from megatron_zero.utils.progress import Progress
+from megatron_zero.utils.progress import Progress, digest, nothing_left
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +97,10 @@ def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling:
     check_generation_inputs(inputs, prompt_bound)
     tokenizer, problems = read_problems()
     # Each finished batch is kept beside the table: killed, the same command resumes after the last one.
-    progress = Progress.open(Path(out_path).with_name(Path(out_path).name + ".progress"),
-                             {"model": str(Path(model_path).resolve()), **engine.sample_settings(),
-                              **dataclasses.asdict(sampling), "problems": _digest(problems)}, "difficulty", "batches")
+    settings = {"model": str(Path(model_path).resolve()), **engine.sample_settings(), **dataclasses.asdict(sampling),
+                "problems": digest((problem.uid, problem.prompt_text, problem.ground_truth) for problem in problems)}
+    progress = Progress.open(Path(out_path).with_name(Path(out_path).name + ".progress"), settings, "difficulty",
+                             "batches")
     done = [[PassRate(**rate) for rate in batch] for batch in progress.done]
     if len(done) * sampling.batch_size < len(problems):
         log_dir = Path(out_path).parent / "logs"
@@ -110,7 +110,7 @@ def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling:
                                        sampling, done=done, on_batch=lambda batch: progress.add(
                                            [dataclasses.asdict(rate) for rate in batch]))
     else:  # every batch was finished before the interruption: only the table is left to write
-        rates = measure_pass_rates(problems, _nothing_left, _nothing_left, sampling, done=done)
+        rates = measure_pass_rates(problems, nothing_left, nothing_left, sampling, done=done)
     save_pass_rates(rates, out_path)
     progress.finish()
     solved = [rate.pass_rate for rate in rates.values()]
@@ -118,14 +118,3 @@ def estimate_model_pass_rates(model_path: str, dataset: DatasetConfig, sampling:
                 out_path, sum(solved) / len(solved), solved.count(0.0), solved.count(1.0))
     return rates
 
-
-def _digest(problems: Sequence[Problem]) -> str:
-    """What the table is of: every problem's uid and prompt as sent (the template applied) and its answer."""
-    digest = hashlib.sha256()
-    for problem in problems:
-        digest.update(f"{problem.uid}\x00{problem.prompt_text}\x00{problem.ground_truth}\x01".encode("utf-8"))
-    return digest.hexdigest()
-
-
-def _nothing_left(*args: Any, **kwargs: Any) -> Any:
-    raise AssertionError("every batch was finished; nothing is sampled or graded")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from megatron_zero.analysis.records import SampleRecord
 from megatron_zero.config.evaluation import EngineConfig, EvalConfig
 from megatron_zero.config.reward import RewardConfig
 from megatron_zero.evaluation.generation import Grader
-from megatron_zero.utils.progress import Progress
+from megatron_zero.utils.progress import Progress, digest, nothing_left
 
 # The graded benchmarks of an unfinished `eval`, in its --out folder (utils/progress.py).
 PROGRESS_NAME = "eval.progress"
@@ -60,9 +59,10 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
     tokenizer = read_tokenizer()
     format_prompt = make_prompt_formatter(config.template, tokenizer)
     # Each graded benchmark is kept in the output folder: killed, the same command resumes after the last one.
-    progress = Progress.open(Path(out_dir) / PROGRESS_NAME,
-                             {"model": str(Path(model_path).resolve()), **engine.sample_settings(),
-                              **dataclasses.asdict(config), "problems": _digest(problems)}, "eval", "benchmarks")
+    settings = {"model": str(Path(model_path).resolve()), **engine.sample_settings(), **dataclasses.asdict(config),
+                "problems": digest((name, problem.question, problem.answer) for name, items in problems.items()
+                                   for problem in items)}
+    progress = Progress.open(Path(out_dir) / PROGRESS_NAME, settings, "eval", "benchmarks")
     done = {part["benchmark"]: [SampleRecord.from_dict(row) for row in part["samples"]] for part in progress.done}
 
     def keep(name: str, records: list[SampleRecord]) -> None:
@@ -74,23 +74,10 @@ def evaluate_model(model_path: str, config: EvalConfig, engine: EngineConfig, ou
             report = evaluate(config, EngineGenerator(rollout_engine, tokenizer), pool_grader(pool), format_prompt,
                               problems=problems, done=done, on_benchmark=keep)
     else:  # every benchmark was graded before the interruption: only the results are left to write
-        report = evaluate(config, _nothing_left, _nothing_left, format_prompt, problems=problems, done=done)
+        report = evaluate(config, nothing_left, nothing_left, format_prompt, problems=problems, done=done)
     write_eval_outputs(report, out_dir)
     progress.finish()
     return report
-
-
-def _digest(problems: dict[str, list]) -> str:
-    """What the results are of: every benchmark's questions and answers, in order."""
-    digest = hashlib.sha256()
-    for name, items in problems.items():
-        for problem in items:
-            digest.update(f"{name}\x00{problem.question}\x00{problem.answer}\x01".encode("utf-8"))
-    return digest.hexdigest()
-
-
-def _nothing_left(*args: Any, **kwargs: Any) -> Any:
-    raise AssertionError("every benchmark was graded; nothing is generated or graded")
 
 
 def _longest_prompt(problems: dict[str, list], template: str, tokenizer: Any) -> tuple[str, int]:

@@ -19,9 +19,11 @@ and that part is done again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,20 @@ class Progress:
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def digest(rows: Iterable[Sequence[str]]) -> str:
+    """A hash of what a command works on (its problems, in order), for its settings: a run on other problems is
+    not the same run."""
+    hashed = hashlib.sha256()
+    for row in rows:
+        hashed.update(("\x00".join(row) + "\x01").encode("utf-8"))
+    return hashed.hexdigest()
+
+
+def nothing_left(*args: Any, **kwargs: Any) -> Any:
+    """The generator and grader of a resumed run whose every part was finished: never called."""
+    raise AssertionError("every part was finished before the interruption; nothing is generated or graded")
 
 
 def _short(value: Any) -> str:
