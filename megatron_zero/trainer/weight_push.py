@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from megatron_zero.config.sglang import SGLangConfig
 from megatron_zero.parallel.reshard import SENDER_RANK, HFWeightStream
-from megatron_zero.parallel.weight_broadcast import init_weight_broadcast_group
+from megatron_zero.parallel.weight_broadcast import abandon_rendezvous, init_weight_broadcast_group
 from megatron_zero.rollout.engine import WeightUpdateStats
 from megatron_zero.rollout.fp8_weights import encode_bucket
 from megatron_zero.rollout.sglang_engine import SGLangEngine
@@ -139,19 +139,25 @@ class BroadcastWeightPush:
         # This side's rendezvous blocks until every server joined; in a daemon thread, so a failed engine leaves
         # nothing that holds the process open until the rendezvous timeout.
         own: concurrent.futures.Future = concurrent.futures.Future()
+        abandoned = threading.Event()
 
         def join() -> None:
             try:
                 own.set_result(init_weight_broadcast_group(master_address, master_port, 0, world_size, backend=backend,
                                                            timeout_s=config.control_timeout_s,
-                                                           group_name=WEIGHT_GROUP_NAME))
+                                                           group_name=WEIGHT_GROUP_NAME, abandoned=abandoned))
             except BaseException as error:  # handed to the waiting thread, which raises it
                 own.set_exception(error)
 
-        threading.Thread(target=join, name="weight-group-join", daemon=True).start()
+        joining = threading.Thread(target=join, name="weight-group-join", daemon=True)
+        joining.start()
         joined[own] = f"the trainer (rank 0, {master_address}:{master_port})"
-        wait_first_failure(joined, config.control_timeout_s, f"joining the weight broadcast group of {world_size} "
-                           f"ranks at {master_address}:{master_port} (sglang.control_timeout_s)")
+        try:
+            wait_first_failure(joined, config.control_timeout_s, f"joining the weight broadcast group of "
+                               f"{world_size} ranks at {master_address}:{master_port} (sglang.control_timeout_s)")
+        except BaseException:
+            abandon_rendezvous(master_address, master_port, world_size, abandoned, joining)
+            raise
         self.group = own.result()
         logger.info("weight broadcast group up: rank 0 + %d engine(s) x %d server rank(s), %s at %s:%d",
                     len(self.engines), config.tp_size, backend, master_address, master_port)
