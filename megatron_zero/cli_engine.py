@@ -15,13 +15,16 @@ def as_flags(error: ValueError, prefixes: tuple[str, ...], renamed: dict[str, st
              bare: tuple[str, ...] = ()) -> ValueError:
     """A command config's error with its keys ("eval.n_samples", "data.train.max_prompt_tokens", and the fields in
     `bare`, which a config names without a prefix) written as the command's flags ("--n", "--max-prompt-tokens"):
-    what the user typed."""
+    what the user typed. A bare field is a key only with its value or in a sum ("num_prompts=0", "shape 'x'",
+    "prompt_tokens + response_tokens"), not as a plain word ("a known shape")."""
     def flag(match: re.Match) -> str:
         return renamed.get(match.group(2), "--" + match.group(2).replace("_", "-"))
 
-    keys = [rf"({'|'.join(re.escape(prefix) for prefix in prefixes)})\.([a-z_]+)"]
+    keys = []
+    if prefixes:
+        keys.append(rf"({'|'.join(re.escape(prefix) for prefix in prefixes)})\.([a-z_]+)")
     if bare:
-        keys.append(rf"()({'|'.join(bare)})(?=[=\s])")
+        keys.append(rf"()({'|'.join(bare)})(?=\s?[=+'])")
     text = str(error)
     for key in keys:
         text = re.sub(rf"(?<![\w.-]){key}", flag, text)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import shlex
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from megatron_zero.benchmark.throughput import (
     resolve_device,
     run_benchmark,
 )
+from megatron_zero.cli_engine import as_flags
 from megatron_zero.utils.files import atomic_write_text, prepare_output
 
 
@@ -80,9 +80,8 @@ def main() -> None:
         resolve_device(spec.device)
     except ValueError as error:
         # BenchmarkSpec names its fields (num_prompts=0); the user typed --num-prompts.
-        fields = "|".join(field.name for field in dataclasses.fields(BenchmarkSpec))
-        as_flag = rf"(?<![\w-])({fields})(?=\s?[=+'])"  # a field with its value or in a sum, not a plain word
-        parser.error(re.sub(as_flag, lambda key: "--" + key.group(1).replace("_", "-"), str(error)))
+        fields = tuple(field.name for field in dataclasses.fields(BenchmarkSpec))
+        parser.error(str(as_flags(error, (), {}, bare=fields)))
     graded = None if args.no_grading else make_batch(spec.num_graded, spec.samples_per_prompt, spec.seed)
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         result = run_benchmark(spec, workdir, graded=graded)

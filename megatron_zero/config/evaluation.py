@@ -111,13 +111,14 @@ class EngineConfig:
             problems.append(f"engine={self.engine!r} is unknown; use one of {list(ROLLOUT_ENGINES)}")
         if self.engine == "sglang" and self.sglang is None:
             problems.append("engine='sglang' needs an SGLangConfig (sglang.model_path set)")
-        layout_ok = isinstance(self.num_gpus, int) and self.num_gpus >= 1 and self.sglang_device in SGLANG_DEVICES
-        if not (isinstance(self.num_gpus, int) and self.num_gpus >= 1):
+        gpus_ok = isinstance(self.num_gpus, int) and self.num_gpus >= 1
+        device_ok = self.sglang_device in SGLANG_DEVICES
+        if not gpus_ok:
             problems.append(f"num_gpus={self.num_gpus!r} must be an integer >= 1")
-        if self.sglang_device not in SGLANG_DEVICES:
+        if not device_ok:
             problems.append(f"sglang_device={self.sglang_device!r} is unknown; use one of {list(SGLANG_DEVICES)}")
         # The launch check reads the servers' layout, which is built from the two fields above: not said twice.
-        if self.engine == "sglang" and self.sglang is not None and self.sglang.launch and layout_ok:
+        if self.engine == "sglang" and self.sglang is not None and self.sglang.launch and gpus_ok and device_ok:
             if self.sglang.colocated:
                 problems.append("sglang.colocated=True shares GPUs with training ranks, but evaluation has none; "
                                 "set sglang.colocated=False")
